@@ -1,0 +1,8 @@
+"""eqx_vision: vision transformers in JAX + Equinox, numerically equal to vit-pytorch."""
+
+from . import layers as layers
+from .interop import CheckpointError as CheckpointError, from_vit_pytorch as from_vit_pytorch
+from .models import ViT as ViT
+
+
+__version__ = "0.1.0"

@@ -1,0 +1,305 @@
+"""Loading vit-pytorch `state_dict()`s into eqx_vision models.
+
+Each architecture registers a converter that walks its own modules and takes every tensor
+it needs, by its vit-pytorch name, from a `StateDict`. The reader checks each shape as it
+goes and, once the converter is done, that every tensor was used exactly once; since
+modules are immutable, a failed load leaves the caller's model untouched.
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+from ..layers import (
+    Attention,
+    FeedForward,
+    LayerNorm,
+    Linear,
+    Parallel,
+    PatchEmbedding,
+    Stack,
+    Transformer,
+    TransformerBlock,
+    stack_modules,
+)
+
+
+M = TypeVar("M", bound=eqx.Module)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model it is loaded into."""
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; torch itself is never imported here
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        value = value.numpy()
+    return np.asarray(value)
+
+
+class StateDict:
+    """A read-once view of a vit-pytorch state dict, with shape checks."""
+
+    def __init__(self, state_dict: Mapping[str, Any]):
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                "from_vit_pytorch expects a mapping of names to arrays, such as "
+                f"`torch_module.state_dict()`; got {type(state_dict).__name__}."
+            )
+        self._arrays = {str(k): v for k, v in state_dict.items()}
+        self._used: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._arrays
+
+    def raw(self, key: str) -> np.ndarray:
+        """The array stored under `key`, marked as used."""
+        if key not in self._arrays:
+            raise CheckpointError(f"missing key {key!r} in the vit-pytorch state dict.")
+        if key in self._used:
+            raise CheckpointError(f"key {key!r} was read twice.")
+        self._used.add(key)
+        return _to_numpy(self._arrays[key])
+
+    def take(
+        self,
+        key: str,
+        like: Array,
+        *,
+        torch_shape: tuple[int, ...] | None = None,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> Array:
+        """The array under `key`, checked and converted to replace `like`.
+
+        The stored array must have shape `torch_shape` (by default `like.shape`); then
+        `transform` (default: a reshape to `like.shape`) maps it to our layout.
+        """
+        expected = tuple(like.shape) if torch_shape is None else tuple(torch_shape)
+        value = self.raw(key)
+        if tuple(value.shape) != expected:
+            raise CheckpointError(
+                f"shape mismatch for {key!r}: the model expects {expected}, the state dict "
+                f"has {tuple(value.shape)}."
+            )
+        value = transform(value) if transform is not None else value.reshape(like.shape)
+        if tuple(value.shape) != tuple(like.shape):  # a converter bug, not a user error
+            raise AssertionError(f"{key!r} converted to {value.shape}, expected {like.shape}")
+        return jnp.asarray(value, dtype=like.dtype)
+
+    def skip(self, key: str, shape: tuple[int, ...]) -> None:
+        """Consume a tensor that has no counterpart here (a zero-size or derived buffer)."""
+        value = self.raw(key)
+        if tuple(value.shape) != tuple(shape):
+            raise CheckpointError(
+                f"shape mismatch for {key!r}: the model expects {tuple(shape)}, the state "
+                f"dict has {tuple(value.shape)}."
+            )
+
+    def finish(self) -> None:
+        unused = sorted(set(self._arrays) - self._used)
+        if unused:
+            shown = ", ".join(
+                f"{k!r} {tuple(_to_numpy(self._arrays[k]).shape)}" for k in unused[:10]
+            )
+            more = f" and {len(unused) - 10} more" if len(unused) > 10 else ""
+            raise CheckpointError(
+                f"unexpected keys in the vit-pytorch state dict (not used by the model): "
+                f"{shown}{more}."
+            )
+
+
+def replace(module: M, sd: StateDict, **fields: str) -> M:
+    """`module` with each array field replaced by the tensor named by its keyword."""
+    names = list(fields)
+    values = [sd.take(fields[n], getattr(module, n)) for n in names]
+    return eqx.tree_at(lambda m: [getattr(m, n) for n in names], module, values)
+
+
+# Converters for the shared layers. `prefix` ends with a dot (or is empty).
+
+
+def convert_linear(m: Linear, sd: StateDict, prefix: str) -> Linear:
+    fields = {"weight": prefix + "weight"}
+    if m.bias is not None:
+        fields["bias"] = prefix + "bias"
+    return replace(m, sd, **fields)
+
+
+def convert_layernorm(m: LayerNorm, sd: StateDict, prefix: str) -> LayerNorm:
+    return replace(m, sd, weight=prefix + "weight", bias=prefix + "bias")
+
+
+def convert_attention(
+    m: Attention, sd: StateDict, prefix: str, *, out: str = "to_out.0."
+) -> Attention:
+    """vit-pytorch's `Attention` naming: `norm`, `to_qkv` or `to_q`+`to_kv`, `to_out`.
+
+    `out` is the output projection's name: `to_out.0.` when it is followed by a dropout in
+    an `nn.Sequential`, `to_out.` when it is a bare Linear.
+    """
+    subs: dict[str, Callable[[Any], Any]] = {}
+    if m.norm is not None:
+        subs["norm"] = lambda x: convert_layernorm(x, sd, prefix + "norm.")
+    for name in ("to_qkv", "to_q", "to_kv"):
+        if getattr(m, name) is not None:
+            subs[name] = lambda x, n=name: convert_linear(x, sd, f"{prefix}{n}.")
+    if m.to_out is not None:
+        subs["to_out"] = lambda x: convert_linear(x, sd, prefix + out)
+    if m.reattn_norm is not None:
+        subs["reattn_norm"] = lambda x: convert_layernorm(x, sd, prefix + "reattn_norm.1.")
+    m = eqx.tree_at(
+        lambda a: [getattr(a, n) for n in subs], m, [f(getattr(m, n)) for n, f in subs.items()]
+    )
+    arrays = {
+        "mix_pre": "mix_heads_pre_attn",
+        "mix_post": "mix_heads_post_attn",
+        "reattn_weights": "reattn_weights",
+        "temperature": "temperature",
+    }
+    present = {k: prefix + v for k, v in arrays.items() if getattr(m, k) is not None}
+    return replace(m, sd, **present) if present else m
+
+
+def convert_feedforward(
+    m: FeedForward, sd: StateDict, prefix: str, *, indices: tuple[int, int, int] = (0, 1, 4)
+) -> FeedForward:
+    """vit-pytorch's `FeedForward`: an `nn.Sequential` named `net` with the norm and the two
+    Linears at `indices`."""
+    norm_i, fc1_i, fc2_i = indices
+    m = eqx.tree_at(
+        lambda f: (f.fc1, f.fc2),
+        m,
+        (
+            convert_linear(m.fc1, sd, f"{prefix}net.{fc1_i}."),
+            convert_linear(m.fc2, sd, f"{prefix}net.{fc2_i}."),
+        ),
+    )
+    if m.norm is not None:
+        m = eqx.tree_at(
+            lambda f: f.norm, m, convert_layernorm(m.norm, sd, f"{prefix}net.{norm_i}.")
+        )
+    return m
+
+
+def convert_parallel(
+    m: Parallel[M], sd: StateDict, prefix: str, convert: Callable[[M, StateDict, str], M]
+) -> Parallel[M]:
+    """A `Parallel` from an `nn.ModuleList` of branches at `prefix` + `fns.{i}.`."""
+    branches = [convert(m[i], sd, f"{prefix}fns.{i}.") for i in range(m.num_branches)]
+    return eqx.tree_at(lambda p: p.branches, m, stack_modules(branches))
+
+
+def convert_stack(
+    m: Stack[M],
+    sd: StateDict,
+    prefix: Callable[[int], str],
+    convert: Callable[[M, StateDict, str], M],
+) -> Stack[M]:
+    """A `Stack` whose block `i` is stored under `prefix(i)`."""
+    blocks = [convert(m[i], sd, prefix(i)) for i in range(m.depth)]
+    return eqx.tree_at(lambda s: s.blocks, m, stack_modules(blocks))
+
+
+def convert_block(
+    m: TransformerBlock,
+    sd: StateDict,
+    prefix: str,
+    *,
+    attn: Callable[[Any, StateDict, str], Any] = convert_attention,
+    ff: Callable[[Any, StateDict, str], Any] = convert_feedforward,
+) -> TransformerBlock:
+    """A block stored as an `nn.ModuleList([attn, ff])`: `{prefix}0.` and `{prefix}1.`."""
+    return eqx.tree_at(
+        lambda b: (b.attn, b.ff), m, (attn(m.attn, sd, prefix + "0."), ff(m.ff, sd, prefix + "1."))
+    )
+
+
+def convert_transformer(
+    m: Transformer,
+    sd: StateDict,
+    prefix: str,
+    *,
+    block: Callable[[TransformerBlock, StateDict, str], TransformerBlock] = convert_block,
+) -> Transformer:
+    """vit-pytorch's `Transformer`: blocks at `layers.{i}.`, the final norm at `norm.`."""
+    m = eqx.tree_at(
+        lambda t: t.layers,
+        m,
+        convert_stack(m.layers, sd, lambda i: f"{prefix}layers.{i}.", block),
+    )
+    if m.norm is not None:
+        m = eqx.tree_at(lambda t: t.norm, m, convert_layernorm(m.norm, sd, prefix + "norm."))
+    return m
+
+
+def convert_patch_embedding(m: PatchEmbedding, sd: StateDict, prefix: str) -> PatchEmbedding:
+    """An `nn.Sequential(Rearrange, [LayerNorm], Linear, [LayerNorm])` at `prefix`."""
+    index = 1
+    subs = {}
+    for name in ("pre_norm", "linear", "post_norm"):
+        sub = getattr(m, name)
+        if sub is not None:
+            convert = convert_linear if name == "linear" else convert_layernorm
+            subs[name] = convert(sub, sd, f"{prefix}{index}.")
+            index += 1
+    return eqx.tree_at(lambda p: [getattr(p, n) for n in subs], m, list(subs.values()))
+
+
+# The registry of model converters.
+
+Converter = Callable[..., Any]
+_CONVERTERS: dict[type, Converter] = {}
+
+
+def register(cls: type) -> Callable[[Converter], Converter]:
+    """Register `converter(model, sd) -> model` (or `(model, sd, state) -> (model, state)`
+    for stateful models) as the vit-pytorch loader of `cls`."""
+
+    def decorate(converter: Converter) -> Converter:
+        _CONVERTERS[cls] = converter
+        return converter
+
+    return decorate
+
+
+def from_vit_pytorch(model: eqx.Module, state_dict: Mapping[str, Any], *, state: Any = None) -> Any:
+    """Load the weights of a vit-pytorch module into an eqx_vision model of the same role.
+
+    **Arguments:**
+
+    - `model`: an eqx_vision model built with the same configuration as the torch module
+      (`ev.ViT(...)` for `vit_pytorch.vit.ViT(...)`, and so on).
+    - `state_dict`: a mapping of names to arrays: `torch_module.state_dict()`, or the same
+      with NumPy arrays. torch is not needed to call this function.
+    - `state`: for models with BatchNorm (built with `eqx.nn.make_with_state`), their
+      `eqx.nn.State`; the running statistics are loaded into it.
+
+    **Returns:**
+
+    A new model with the loaded weights, or `(model, state)` when `state` is given.
+
+    **Raises:**
+
+    `CheckpointError` (a `ValueError`) on a missing, unexpected or mis-shaped tensor,
+    naming the key and both shapes. Nothing is modified when it raises.
+    """
+    converter = _CONVERTERS.get(type(model))
+    if converter is None:
+        known = ", ".join(sorted(c.__name__ for c in _CONVERTERS))
+        raise TypeError(
+            f"no vit-pytorch converter for {type(model).__name__}; known models: {known}."
+        )
+    sd = StateDict(state_dict)
+    if state is None:
+        out = converter(model, sd)
+    else:
+        out = converter(model, sd, state)
+    sd.finish()
+    return out

@@ -1,0 +1,31 @@
+"""Reusable building blocks: every architecture of `eqx_vision` is composed from these."""
+
+from ._attention import (
+    Attention as Attention,
+    merge_heads as merge_heads,
+    mix_heads as mix_heads,
+    split_heads as split_heads,
+)
+from ._feedforward import FeedForward as FeedForward
+from ._linear import (
+    LayerNorm as LayerNorm,
+    Linear as Linear,
+    gelu as gelu,
+    layer_norm as layer_norm,
+)
+from ._patch import (
+    PatchEmbedding as PatchEmbedding,
+    check_divisible as check_divisible,
+    check_image as check_image,
+    pair as pair,
+    patchify as patchify,
+    sincos_2d as sincos_2d,
+)
+from ._random import check_key as check_key, split_key as split_key
+from ._stack import LayerDrop as LayerDrop, Stack as Stack, stack_modules as stack_modules
+from ._transformer import (
+    Parallel as Parallel,
+    Transformer as Transformer,
+    TransformerBlock as TransformerBlock,
+    layer_scale_init as layer_scale_init,
+)

@@ -1,0 +1,187 @@
+"""Multi-head self- and cross-attention, with the variants of the ViT family as options."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._linear import LayerNorm, Linear
+from ._random import split_key
+
+
+def split_heads(x: Float[Array, "seq inner"], heads: int) -> Float[Array, "heads seq head_dim"]:
+    """`'n (h d) -> h n d'`: the head index is the outer factor of the feature axis."""
+    n, inner = x.shape
+    return x.reshape(n, heads, inner // heads).transpose(1, 0, 2)
+
+
+def merge_heads(x: Float[Array, "heads seq head_dim"]) -> Float[Array, "seq inner"]:
+    """`'h n d -> n (h d)'`, the inverse of `split_heads`."""
+    h, n, d = x.shape
+    return x.transpose(1, 0, 2).reshape(n, h * d)
+
+
+def mix_heads(
+    attn: Float[Array, "heads q_seq kv_seq"], weight: Float[Array, "heads heads2"]
+) -> Float[Array, "heads2 q_seq kv_seq"]:
+    """`einsum('h i j, h g -> g i j')`: a learned linear map across the head axis."""
+    return jnp.einsum("hij,hg->gij", attn, weight.astype(attn.dtype))
+
+
+class Attention(eqx.Module):
+    """Pre-norm multi-head attention over a sequence of tokens, with optional variants.
+
+    The plain form is `softmax(q kᵀ · dim_head^-1/2) v` on `LayerNorm(x)`, followed by an
+    output projection, as in ViT. Options switch on the variants of the ViT family, each
+    as its paper defines it:
+
+    - `talking_heads` (CaiT): learned `(heads, heads)` mixes of the scores before the softmax
+      and of the probabilities after it.
+    - `reattention` (DeepViT): the probabilities are mixed across heads by a learned
+      `(heads, heads)` matrix, then layer-normalised over the head axis.
+    - `locality` (LSA, ViT for small datasets): the scale is a learned temperature,
+      `exp(t)` with `t` initialised to `log(dim_head^-1/2)`, and each token's score with
+      itself is masked out.
+
+    Called with a `context`, the queries come from `x` and the keys and values from the
+    concatenation `[LayerNorm(x); context]`, with the context not normalised: the class
+    attention of CaiT and the cross attention of CrossViT.
+    """
+
+    norm: LayerNorm | None
+    to_qkv: Linear | None
+    to_q: Linear | None
+    to_kv: Linear | None
+    to_out: Linear | None
+    mix_pre: Float[Array, "heads heads"] | None
+    mix_post: Float[Array, "heads heads"] | None
+    reattn_weights: Float[Array, "heads heads"] | None
+    reattn_norm: LayerNorm | None
+    temperature: Float[Array, ""] | None
+    attn_dropout: eqx.nn.Dropout
+    out_dropout: eqx.nn.Dropout
+    heads: int = eqx.field(static=True)
+    dim_head: int = eqx.field(static=True)
+    scale: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        norm: bool = True,
+        fused_qkv: bool = True,
+        qkv_bias: bool = False,
+        project_out: bool | None = None,
+        out_bias: bool = True,
+        scale: float | None = None,
+        talking_heads: bool = False,
+        reattention: bool = False,
+        locality: bool = False,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `dim`: token dimension, in and out.
+        - `heads`: number of attention heads.
+        - `dim_head`: dimension of each head's queries, keys and values.
+        - `dropout`: dropout rate on the attention probabilities and on the output.
+        - `norm`: whether to layer-normalise the input first (pre-norm).
+        - `fused_qkv`: one `to_qkv` projection (self-attention only) rather than separate
+          `to_q` and `to_kv` projections (needed to attend to a `context`).
+        - `qkv_bias`: whether the query/key/value projections have a bias.
+        - `project_out`: whether to project the heads back to `dim`. The default does so
+          unless `heads == 1 and dim_head == dim`, as the reference does.
+        - `out_bias`: whether the output projection has a bias.
+        - `scale`: the score scale; defaults to `dim_head ** -0.5`.
+        - `talking_heads`, `reattention`, `locality`: the variants described above.
+        - `key`: a `jax.random.key` for the initialisation.
+        """
+        if dim <= 0 or heads <= 0 or dim_head <= 0:
+            raise ValueError(
+                f"Attention needs positive dim, heads and dim_head; got dim={dim}, "
+                f"heads={heads}, dim_head={dim_head}."
+            )
+        inner = heads * dim_head
+        if project_out is None:
+            project_out = not (heads == 1 and dim_head == dim)
+        if not project_out and inner != dim:
+            raise ValueError(
+                f"project_out=False needs heads * dim_head == dim; got {heads} * {dim_head} "
+                f"!= {dim}."
+            )
+        qkv_key, kv_key, out_key, pre_key, post_key = jr.split(key, 5)
+        self.norm = LayerNorm(dim) if norm else None
+        if fused_qkv:
+            self.to_qkv = Linear(dim, 3 * inner, use_bias=qkv_bias, key=qkv_key)
+            self.to_q = self.to_kv = None
+        else:
+            self.to_qkv = None
+            self.to_q = Linear(dim, inner, use_bias=qkv_bias, key=qkv_key)
+            self.to_kv = Linear(dim, 2 * inner, use_bias=qkv_bias, key=kv_key)
+        self.to_out = Linear(inner, dim, use_bias=out_bias, key=out_key) if project_out else None
+        self.mix_pre = jr.normal(pre_key, (heads, heads)) if talking_heads else None
+        self.mix_post = jr.normal(post_key, (heads, heads)) if talking_heads else None
+        self.reattn_weights = jr.normal(pre_key, (heads, heads)) if reattention else None
+        self.reattn_norm = LayerNorm(heads) if reattention else None
+        self.temperature = jnp.asarray(math.log(dim_head**-0.5)) if locality else None
+        self.attn_dropout = eqx.nn.Dropout(dropout)
+        self.out_dropout = eqx.nn.Dropout(dropout)
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head**-0.5 if scale is None else scale
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        context: Float[Array, "ctx_seq dim"] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq dim"]:
+        """**Arguments:**
+
+        - `x`: the tokens, `(seq, dim)`.
+        - `context`: optional extra keys/values `(ctx_seq, dim)`; see the class docstring.
+        - `key`: needed only for dropout in training mode.
+
+        **Returns:** `(seq, dim)`.
+        """
+        attn_key, out_key = split_key(key, 2)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.to_qkv is not None:
+            if context is not None:
+                raise ValueError("an Attention with fused_qkv=True cannot attend to a context.")
+            q, k, v = jnp.split(self.to_qkv(x), 3, axis=-1)
+        else:
+            assert self.to_q is not None and self.to_kv is not None
+            kv_input = x if context is None else jnp.concatenate([x, context], axis=0)
+            q = self.to_q(x)
+            k, v = jnp.split(self.to_kv(kv_input), 2, axis=-1)
+        q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
+
+        scale = self.scale if self.temperature is None else jnp.exp(self.temperature)
+        dots = jnp.einsum("hid,hjd->hij", q, k) * scale
+        if self.temperature is not None:
+            n = dots.shape[-1]
+            diagonal = jnp.eye(dots.shape[-2], n, dtype=bool)
+            dots = jnp.where(diagonal, -jnp.finfo(dots.dtype).max, dots)
+        if self.mix_pre is not None:
+            dots = mix_heads(dots, self.mix_pre)
+        attn = jax.nn.softmax(dots.astype(jnp.promote_types(dots.dtype, jnp.float32)), axis=-1)
+        attn = self.attn_dropout(attn.astype(v.dtype), key=attn_key)
+        if self.mix_post is not None:
+            attn = mix_heads(attn, self.mix_post)
+        if self.reattn_weights is not None:
+            assert self.reattn_norm is not None
+            attn = mix_heads(attn, self.reattn_weights)
+            attn = jnp.moveaxis(self.reattn_norm(jnp.moveaxis(attn, 0, -1)), -1, 0)
+        out = merge_heads(jnp.einsum("hij,hjd->hid", attn, v))
+        if self.to_out is None:
+            return out
+        return self.out_dropout(self.to_out(out), key=out_key)

@@ -1,0 +1,113 @@
+"""Homogeneous stacks of blocks, stored with a leading depth axis and run with `lax.scan`."""
+
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, PRNGKeyArray
+
+
+Block = TypeVar("Block", bound=eqx.Module)
+
+
+class LayerDrop(eqx.Module):
+    """Drops whole layers of a stack at random in training (LayerDrop, Fan et al. 2019).
+
+    Each layer is skipped with probability `p`; if every layer is drawn for dropping, one
+    chosen uniformly at random is kept. Switched off by `eqx.nn.inference_mode`.
+    """
+
+    p: float
+    inference: bool
+
+    def __init__(self, p: float = 0.0, *, inference: bool = False):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"layer dropout must be in [0, 1); got {p}.")
+        self.p = p
+        self.inference = inference
+
+    def active(self) -> bool:
+        return not self.inference and self.p > 0
+
+    def __call__(self, depth: int, *, key: PRNGKeyArray) -> Bool[Array, " depth"]:
+        """Draw the mask of dropped layers, `True` meaning skip."""
+        draw_key, keep_key = jr.split(key)
+        drop = jr.bernoulli(draw_key, self.p, (depth,))
+        keep = jr.randint(keep_key, (), 0, depth)
+        return jnp.where(jnp.all(drop), drop & (jnp.arange(depth) != keep), drop)
+
+
+class Stack(eqx.Module, Generic[Block]):
+    """`depth` blocks of one structure, stored stacked and applied in turn with `lax.scan`.
+
+    Every array leaf of `blocks` has a leading axis of size `depth`, so the compiled program
+    holds one block however deep the stack is. `stack[i]` returns block `i` as an ordinary
+    module. The blocks are called as `block(x, *args, key=key)` with a fresh key each.
+    """
+
+    blocks: Block
+    layer_drop: LayerDrop
+    depth: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        make_block: Callable[..., Block],
+        depth: int,
+        *,
+        layer_dropout: float = 0.0,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `make_block`: called as `make_block(index, key=key)` under `eqx.filter_vmap`, so
+          `index` (the 0-based layer index) is a traced integer array.
+        - `depth`: number of blocks; at least 1.
+        - `layer_dropout`: the probability of skipping each block in training.
+        - `key`: a `jax.random.key`, split into one key per block.
+        """
+        if depth < 1:
+            raise ValueError(f"a stack needs depth >= 1; got {depth}.")
+        self.blocks = eqx.filter_vmap(lambda i, k: make_block(i, key=k))(
+            jnp.arange(depth), jr.split(key, depth)
+        )
+        self.layer_drop = LayerDrop(layer_dropout)
+        self.depth = depth
+
+    def __len__(self) -> int:
+        return self.depth
+
+    def __getitem__(self, index: int) -> Block:
+        if not -self.depth <= index < self.depth:
+            raise IndexError(f"block index {index} out of range for depth {self.depth}.")
+        dynamic, static = eqx.partition(self.blocks, eqx.is_array)
+        return eqx.combine(jax.tree.map(lambda a: a[index], dynamic), static)
+
+    def __call__(self, x: Any, *args: Any, key: PRNGKeyArray | None = None) -> Any:
+        """Apply the blocks in order: `x = block_i(x, *args, key=key_i)`."""
+        dynamic, static = eqx.partition(self.blocks, eqx.is_array)
+        keys = drop = None
+        if key is not None:
+            block_key, drop_key = jr.split(key)
+            keys = jr.split(block_key, self.depth)
+            if self.layer_drop.active():
+                drop = self.layer_drop(self.depth, key=drop_key)
+
+        def step(carry, layer):
+            params, block_key, skip = layer
+            out = eqx.combine(params, static)(carry, *args, key=block_key)
+            if skip is not None:
+                out = jax.tree.map(lambda new, old: jnp.where(skip, old, new), out, carry)
+            return out, None
+
+        x, _ = jax.lax.scan(step, x, (dynamic, keys, drop))
+        return x
+
+
+def stack_modules(modules: list[Block]) -> Block:
+    """Stack modules of one structure into one whose array leaves gain a leading axis."""
+    dynamic = [eqx.filter(m, eqx.is_array) for m in modules]
+    static = eqx.partition(modules[0], eqx.is_array)[1]
+    return eqx.combine(jax.tree.map(lambda *a: jnp.stack(a), *dynamic), static)

@@ -1,0 +1,210 @@
+"""The pre-norm transformer block and the scanned transformer encoder built from it."""
+
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._attention import Attention
+from ._feedforward import FeedForward
+from ._linear import LayerNorm
+from ._random import split_key
+from ._stack import Stack
+
+
+Branch = TypeVar("Branch", bound=eqx.Module)
+
+
+class Parallel(eqx.Module, Generic[Branch]):
+    """The sum of `num_branches` modules of one structure applied to the same input.
+
+    The branches are stored stacked and evaluated with `jax.vmap` (Parallel ViT: "Three
+    things everyone should know about Vision Transformers", arXiv:2203.09795).
+    """
+
+    branches: Branch
+    num_branches: int = eqx.field(static=True)
+
+    def __init__(self, make_branch: Callable[..., Branch], num_branches: int, *, key: PRNGKeyArray):
+        """**Arguments:**
+
+        - `make_branch`: called as `make_branch(key=key)` once per branch.
+        - `num_branches`: number of branches, at least 1.
+        - `key`: a `jax.random.key`, split into one key per branch.
+        """
+        if num_branches < 1:
+            raise ValueError(f"num_parallel_branches must be >= 1; got {num_branches}.")
+        self.branches = eqx.filter_vmap(lambda k: make_branch(key=k))(jr.split(key, num_branches))
+        self.num_branches = num_branches
+
+    def __getitem__(self, index: int) -> Branch:
+        dynamic, static = eqx.partition(self.branches, eqx.is_array)
+        return eqx.combine(jax.tree.map(lambda a: a[index], dynamic), static)
+
+    def __call__(self, x: Any, *args: Any, key: PRNGKeyArray | None = None) -> Any:
+        dynamic, static = eqx.partition(self.branches, eqx.is_array)
+        keys = None if key is None else jr.split(key, self.num_branches)
+        outs = jax.vmap(lambda p, k: eqx.combine(p, static)(x, *args, key=k))(dynamic, keys)
+        return jax.tree.map(lambda o: jnp.sum(o, axis=0), outs)
+
+
+def layer_scale_init(index: Array) -> Array:
+    """CaiT's LayerScale initial value for the layer at 0-based `index`.
+
+    0.1 up to depth 18, 1e-5 up to 24, 1e-6 beyond, where the reference takes "depth" to be
+    the layer's own 1-based position, not the depth of the network.
+    """
+    position = index + 1
+    return jnp.where(position <= 18, 0.1, jnp.where(position <= 24, 1e-5, 1e-6))
+
+
+class TransformerBlock(eqx.Module):
+    """`x + attn(x)` then `x + ff(x)`, each branch optionally scaled (LayerScale).
+
+    Both sub-blocks normalise their own input (pre-norm). `attn` and `ff` may be `Parallel`
+    sums of several branches.
+    """
+
+    attn: Attention | Parallel[Attention]
+    ff: FeedForward | Parallel[FeedForward]
+    attn_scale: Float[Array, " dim"] | None
+    ff_scale: Float[Array, " dim"] | None
+
+    def __init__(
+        self,
+        attn: Attention | Parallel[Attention],
+        ff: FeedForward | Parallel[FeedForward],
+        *,
+        layer_scale: Float[Array, ""] | float | None = None,
+        dim: int | None = None,
+    ):
+        """**Arguments:**
+
+        - `attn`: the attention sub-block.
+        - `ff`: the feed-forward sub-block.
+        - `layer_scale`: if given, both residual branches are multiplied by a learned
+          per-channel vector initialised to this value (CaiT); `dim` is then required.
+        """
+        self.attn = attn
+        self.ff = ff
+        if layer_scale is None:
+            self.attn_scale = self.ff_scale = None
+        else:
+            if dim is None:
+                raise ValueError("layer_scale needs dim.")
+            self.attn_scale = jnp.full((dim,), layer_scale, dtype=jnp.float32)
+            self.ff_scale = jnp.full((dim,), layer_scale, dtype=jnp.float32)
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        context: Float[Array, "ctx_seq dim"] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq dim"]:
+        """**Arguments:**
+
+        - `x`: the tokens.
+        - `context`: extra keys/values for the attention (class or cross attention).
+        - `key`: needed only for dropout in training mode.
+        """
+        attn_key, ff_key = split_key(key, 2)
+        y = self.attn(x, context, key=attn_key)
+        if self.attn_scale is not None:
+            y = y * self.attn_scale.astype(y.dtype)
+        x = x + y
+        y = self.ff(x, key=ff_key)
+        if self.ff_scale is not None:
+            y = y * self.ff_scale.astype(y.dtype)
+        return x + y
+
+
+class Transformer(eqx.Module):
+    """A scanned stack of `TransformerBlock`s with an optional final LayerNorm.
+
+    The encoder of ViT: `depth` pre-norm blocks of multi-head attention (`heads` ×
+    `dim_head`) and a GELU MLP of width `mlp_dim`. The attention variants and LayerScale
+    are passed through to every block.
+    """
+
+    layers: Stack[TransformerBlock]
+    norm: LayerNorm | None
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        dim_head: int,
+        mlp_dim: int,
+        *,
+        dropout: float = 0.0,
+        final_norm: bool = True,
+        layer_dropout: float = 0.0,
+        layer_scale: bool = False,
+        num_branches: int = 1,
+        attention: Callable[..., Attention] = Attention,
+        key: PRNGKeyArray,
+        **attention_options: Any,
+    ):
+        """**Arguments:**
+
+        - `dim`, `depth`, `heads`, `dim_head`, `mlp_dim`: the encoder's shape.
+        - `dropout`: dropout rate in attention and feed-forward blocks.
+        - `final_norm`: whether the encoder ends with a LayerNorm.
+        - `layer_dropout`: probability of skipping each block in training (CaiT).
+        - `layer_scale`: whether to use CaiT's LayerScale, initialised by layer index.
+        - `num_branches`: number of parallel attention and feed-forward branches per block.
+        - `attention`: the attention constructor.
+        - `key`: a `jax.random.key` for the initialisation.
+        - `**attention_options`: passed to every `Attention`
+          (`talking_heads=True`, `fused_qkv=False`, ...).
+        """
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1; got {depth}.")
+        if dim <= 0 or heads <= 0 or dim_head <= 0 or mlp_dim <= 0:
+            raise ValueError(
+                "dim, heads, dim_head and mlp_dim must be positive; got "
+                f"dim={dim}, heads={heads}, dim_head={dim_head}, mlp_dim={mlp_dim}."
+            )
+
+        def make_attn(*, key: PRNGKeyArray) -> Attention:
+            return attention(
+                dim, heads=heads, dim_head=dim_head, dropout=dropout, key=key, **attention_options
+            )
+
+        def make_ff(*, key: PRNGKeyArray) -> FeedForward:
+            return FeedForward(dim, mlp_dim, dropout=dropout, key=key)
+
+        def make_block(index: Array, *, key: PRNGKeyArray) -> TransformerBlock:
+            attn_key, ff_key = jr.split(key)
+            if num_branches == 1:
+                attn, ff = make_attn(key=attn_key), make_ff(key=ff_key)
+            else:
+                attn = Parallel(make_attn, num_branches, key=attn_key)
+                ff = Parallel(make_ff, num_branches, key=ff_key)
+            scale = layer_scale_init(index) if layer_scale else None
+            return TransformerBlock(attn, ff, layer_scale=scale, dim=dim)
+
+        self.layers = Stack(make_block, depth, layer_dropout=layer_dropout, key=key)
+        self.norm = LayerNorm(dim) if final_norm else None
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        context: Float[Array, "ctx_seq dim"] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq dim"]:
+        """**Arguments:**
+
+        - `x`: the tokens.
+        - `context`: extra keys/values given to every block's attention.
+        - `key`: needed only for dropout in training mode.
+        """
+        x = self.layers(x, context, key=key)
+        return x if self.norm is None else self.norm(x)

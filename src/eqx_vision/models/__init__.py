@@ -1,0 +1,3 @@
+"""One module per architecture."""
+
+from .vit import ViT as ViT

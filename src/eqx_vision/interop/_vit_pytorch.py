@@ -16,6 +16,10 @@ from jaxtyping import Array
 
 from ..layers import (
     Attention,
+    BatchNorm,
+    ChannelLayerNorm,
+    Conv2d,
+    DepthwiseConv2d,
     FeedForward,
     LayerNorm,
     Linear,
@@ -250,6 +254,42 @@ def convert_patch_embedding(m: PatchEmbedding, sd: StateDict, prefix: str) -> Pa
             subs[name] = convert(sub, sd, f"{prefix}{index}.")
             index += 1
     return eqx.tree_at(lambda p: [getattr(p, n) for n in subs], m, list(subs.values()))
+
+
+def convert_conv(m: Conv2d | DepthwiseConv2d, sd: StateDict, prefix: str) -> Any:
+    """A `torch.nn.Conv2d` (grouped or not): `weight` and optional `bias`."""
+    fields = {"weight": prefix + "weight"}
+    if m.bias is not None:
+        fields["bias"] = prefix + "bias"
+    return replace(m, sd, **fields)
+
+
+def convert_channel_layernorm(m: ChannelLayerNorm, sd: StateDict, prefix: str) -> ChannelLayerNorm:
+    """The reference's channel LayerNorm: `g` and `b`, each of shape `(1, C, 1, 1)`."""
+    c = m.weight.shape[0]
+    return eqx.tree_at(
+        lambda n: (n.weight, n.bias),
+        m,
+        (
+            sd.take(prefix + "g", m.weight, torch_shape=(1, c, 1, 1)),
+            sd.take(prefix + "b", m.bias, torch_shape=(1, c, 1, 1)),
+        ),
+    )
+
+
+def convert_batchnorm(
+    m: BatchNorm, sd: StateDict, prefix: str, state: eqx.nn.State
+) -> tuple[BatchNorm, eqx.nn.State]:
+    """A `torch.nn.BatchNorm2d`: affine parameters into the module, running statistics and
+    `num_batches_tracked` into `state`."""
+    m = replace(m, sd, weight=prefix + "weight", bias=prefix + "bias")
+    mean, var, count = state.get(m.state_index)
+    new = (
+        sd.take(prefix + "running_mean", mean),
+        sd.take(prefix + "running_var", var),
+        sd.take(prefix + "num_batches_tracked", count),
+    )
+    return m, state.set(m.state_index, new)
 
 
 # The registry of model converters.

@@ -6,6 +6,14 @@ from ._attention import (
     mix_heads as mix_heads,
     split_heads as split_heads,
 )
+from ._batch_norm import BatchNorm as BatchNorm
+from ._conv import (
+    ChannelLayerNorm as ChannelLayerNorm,
+    Conv2d as Conv2d,
+    DepthwiseConv2d as DepthwiseConv2d,
+    max_pool2d as max_pool2d,
+    unfold as unfold,
+)
 from ._feedforward import FeedForward as FeedForward
 from ._linear import (
     LayerNorm as LayerNorm,

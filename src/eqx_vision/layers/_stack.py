@@ -105,6 +105,28 @@ class Stack(eqx.Module, Generic[Block]):
         x, _ = jax.lax.scan(step, x, (dynamic, keys, drop))
         return x
 
+    def call_with_state(
+        self, x: Any, state: eqx.nn.State, *args: Any, key: PRNGKeyArray | None = None
+    ) -> tuple[Any, eqx.nn.State]:
+        """Apply stateful blocks in order: `x, s_i = block_i(x, s_i, *args, key=key_i)`.
+
+        Each block's slice of `state` (e.g. its BatchNorm statistics) is scanned along with
+        its parameters, and the updated slices are written back.
+        """
+        if self.layer_drop.active():
+            raise NotImplementedError("layer dropout is not supported for stateful blocks.")
+        dynamic, static = eqx.partition(self.blocks, eqx.is_array)
+        substate = state.substate(self.blocks)
+        keys = None if key is None else jr.split(key, self.depth)
+
+        def step(carry, layer):
+            params, block_state, block_key = layer
+            out, block_state = eqx.combine(params, static)(carry, block_state, *args, key=block_key)
+            return out, block_state
+
+        x, substate = jax.lax.scan(step, x, (dynamic, substate, keys))
+        return x, state.update(substate)
+
 
 def stack_modules(modules: list[Block]) -> Block:
     """Stack modules of one structure into one whose array leaves gain a leading axis."""

@@ -1,0 +1,226 @@
+"""Convolutional pieces for feature maps `(channels, height, width)`, one example at a time.
+
+Padding is always explicit and symmetric (`padding=p` as in torch), never `'SAME'`, which
+pads differently for even inputs and strided convolutions.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._linear import layer_norm
+
+
+class Conv2d(eqx.Module):
+    """A 2-D convolution with symmetric zero padding, `torch.nn.Conv2d` semantics.
+
+    The weight is `(out_channels, in_channels, kernel, kernel)` and the bias
+    `(out_channels,)`, as in torch, initialised uniformly in $\\pm 1/\\sqrt{\\text{fan\\_in}}$.
+    For depthwise convolutions use `DepthwiseConv2d`, which is much faster on CPU.
+    """
+
+    weight: Float[Array, "out_channels in_channels kh kw"]
+    bias: Float[Array, " out_channels"] | None
+    stride: tuple[int, int] = eqx.field(static=True)
+    padding: tuple[int, int] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        use_bias: bool = True,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `in_channels`, `out_channels`: channel counts.
+        - `kernel_size`, `stride`, `padding`: ints or `(height, width)` pairs; the padding
+          is added on both sides.
+        - `use_bias`: whether to add a learned bias.
+        - `key`: a `jax.random.key` for the initialisation.
+        """
+        kh, kw = _pair(kernel_size)
+        wkey, bkey = jr.split(key)
+        bound = 1.0 / math.sqrt(in_channels * kh * kw)
+        self.weight = jr.uniform(
+            wkey, (out_channels, in_channels, kh, kw), minval=-bound, maxval=bound
+        )
+        self.bias = (
+            jr.uniform(bkey, (out_channels,), minval=-bound, maxval=bound) if use_bias else None
+        )
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+
+    def __call__(
+        self, x: Float[Array, "in_channels height width"]
+    ) -> Float[Array, "out_channels out_height out_width"]:
+        (ph, pw) = self.padding
+        y = jax.lax.conv_general_dilated(
+            x[None],
+            self.weight.astype(x.dtype),
+            window_strides=self.stride,
+            padding=((ph, ph), (pw, pw)),
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        )[0]
+        if self.bias is not None:
+            y = y + self.bias.astype(y.dtype)[:, None, None]
+        return y
+
+
+class DepthwiseConv2d(eqx.Module):
+    """A depthwise 2-D convolution (`groups = in_channels`), written as shifted multiply-adds.
+
+    Equal to `torch.nn.Conv2d(c, c * multiplier, k, stride, padding, groups=c)`: output
+    channel `o` reads input channel `o // multiplier`. XLA's grouped convolution is tens of
+    times slower than this formulation on CPU, so every depthwise convolution of the library
+    (CvT projections, PiT pooling, position generators) goes through this layer.
+    """
+
+    weight: Float[Array, "out_channels 1 kh kw"]
+    bias: Float[Array, " out_channels"] | None
+    multiplier: int = eqx.field(static=True)
+    stride: int = eqx.field(static=True)
+    padding: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        multiplier: int = 1,
+        use_bias: bool = True,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `channels`: input channels.
+        - `kernel_size`: the square kernel's size.
+        - `stride`, `padding`: as in torch, padding on both sides.
+        - `multiplier`: output channels per input channel.
+        - `use_bias`: whether to add a learned bias.
+        - `key`: a `jax.random.key` for the initialisation.
+        """
+        if channels <= 0 or kernel_size <= 0 or stride <= 0 or multiplier <= 0 or padding < 0:
+            raise ValueError(
+                "DepthwiseConv2d needs positive channels, kernel_size, stride and multiplier "
+                f"and padding >= 0; got channels={channels}, kernel_size={kernel_size}, "
+                f"stride={stride}, multiplier={multiplier}, padding={padding}."
+            )
+        wkey, bkey = jr.split(key)
+        bound = 1.0 / kernel_size
+        out = channels * multiplier
+        self.weight = jr.uniform(
+            wkey, (out, 1, kernel_size, kernel_size), minval=-bound, maxval=bound
+        )
+        self.bias = jr.uniform(bkey, (out,), minval=-bound, maxval=bound) if use_bias else None
+        self.multiplier = multiplier
+        self.stride = stride
+        self.padding = padding
+
+    def __call__(
+        self, x: Float[Array, "channels height width"]
+    ) -> Float[Array, "out_channels out_height out_width"]:
+        k = self.weight.shape[-1]
+        s, p = self.stride, self.padding
+        if self.multiplier > 1:
+            x = jnp.repeat(x, self.multiplier, axis=0)
+        x = jnp.pad(x, ((0, 0), (p, p), (p, p)))
+        _, height, width = x.shape
+        out_h = (height - k) // s + 1
+        out_w = (width - k) // s + 1
+        if out_h <= 0 or out_w <= 0:
+            raise ValueError(
+                f"DepthwiseConv2d: a {k}x{k} kernel does not fit a padded input of "
+                f"{height}x{width}."
+            )
+        weight = self.weight[:, 0].astype(x.dtype)
+        y = jnp.zeros((x.shape[0], out_h, out_w), x.dtype)
+        for i in range(k):
+            for j in range(k):
+                window = x[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s]
+                y = y + window * weight[:, i, j, None, None]
+        if self.bias is not None:
+            y = y + self.bias.astype(y.dtype)[:, None, None]
+        return y
+
+
+class ChannelLayerNorm(eqx.Module):
+    """LayerNorm over the channel axis of a `(channels, height, width)` map, at every pixel.
+
+    `(x - mean_c) / sqrt(var_c + eps) * g + b` with the biased variance: the channel
+    LayerNorm of CvT, NesT, Twins, CrossFormer, ScalableViT and RegionViT. The reference
+    stores the affine parameters as `g` and `b` of shape `(1, C, 1, 1)`.
+    """
+
+    weight: Float[Array, " channels"]
+    bias: Float[Array, " channels"]
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, channels: int, *, eps: float = 1e-5):
+        """**Arguments:**
+
+        - `channels`: number of channels.
+        - `eps`: added to the variance.
+        """
+        self.weight = jnp.ones((channels,))
+        self.bias = jnp.zeros((channels,))
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, " channels *spatial"]) -> Float[Array, " channels *spatial"]:
+        return layer_norm(x, self.weight, self.bias, self.eps, axis=0)
+
+
+def max_pool2d(
+    x: Float[Array, "channels height width"], kernel_size: int, stride: int, padding: int
+) -> Float[Array, "channels out_height out_width"]:
+    """Max pooling with symmetric padding that never wins (as `torch.nn.MaxPool2d`)."""
+    p = padding
+    return jax.lax.reduce_window(
+        x,
+        -jnp.inf,
+        jax.lax.max,
+        (1, kernel_size, kernel_size),
+        (1, stride, stride),
+        ((0, 0), (p, p), (p, p)),
+    )
+
+
+def unfold(
+    x: Float[Array, "channels height width"], kernel_size: int, stride: int, padding: int = 0
+) -> Float[Array, "num_windows patch_dim"]:
+    """Sliding `k x k` windows as tokens, each flattened in `(c kh kw)` order.
+
+    `torch.nn.Unfold(k, stride=s, padding=p)` followed by `'b d n -> b n d'`: windows in
+    row-major order, each vector channel-major.
+    """
+    c, height, width = x.shape
+    k, s, p = kernel_size, stride, padding
+    x = jnp.pad(x, ((0, 0), (p, p), (p, p)))
+    out_h = (height + 2 * p - k) // s + 1
+    out_w = (width + 2 * p - k) // s + 1
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(
+            f"unfold: a {k}x{k} window does not fit a padded input of "
+            f"{height + 2 * p}x{width + 2 * p}."
+        )
+    pieces = [
+        x[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s]
+        for i in range(k)
+        for j in range(k)
+    ]
+    patches = jnp.stack(pieces, axis=1)  # (c, k*k, out_h, out_w), kernel offsets row-major
+    return patches.reshape(c * k * k, out_h * out_w).T
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))

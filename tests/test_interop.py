@@ -1,0 +1,75 @@
+"""`from_vit_pytorch` is strict: every tensor used once, every leaf filled, shapes checked."""
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+import eqx_vision as ev
+from reference import reference
+
+
+CONFIG = dict(image_size=16, patch_size=8, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=8)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch_model = reference("vit").ViT(**CONFIG)
+    return ev.ViT(**CONFIG, key=jax.random.key(0)), torch_model.state_dict()
+
+
+def test_numpy_and_torch_inputs_load_the_same(pair):
+    model, sd = pair
+    from_torch = ev.from_vit_pytorch(model, sd)
+    from_numpy = ev.from_vit_pytorch(model, {k: v.numpy() for k, v in sd.items()})
+    assert eqx.tree_equal(from_torch, from_numpy)
+    stacked = from_torch.transformer.layers.blocks.attn.to_qkv.weight
+    np.testing.assert_array_equal(stacked[1], sd["transformer.layers.1.0.to_qkv.weight"].numpy())
+
+
+def test_missing_key_is_named(pair):
+    model, sd = pair
+    sd = dict(sd)
+    del sd["transformer.layers.1.1.net.4.bias"]
+    with pytest.raises(
+        ev.CheckpointError, match=r"missing key 'transformer\.layers\.1\.1\.net\.4\.bias'"
+    ):
+        ev.from_vit_pytorch(model, sd)
+
+
+def test_unexpected_key_is_named(pair):
+    model, sd = pair
+    sd = dict(sd, **{"extra.weight": np.zeros((2, 3))})
+    with pytest.raises(ev.CheckpointError, match=r"unexpected keys.*'extra\.weight' \(2, 3\)"):
+        ev.from_vit_pytorch(model, sd)
+
+
+def test_shape_mismatch_names_key_and_both_shapes(pair):
+    model, sd = pair
+    sd = dict(sd, pos_embedding=np.zeros((4, 16), np.float32))
+    with pytest.raises(
+        ev.CheckpointError,
+        match=r"'pos_embedding'.*model expects \(5, 16\).*state dict has \(4, 16\)",
+    ):
+        ev.from_vit_pytorch(model, sd)
+
+
+def test_failed_load_leaves_the_model_untouched(pair):
+    model, sd = pair
+    before = jax.tree.map(np.array, eqx.filter(model, eqx.is_array))
+    sd = dict(sd)
+    del sd["mlp_head.bias"]
+    with pytest.raises(ev.CheckpointError):
+        ev.from_vit_pytorch(model, sd)
+    assert eqx.tree_equal(eqx.filter(model, eqx.is_array), before)
+
+
+def test_wrong_architecture_and_wrong_type():
+    model = ev.ViT(**CONFIG, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="(?i)mapping"):
+        ev.from_vit_pytorch(model, [1, 2])  # pyright: ignore[reportArgumentType]
+    with pytest.raises(TypeError, match="no vit-pytorch converter for Linear"):
+        ev.from_vit_pytorch(ev.layers.Linear(2, 2, key=jax.random.key(0)), {})
+    other = reference("vit").ViT(**dict(CONFIG, depth=3)).state_dict()
+    with pytest.raises(ev.CheckpointError, match="unexpected keys.*transformer.layers.2"):
+        ev.from_vit_pytorch(model, other)

@@ -1,0 +1,174 @@
+"""The shared layers against their torch counterparts, and their own contracts."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from eqx_vision.layers import (
+    Attention,
+    BatchNorm,
+    ChannelLayerNorm,
+    Conv2d,
+    DepthwiseConv2d,
+    LayerNorm,
+    Linear,
+    Stack,
+    max_pool2d,
+    sincos_2d,
+    unfold,
+)
+from reference import rel_err
+
+
+def _set(module, **arrays):
+    names = list(arrays)
+    return eqx.tree_at(
+        lambda m: [getattr(m, n) for n in names],
+        module,
+        [jnp.asarray(arrays[n].detach().numpy()) for n in names],
+    )
+
+
+CONV_CASES = [  # channels, kernel, stride, padding, multiplier, height, width
+    (8, 3, 1, 1, 1, 9, 9),
+    (8, 3, 2, 1, 2, 10, 7),
+    (4, 7, 7, 0, 1, 14, 21),
+    (6, 3, 2, 1, 1, 8, 8),
+    (3, 5, 1, 2, 3, 6, 11),
+]
+
+
+@pytest.mark.parametrize("c,k,s,p,m,h,w", CONV_CASES)
+def test_depthwise_conv_matches_torch(c, k, s, p, m, h, w):
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(c, c * m, k, s, p, groups=c)
+    layer = DepthwiseConv2d(c, k, stride=s, padding=p, multiplier=m, key=jax.random.key(0))
+    layer = _set(layer, weight=ref.weight, bias=ref.bias)
+    x = torch.randn(2, c, h, w)
+    assert rel_err(jax.vmap(layer)(jnp.asarray(x.numpy())), ref(x).detach().numpy()) < 1e-6
+
+
+@pytest.mark.parametrize("c,k,s,p,m,h,w", CONV_CASES)
+def test_conv_unfold_pool_match_torch(c, k, s, p, m, h, w):
+    torch.manual_seed(1)
+    ref = torch.nn.Conv2d(c, 5, k, s, p)
+    layer = _set(
+        Conv2d(c, 5, k, stride=s, padding=p, key=jax.random.key(0)),
+        weight=ref.weight,
+        bias=ref.bias,
+    )
+    x = torch.randn(2, c, h, w)
+    xj = jnp.asarray(x.numpy())
+    assert rel_err(jax.vmap(layer)(xj), ref(x).detach().numpy()) < 1e-6
+    expected = torch.nn.Unfold(k, stride=s, padding=p)(x).transpose(1, 2).numpy()
+    assert rel_err(jax.vmap(lambda a: unfold(a, k, s, p))(xj), expected) == 0
+    expected = torch.nn.MaxPool2d(3, 2, 1)(x).numpy()
+    assert rel_err(jax.vmap(lambda a: max_pool2d(a, 3, 2, 1))(xj), expected) == 0
+
+
+def test_norms_and_linear_match_torch():
+    torch.manual_seed(2)
+    x = torch.randn(4, 6, 5, 3)
+    ln = torch.nn.LayerNorm(3)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    ours = _set(LayerNorm(3), weight=ln.weight, bias=ln.bias)
+    assert rel_err(ours(jnp.asarray(x.numpy())), ln(x).detach().numpy()) < 1e-6
+    chan = _set(ChannelLayerNorm(6), weight=ln.weight.repeat(2), bias=ln.bias.repeat(2))
+    xc = x.numpy()
+    mean = xc.mean(1, keepdims=True)
+    var = xc.var(1, keepdims=True)
+    g = ln.weight.repeat(2).detach().numpy()[None, :, None, None]
+    b = ln.bias.repeat(2).detach().numpy()[None, :, None, None]
+    expected = (xc - mean) / np.sqrt(var + 1e-5) * g + b
+    assert rel_err(jax.vmap(chan)(jnp.asarray(xc)), expected) < 1e-6
+    lin = torch.nn.Linear(3, 7)
+    ours = _set(Linear(3, 7, key=jax.random.key(0)), weight=lin.weight, bias=lin.bias)
+    assert rel_err(ours(jnp.asarray(x.numpy())), lin(x).detach().numpy()) < 1e-6
+
+
+def test_batchnorm_matches_torch_train_and_eval():
+    torch.manual_seed(3)
+    ref = torch.nn.BatchNorm2d(6)
+    bn, state = eqx.nn.make_with_state(BatchNorm)(6)
+    step = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    for _ in range(4):
+        x = torch.randn(3, 6, 5, 4) * 2 + 1
+        expected = ref(x).detach().numpy()
+        out, state = step(jnp.asarray(x.numpy()), state)
+        assert rel_err(out, expected) < 1e-5
+    mean, var, count = state.get(bn.state_index)
+    assert rel_err(mean, ref.running_mean.numpy()) < 1e-5
+    assert rel_err(var, ref.running_var.numpy()) < 1e-5
+    assert int(count) == int(ref.num_batches_tracked) == 4
+    ref.eval()
+    x = torch.randn(2, 6, 3, 3)
+    infer = eqx.nn.inference_mode(bn)
+    out, new_state = jax.vmap(infer, in_axes=(0, None), out_axes=(0, None))(
+        jnp.asarray(x.numpy()), state
+    )
+    assert rel_err(out, ref(x).detach().numpy()) < 1e-5
+    assert eqx.tree_equal(new_state.get(bn.state_index), state.get(bn.state_index))
+
+
+def test_batchnorm_without_axis_name_says_how_to_fix():
+    bn, state = eqx.nn.make_with_state(BatchNorm)(2)
+    with pytest.raises(NameError, match="axis_name"):
+        jax.vmap(bn, in_axes=(0, None), out_axes=(0, None))(jnp.ones((2, 2, 3, 3)), state)
+
+
+class _Affine(eqx.Module):
+    linear: Linear
+
+    def __init__(self, index, *, key):
+        self.linear = Linear(4, 4, key=key)
+
+    def __call__(self, x, *, key=None):
+        return jnp.tanh(self.linear(x))
+
+
+def test_stack_scan_equals_a_loop_over_its_blocks():
+    stack = Stack(_Affine, 3, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    y = x
+    for i in range(len(stack)):
+        y = stack[i](y)
+    assert rel_err(stack(x), y) < 1e-6
+    assert not eqx.tree_equal(stack[0], stack[1])  # every block has its own key
+    with pytest.raises(IndexError):
+        stack[3]
+
+
+def test_sincos_matches_reference():
+    from reference import reference
+
+    expected = reference("simple_vit").posemb_sincos_2d(h=3, w=5, dim=16).numpy()
+    assert rel_err(sincos_2d(3, 5, 16), expected) < 1e-6
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(2, 2, 10)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    heads=st.integers(1, 4),
+    dim_head=st.integers(1, 8),
+    seq=st.integers(1, 6),
+    ctx=st.integers(0, 4),
+    variant=st.sampled_from(["plain", "talking_heads", "reattention", "locality"]),
+)
+def test_attention_shapes(heads, dim_head, seq, ctx, variant):
+    dim = 8
+    options = {} if variant == "plain" else {variant: True}
+    attn = Attention(
+        dim, heads=heads, dim_head=dim_head, fused_qkv=ctx == 0, key=jax.random.key(0), **options
+    )
+    x = jnp.ones((seq, dim))
+    context = jnp.ones((ctx, dim)) if ctx else None
+    out = attn(x, context)
+    assert out.shape == (seq, dim)
+    assert bool(jnp.all(jnp.isfinite(out))) or (variant == "locality" and seq == 1 and ctx == 0)

@@ -1,0 +1,239 @@
+"""CaiT: "Going deeper with Image Transformers".
+
+Touvron et al., 2021, https://arxiv.org/abs/2103.17239.
+"""
+
+import equinox as eqx
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..interop import StateDict, register
+from ..interop._vit_pytorch import (
+    convert_attention,
+    convert_feedforward,
+    convert_layernorm,
+    convert_linear,
+    convert_patch_embedding,
+    convert_stack,
+)
+from ..layers import (
+    Attention,
+    FeedForward,
+    LayerNorm,
+    Linear,
+    PatchEmbedding,
+    Transformer,
+    TransformerBlock,
+    check_divisible,
+    check_image,
+    check_key,
+    pair,
+    split_key,
+)
+
+
+def _check_int(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int; got {value!r}.")
+    return value
+
+
+def _check_rate(value: float, name: str, *, upper: float = 1.0) -> None:
+    if not 0.0 <= value < upper:
+        raise ValueError(f"{name} must be in [0, {upper:g}); got {value!r}.")
+
+
+class CaiT(eqx.Module):
+    """Class-Attention in Image Transformers.
+
+    The image is cut into square patches, flattened in `(p1 p2 c)` order and embedded by
+    `LayerNorm → Linear → LayerNorm`; learned position embeddings are added (there is no
+    class token yet, and no position slot for it). A stack of self-attention blocks (the
+    patch transformer) runs over the patch tokens; then a stack of class-attention blocks
+    (the cls transformer) updates a learned class token, whose keys and values come from
+    `[LayerNorm(cls); patches]`. The class token goes through `LayerNorm → Linear`.
+
+    Every block uses talking-heads attention (learned `(heads, heads)` mixes of the scores
+    before the softmax and of the probabilities after it, with the attention dropout in
+    between) and LayerScale on both residual branches, and may be skipped at random in
+    training (LayerDrop, `layer_dropout`).
+
+    Equal to `vit_pytorch.cait.CaiT`; load its weights with `eqx_vision.from_vit_pytorch`.
+    Reference behaviours reproduced:
+
+    - LayerScale's initial value comes from each layer's own 1-based position (0.1 up to
+      18, 1e-5 up to 24, 1e-6 beyond), not from the depth of the network.
+    - In the class attention, only the class token is layer-normalised; the patch tokens
+      it attends to enter the keys and values as they leave the patch transformer, which
+      has no final LayerNorm.
+    - The input has 3 channels, and image and patch sizes are single ints (square).
+
+    Deliberate differences:
+
+    - LayerDrop is active only in training mode, and off under `eqx.nn.inference_mode`.
+      The reference draws dropped layers on every forward pass, even in eval mode, so its
+      predictions are random; with `layer_dropout=0` the two agree exactly.
+    - Under `jax.vmap` each example draws its own dropped layers (from its own key); the
+      reference draws one set per batch.
+    - An image of any other size than `image_size` is rejected, where the reference
+      silently adds the wrong position embeddings to a smaller one.
+    """
+
+    to_patch_embedding: PatchEmbedding
+    pos_embedding: Float[Array, "seq dim"]
+    cls_token: Float[Array, "1 dim"]
+    dropout: eqx.nn.Dropout
+    patch_transformer: Transformer
+    cls_transformer: Transformer
+    head_norm: LayerNorm
+    mlp_head: Linear
+    image_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        patch_size: int,
+        num_classes: int,
+        dim: int,
+        depth: int,
+        cls_depth: int,
+        heads: int,
+        mlp_dim: int,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        emb_dropout: float = 0.0,
+        layer_dropout: float = 0.0,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `image_size`: image height and width (square images).
+        - `patch_size`: patch height and width; must divide `image_size`.
+        - `num_classes`: number of output logits.
+        - `dim`: token dimension.
+        - `depth`: number of self-attention blocks over the patch tokens.
+        - `cls_depth`: number of class-attention blocks updating the class token.
+        - `heads`: attention heads per block.
+        - `mlp_dim`: hidden width of the feed-forward blocks.
+        - `dim_head`: dimension per attention head.
+        - `dropout`: dropout rate inside the blocks.
+        - `emb_dropout`: dropout rate on the embedded patch tokens.
+        - `layer_dropout`: probability of skipping each block in training (LayerDrop), drawn
+          separately for the two stacks; if every block of a stack is drawn, one of them
+          is kept.
+        - `key`: a `jax.random.key` for the initialisation.
+        """
+        size = _check_int(image_size, "image_size")
+        patch = _check_int(patch_size, "patch_size")
+        grid = check_divisible(pair(size, "image_size"), pair(patch, "patch_size"))
+        for name, value in (
+            ("num_classes", num_classes),
+            ("depth", depth),
+            ("cls_depth", cls_depth),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1; got {value}.")
+        _check_rate(dropout, "dropout")
+        _check_rate(emb_dropout, "emb_dropout")
+        _check_rate(layer_dropout, "layer_dropout")
+        embed_key, pos_key, cls_key, patch_key, cls_tf_key, head_key = jr.split(key, 6)
+
+        def encoder(stack_depth: int, stack_key: PRNGKeyArray) -> Transformer:
+            return Transformer(
+                dim,
+                stack_depth,
+                heads,
+                dim_head,
+                mlp_dim,
+                dropout=dropout,
+                final_norm=False,
+                layer_dropout=layer_dropout,
+                layer_scale=True,
+                talking_heads=True,
+                fused_qkv=False,
+                project_out=True,
+                key=stack_key,
+            )
+
+        self.to_patch_embedding = PatchEmbedding(3, (patch, patch), dim, key=embed_key)
+        self.pos_embedding = jr.normal(pos_key, (grid[0] * grid[1], dim))
+        self.cls_token = jr.normal(cls_key, (1, dim))
+        self.dropout = eqx.nn.Dropout(emb_dropout)
+        self.patch_transformer = encoder(depth, patch_key)
+        self.cls_transformer = encoder(cls_depth, cls_tf_key)
+        self.head_norm = LayerNorm(dim)
+        self.mlp_head = Linear(dim, num_classes, key=head_key)
+        self.image_size = size
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " num_classes"]:
+        """**Arguments:**
+
+        - `x`: one image, `(3, image_size, image_size)`.
+        - `key`: a `jax.random.key`, needed only in training mode with a non-zero
+          `dropout`, `emb_dropout` or `layer_dropout`.
+
+        **Returns:** the logits, `(num_classes,)`.
+        """
+        check_image(x, (3, self.image_size, self.image_size), type(self).__name__)
+        check_key(self, key)
+        emb_key, patch_key, cls_key = split_key(key, 3)
+        tokens = self.to_patch_embedding(x)
+        tokens = tokens + self.pos_embedding.astype(tokens.dtype)
+        tokens = self.dropout(tokens, key=emb_key)
+        tokens = self.patch_transformer(tokens, key=patch_key)
+        cls = self.cls_transformer(self.cls_token.astype(tokens.dtype), tokens, key=cls_key)
+        return self.mlp_head(self.head_norm(cls[0]))
+
+
+def _convert_block(m: TransformerBlock, sd: StateDict, prefix: str) -> TransformerBlock:
+    """A CaiT block: `{prefix}0.fn` (attention) and `{prefix}1.fn` (feed-forward), each with
+    its LayerScale vector `.scale` of shape `(1, 1, dim)`."""
+    attn, ff = m.attn, m.ff
+    assert isinstance(attn, Attention) and isinstance(ff, FeedForward)
+    assert m.attn_scale is not None and m.ff_scale is not None
+    dim = m.attn_scale.shape[0]
+    return eqx.tree_at(
+        lambda b: (b.attn, b.attn_scale, b.ff, b.ff_scale),
+        m,
+        (
+            convert_attention(attn, sd, prefix + "0.fn."),
+            sd.take(prefix + "0.scale", m.attn_scale, torch_shape=(1, 1, dim)),
+            convert_feedforward(ff, sd, prefix + "1.fn."),
+            sd.take(prefix + "1.scale", m.ff_scale, torch_shape=(1, 1, dim)),
+        ),
+    )
+
+
+def _convert_encoder(m: Transformer, sd: StateDict, prefix: str) -> Transformer:
+    layers = convert_stack(m.layers, sd, lambda i: f"{prefix}layers.{i}.", _convert_block)
+    return eqx.tree_at(lambda t: t.layers, m, layers)
+
+
+@register(CaiT)
+def _from_vit_pytorch(model: CaiT, sd: StateDict) -> CaiT:
+    return eqx.tree_at(
+        lambda m: (
+            m.to_patch_embedding,
+            m.pos_embedding,
+            m.cls_token,
+            m.patch_transformer,
+            m.cls_transformer,
+            m.head_norm,
+            m.mlp_head,
+        ),
+        model,
+        (
+            convert_patch_embedding(model.to_patch_embedding, sd, "to_patch_embedding."),
+            sd.take(
+                "pos_embedding", model.pos_embedding, torch_shape=(1, *model.pos_embedding.shape)
+            ),
+            sd.take("cls_token", model.cls_token, torch_shape=(1, *model.cls_token.shape)),
+            _convert_encoder(model.patch_transformer, sd, "patch_transformer."),
+            _convert_encoder(model.cls_transformer, sd, "cls_transformer."),
+            convert_layernorm(model.head_norm, sd, "mlp_head.0."),
+            convert_linear(model.mlp_head, sd, "mlp_head.1."),
+        ),
+    )

@@ -1,0 +1,151 @@
+"""SimpleViT: "Better plain ViT baselines for ImageNet-1k".
+
+Beyer, Zhai and Kolesnikov, 2022, https://arxiv.org/abs/2205.01580.
+"""
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..interop import StateDict, register
+from ..interop._vit_pytorch import (
+    convert_attention,
+    convert_block,
+    convert_feedforward,
+    convert_linear,
+    convert_patch_embedding,
+    convert_transformer,
+)
+from ..layers import (
+    Linear,
+    PatchEmbedding,
+    Transformer,
+    TransformerBlock,
+    check_divisible,
+    check_image,
+    check_key,
+    pair,
+    sincos_2d,
+)
+
+
+class SimpleViT(eqx.Module):
+    """The simplified Vision Transformer.
+
+    The image is cut into patches, each flattened in `(p1 p2 c)` order and embedded by
+    `LayerNorm → Linear → LayerNorm`; fixed 2-D sine-cosine position embeddings are added
+    (no class token), a pre-norm transformer encoder with a final LayerNorm runs over the
+    tokens, and the mean token goes through a linear head. There is no dropout anywhere.
+
+    Equal to `vit_pytorch.simple_vit.SimpleViT`; load its weights with
+    `eqx_vision.from_vit_pytorch`. The reference details reproduced:
+
+    - the position embedding is `[sin(x ω), cos(x ω), sin(y ω), cos(y ω)]` with x the
+      patch column, y the patch row and `ω_i = 10000^(-i / (dim/4 - 1))`; it is a constant,
+      not a parameter, and so not part of the state dict;
+    - the query/key/value and output projections of the attention have no bias, and the
+      output projection is kept even when `heads == 1` and `dim_head == dim`;
+    - the feed-forward blocks are `LayerNorm → Linear → GELU → Linear`.
+
+    Only images of exactly `image_size` are accepted, as in the reference.
+    """
+
+    to_patch_embedding: PatchEmbedding
+    transformer: Transformer
+    linear_head: Linear
+    image_size: tuple[int, int] = eqx.field(static=True)
+    grid: tuple[int, int] = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
+    dim: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        image_size: int | tuple[int, int],
+        patch_size: int | tuple[int, int],
+        num_classes: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_dim: int,
+        channels: int = 3,
+        dim_head: int = 64,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `image_size`: image height and width, an int or `(height, width)`.
+        - `patch_size`: patch height and width, an int or a pair; must divide `image_size`.
+        - `num_classes`: number of output logits, at least 1.
+        - `dim`: token dimension; a multiple of 4 (and at least 8) for the sine-cosine
+          position embedding.
+        - `depth`: number of transformer blocks.
+        - `heads`: attention heads per block.
+        - `mlp_dim`: hidden width of the feed-forward blocks.
+        - `channels`: input channels.
+        - `dim_head`: dimension per attention head.
+        - `key`: a `jax.random.key` for the initialisation.
+        """
+        image_hw = pair(image_size, "image_size")
+        patch_hw = pair(patch_size, "patch_size")
+        grid = check_divisible(image_hw, patch_hw)
+        if dim % 4 or dim < 8:
+            raise ValueError(
+                "dim must be a multiple of 4 and at least 8 for the sine-cosine position "
+                f"embedding; got dim={dim}."
+            )
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
+        if channels <= 0:
+            raise ValueError(f"channels must be positive; got {channels}.")
+        embed_key, tf_key, head_key = jr.split(key, 3)
+        self.to_patch_embedding = PatchEmbedding(channels, patch_hw, dim, key=embed_key)
+        self.transformer = Transformer(
+            dim, depth, heads, dim_head, mlp_dim, project_out=True, out_bias=False, key=tf_key
+        )
+        self.linear_head = Linear(dim, num_classes, key=head_key)
+        self.image_size = image_hw
+        self.grid = grid
+        self.channels = channels
+        self.dim = dim
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " num_classes"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`.
+        - `key`: ignored (the model has no stochastic layers); accepted for a uniform API.
+
+        **Returns:** the logits, `(num_classes,)`.
+        """
+        check_image(x, (self.channels, *self.image_size), type(self).__name__)
+        check_key(self, key)
+        tokens = self.to_patch_embedding(x)
+        pos = jnp.asarray(sincos_2d(*self.grid, self.dim), dtype=tokens.dtype)
+        tokens = self.transformer(tokens + pos, key=key)
+        return self.linear_head(tokens.mean(axis=0))
+
+
+def _convert_block(m: TransformerBlock, sd: StateDict, prefix: str) -> TransformerBlock:
+    return convert_block(
+        m,
+        sd,
+        prefix,
+        attn=lambda a, sd, p: convert_attention(a, sd, p, out="to_out."),
+        ff=lambda f, sd, p: convert_feedforward(f, sd, p, indices=(0, 1, 3)),
+    )
+
+
+@register(SimpleViT)
+def _from_vit_pytorch(model: SimpleViT, sd: StateDict) -> SimpleViT:
+    return eqx.tree_at(
+        lambda m: (m.to_patch_embedding, m.transformer, m.linear_head),
+        model,
+        (
+            convert_patch_embedding(model.to_patch_embedding, sd, "to_patch_embedding."),
+            convert_transformer(model.transformer, sd, "transformer.", block=_convert_block),
+            convert_linear(model.linear_head, sd, "linear_head."),
+        ),
+    )

@@ -1,0 +1,152 @@
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jaxtyping
+import pytest
+
+import eqx_vision as ev
+from reference import check_parity, count_params, reference, torch_param_count
+
+
+CONFIGS: list[dict[str, Any]] = [
+    dict(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=4, mlp_dim=96),
+    dict(
+        image_size=24,
+        patch_size=4,
+        num_classes=7,
+        dim=48,
+        depth=3,
+        heads=3,
+        mlp_dim=64,
+        dim_head=16,
+        pool="mean",
+        channels=1,
+    ),
+    dict(
+        image_size=16,
+        patch_size=8,
+        num_classes=5,
+        dim=32,
+        depth=1,
+        heads=2,
+        mlp_dim=32,
+        dim_head=8,
+        channels=4,
+        dropout=0.1,
+        emb_dropout=0.1,
+    ),
+]
+
+
+def _input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
+    size = config["image_size"]
+    return (config.get("channels", 3), size, size)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_parity(config):
+    torch_model = reference("deepvit").DeepViT(**config)
+    model = ev.DeepViT(**config, key=jax.random.key(0))
+    assert count_params(model) == torch_param_count(torch_model)
+    check_parity(model, torch_model, _input_shape(config))
+
+
+def test_single_head_keeps_output_projection():
+    # heads == 1 and dim_head == dim: vit-pytorch keeps DeepViT's output projection. (With
+    # one head the re-attention LayerNorm maps every score to its bias, so only the loading
+    # is checked here: the gradient test would compare rounding noise.)
+    config = {**CONFIGS[2], "heads": 1, "dim_head": 32}
+    torch_model = reference("deepvit").DeepViT(**config)
+    model = ev.DeepViT(**config, key=jax.random.key(0))
+    assert count_params(model) == torch_param_count(torch_model)
+    model = ev.from_vit_pytorch(model, torch_model.state_dict())
+    attn = model.transformer.layers[0].attn
+    assert isinstance(attn, ev.layers.Attention) and attn.to_out is not None
+
+
+def test_training_mode_needs_key_and_is_random():
+    model = ev.DeepViT(**CONFIGS[2], key=jax.random.key(0))
+    x = jnp.ones((4, 16, 16))
+    with pytest.raises(ValueError, match="key"):
+        model(x)
+    a = model(x, key=jax.random.key(1))
+    b = model(x, key=jax.random.key(2))
+    assert not jnp.allclose(a, b)
+    infer = eqx.nn.inference_mode(model)
+    assert jnp.array_equal(infer(x), infer(x, key=jax.random.key(1)))
+
+
+@pytest.mark.parametrize(
+    ("change", "name"),
+    [
+        (dict(image_size=(32, 32)), "image_size"),
+        (dict(patch_size=(8, 8)), "patch_size"),
+        (dict(image_size=30), "image_size"),
+        (dict(pool="max"), "pool"),
+        (dict(num_classes=0), "num_classes"),
+        (dict(channels=0), "channels"),
+        (dict(depth=0), "depth"),
+        (dict(dim_head=0), "dim_head"),
+    ],
+)
+def test_config_errors(change, name, monkeypatch):
+    config = {**CONFIGS[0], **change}
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):  # with the type checks on
+        ev.DeepViT(**config, key=jax.random.key(0))
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
+    with pytest.raises(ValueError, match=name):  # the model's own check, without them
+        ev.DeepViT(**config, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "match"),
+    [
+        ((2, 3, 32, 32), jnp.float32, "jax.vmap"),
+        ((1, 32, 32), jnp.float32, "channels"),
+        ((3, 24, 24), jnp.float32, "size"),
+        ((3, 32, 32), jnp.int32, "floating"),
+    ],
+)
+def test_input_errors(shape, dtype, match, monkeypatch):
+    model = ev.DeepViT(**CONFIGS[0], key=jax.random.key(0))
+    x = jnp.zeros(shape, dtype)
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):  # with the shape checks on
+        model(x)
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
+    with pytest.raises(ValueError, match=match):  # the model's own check, without them
+        model(x)
+
+
+def test_checkpoint_errors():
+    model = ev.DeepViT(**CONFIGS[0], key=jax.random.key(0))
+    state_dict = dict(reference("deepvit").DeepViT(**CONFIGS[0]).state_dict())
+    bad = {**state_dict, "pos_embedding": state_dict["pos_embedding"][0]}
+    with pytest.raises(ev.CheckpointError, match="pos_embedding"):
+        ev.from_vit_pytorch(model, bad)
+    missing = {k: v for k, v in state_dict.items() if "reattn_weights" not in k}
+    with pytest.raises(ev.CheckpointError, match="reattn_weights"):
+        ev.from_vit_pytorch(model, missing)
+
+
+@pytest.mark.slow
+def test_readme_snippet():
+    config: dict[str, Any] = dict(
+        image_size=256,
+        patch_size=32,
+        num_classes=1000,
+        dim=1024,
+        depth=6,
+        heads=16,
+        mlp_dim=2048,
+        dropout=0.1,
+        emb_dropout=0.1,
+    )
+    model = ev.DeepViT(**config, key=jax.random.key(1))
+    image = jax.random.normal(jax.random.key(0), (3, 256, 256))
+    logits = eqx.filter_jit(lambda m, x: m(x))(eqx.nn.inference_mode(model), image)
+    assert logits.shape == (1000,)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    expected = torch_param_count(reference("deepvit").DeepViT(**config))
+    assert count_params(model) == expected == 54_632_104

@@ -1,0 +1,121 @@
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jaxtyping
+import pytest
+
+import eqx_vision as ev
+from reference import check_parity, count_params, reference, torch_param_count
+
+
+CONFIGS: list[dict[str, Any]] = [
+    dict(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=4, mlp_dim=96),
+    dict(
+        image_size=(32, 48),
+        patch_size=(8, 16),
+        num_classes=7,
+        dim=48,
+        depth=3,
+        heads=2,
+        mlp_dim=64,
+        dim_head=24,
+        channels=1,
+    ),
+    dict(
+        image_size=24,
+        patch_size=4,
+        num_classes=5,
+        dim=32,
+        depth=1,
+        heads=1,
+        mlp_dim=32,
+        dim_head=32,
+        channels=4,
+    ),
+]
+
+
+def _input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
+    h, w = ev.layers.pair(config["image_size"], "image_size")
+    return (config.get("channels", 3), h, w)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_parity(config):
+    torch_model = reference("simple_vit").SimpleViT(**config)
+    model = ev.SimpleViT(**config, key=jax.random.key(0))
+    assert count_params(model) == torch_param_count(torch_model)
+    check_parity(model, torch_model, _input_shape(config))
+
+
+def test_position_embedding_is_not_a_parameter():
+    config = CONFIGS[0]
+    model = ev.SimpleViT(**config, key=jax.random.key(0))
+    state_dict = reference("simple_vit").SimpleViT(**config).state_dict()
+    assert not any("pos" in name for name in state_dict)
+    # every array leaf of the model is filled from the state dict, so none is the embedding
+    assert count_params(model) == sum(v.numel() for v in state_dict.values())
+
+
+def test_key_is_optional_and_ignored():
+    model = ev.SimpleViT(**CONFIGS[0], key=jax.random.key(0))
+    x = jnp.ones((3, 32, 32))
+    assert jnp.array_equal(model(x), model(x, key=jax.random.key(1)))
+
+
+@pytest.mark.parametrize(
+    ("change", "name"),
+    [
+        (dict(dim=66), "dim"),
+        (dict(dim=4), "dim"),
+        (dict(image_size=30), "image_size"),
+        (dict(image_size=(32, 36)), "image_size"),
+        (dict(patch_size=(8, 0)), "patch_size"),
+        (dict(num_classes=0), "num_classes"),
+        (dict(channels=0), "channels"),
+        (dict(depth=0), "depth"),
+        (dict(heads=0), "heads"),
+    ],
+)
+def test_config_errors(change, name, monkeypatch):
+    config = {**CONFIGS[0], **change}
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):  # with the type checks on
+        ev.SimpleViT(**config, key=jax.random.key(0))
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
+    with pytest.raises(ValueError, match=name):  # the model's own check, without them
+        ev.SimpleViT(**config, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "match"),
+    [
+        ((2, 3, 32, 32), jnp.float32, "jax.vmap"),
+        ((1, 32, 32), jnp.float32, "channels"),
+        ((3, 32, 24), jnp.float32, "size"),
+        ((3, 32, 32), jnp.int32, "floating"),
+    ],
+)
+def test_input_errors(shape, dtype, match, monkeypatch):
+    model = ev.SimpleViT(**CONFIGS[0], key=jax.random.key(0))
+    x = jnp.zeros(shape, dtype)
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):  # with the shape checks on
+        model(x)
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
+    with pytest.raises(ValueError, match=match):  # the model's own check, without them
+        model(x)
+
+
+@pytest.mark.slow
+def test_readme_snippet():
+    config: dict[str, Any] = dict(
+        image_size=256, patch_size=32, num_classes=1000, dim=1024, depth=6, heads=16, mlp_dim=2048
+    )
+    model = ev.SimpleViT(**config, key=jax.random.key(1))
+    image = jax.random.normal(jax.random.key(0), (3, 256, 256))
+    logits = eqx.filter_jit(lambda m, x: m(x))(eqx.nn.inference_mode(model), image)
+    assert logits.shape == (1000,)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    expected = torch_param_count(reference("simple_vit").SimpleViT(**config))
+    assert count_params(model) == expected == 54_556_648

@@ -51,7 +51,7 @@ def train_step_cost(
 
     key = jax.random.key(1)
     start = time.perf_counter()
-    compiled = step.lower(model, opt_state, images, labels, key).compile()
+    compiled = step.lower(model, opt_state, images, labels, key).compile()  # pyright: ignore[reportFunctionMemberAccess]
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     out = compiled(model, opt_state, images, labels, key)
@@ -62,7 +62,7 @@ def train_step_cost(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
@@ -72,7 +72,9 @@ def main() -> None:
     for depth in args.depths:
         r = train_step_cost(lambda k, d=depth: vit(d, k), (3, 64, 64))
         rows.append({"model": f"ViT depth {depth}", **r})
-        print(f"{rows[-1]['model']:<24}{r['params']:>12,}{r['compile_s']:>14.2f}{r['step_s']:>16.2f}")
+        print(
+            f"{rows[-1]['model']:<24}{r['params']:>12,}{r['compile_s']:>14.2f}{r['step_s']:>16.2f}"
+        )
     if len(args.depths) > 1:
         base = rows[0]["compile_s"]
         ratio = rows[-1]["compile_s"] / base

@@ -66,6 +66,57 @@ def torch_param_count(torch_model: torch.nn.Module) -> int:
     return sum(p.numel() for p in torch_model.parameters())
 
 
+def randomize_batchnorm_(
+    torch_model: torch.nn.Module, seed: int = 0, input_shape: tuple[int, ...] | None = None
+) -> None:
+    """Random running statistics and counts in every BatchNorm, so that the loaded state is
+    actually checked (and LeViT's output, constant at initialisation, depends on its input).
+
+    With `input_shape`, the statistics are first measured on two random batches in train
+    mode, so that the normalised activations have about unit scale (statistics far from the
+    activations' own make the attention softmax saturate, leaving gradients of pure
+    rounding noise), then perturbed.
+    """
+    gen = torch.Generator().manual_seed(seed + 2)
+    norms = [m for m in torch_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if input_shape is not None:
+        training, momenta = torch_model.training, [bn.momentum for bn in norms]
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # a plain average over the batches
+        torch_model.train()
+        with torch.no_grad():
+            for _ in range(2):
+                torch_model(torch.randn((4, *input_shape), generator=gen))
+        for bn, momentum in zip(norms, momenta, strict=True):
+            bn.momentum = momentum
+        torch_model.train(training)
+    with torch.no_grad():
+        for bn in norms:
+            assert bn.running_mean is not None and bn.running_var is not None
+            shape = bn.running_mean.shape
+            if input_shape is None:
+                bn.running_mean.copy_(0.5 * torch.randn(shape, generator=gen))
+                bn.running_var.copy_(0.5 + torch.rand(shape, generator=gen))
+            else:
+                std = bn.running_var.sqrt()
+                bn.running_mean.add_(0.2 * std * torch.randn(shape, generator=gen))
+                bn.running_var.mul_(0.5 + torch.rand(shape, generator=gen))
+            bn.num_batches_tracked = torch.randint(1, 100, (), generator=gen)
+
+
+def batch_call(model: Any, x: Any, state: Any, *, key: Any = None) -> tuple[Any, Any]:
+    """A stateful model over a batch, with BatchNorm statistics over the mapped axis."""
+    in_axes = (0, None) if key is None else (0, None, 0)
+    args = (x, state) if key is None else (x, state, jax.random.split(key, x.shape[0]))
+    return jax.vmap(
+        lambda x, s, *k: model(x, s, key=k[0] if k else None),
+        axis_name="batch",
+        in_axes=in_axes,
+        out_axes=(0, None),
+    )(*args)
+
+
 def check_parity(
     model: eqx.Module,
     torch_model: torch.nn.Module,
@@ -75,19 +126,35 @@ def check_parity(
     seed: int = 0,
     tol: float = 1e-4,
     grad_tol: float = 1e-3,
-    call: Callable[[Any, Any], Any] | None = None,
+    grad_atol: float = 0.0,
+    call: Callable[..., Any] | None = None,
     torch_call: Callable[[Any, Any], Any] | None = None,
-) -> eqx.Module:
+    state: Any = None,
+) -> Any:
     """Load `torch_model`'s weights into `model` and compare outputs and gradients.
 
     Outputs in inference mode must agree to `tol` relative max error; the gradients of
     `sum(out * w)` (fixed random `w`) with respect to the input and to every parameter
-    must agree to `grad_tol`, leaf by leaf. Returns the loaded model.
+    must agree to `grad_tol`, leaf by leaf. A parameter leaf also passes when its gradients
+    differ by at most `grad_atol` (for parameters whose exact gradient is zero, where both
+    sides hold rounding noise). Returns the loaded model.
+
+    For a model with BatchNorm, pass its `state`: the torch BatchNorm statistics are
+    randomised too and loaded into it, `call(m, x, state)` (by default `batch_call`) runs
+    the model, and `(model, state)` is returned.
     """
     perturb_(torch_model, seed)
+    if state is not None:
+        randomize_batchnorm_(torch_model, seed, input_shape)
     torch_model.eval()
-    model = eqx.nn.inference_mode(ev.from_vit_pytorch(model, torch_model.state_dict()))
-    call = call or (lambda m, x: jax.vmap(m)(x))
+    if state is None:
+        model = eqx.nn.inference_mode(ev.from_vit_pytorch(model, torch_model.state_dict()))
+        call = call or (lambda m, x: jax.vmap(m)(x))
+    else:
+        model, state = ev.from_vit_pytorch(model, torch_model.state_dict(), state=state)
+        model = eqx.nn.inference_mode(model)
+        stateful_call = call or (lambda m, x, s: batch_call(m, x, s)[0])
+        call = lambda m, x: stateful_call(m, x, state)
     torch_call = torch_call or (lambda m, x: m(x))
 
     gen = torch.Generator().manual_seed(seed + 1)
@@ -115,16 +182,21 @@ def check_parity(
     }
     state_dict = torch_model.state_dict()
     torch_grads.update({n: b for n, b in torch_model.named_buffers() if n in state_dict})
-    expected = ev.from_vit_pytorch(model, torch_grads)
+    if state is None:
+        expected = ev.from_vit_pytorch(model, torch_grads)
+    else:
+        expected = ev.from_vit_pytorch(model, torch_grads, state=state)[0]
     leaves = jax.tree_util.tree_flatten_with_path(eqx.filter(grad_model, eqx.is_inexact_array))[0]
     expected_leaves = jax.tree.leaves(eqx.filter(expected, eqx.is_inexact_array))
     assert len(leaves) == len(expected_leaves)
     for (path, g), e in zip(leaves, expected_leaves, strict=True):
         err = rel_err(g, e)
+        if grad_atol and np.max(np.abs(np.asarray(g) - np.asarray(e)), initial=0.0) <= grad_atol:
+            continue
         assert err <= grad_tol, (
             f"gradient of {jax.tree_util.keystr(path)}: relative error {err:.2e} > {grad_tol:.0e}"
         )
-    return model
+    return model if state is None else (model, state)
 
 
 def _grads(loss: Callable[[Any, Any], Any], model: Any, x: Any) -> tuple[Any, Any]:

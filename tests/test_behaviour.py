@@ -48,8 +48,9 @@ def test_training_mode_needs_a_key_and_uses_it(name):
         if not entry.stateful:
             return call(entry, model, state, x, key=key)
         keys = None if key is None else jax.random.split(key, x.shape[0])
+        fresh = jax.tree.map(lambda a: a, state)  # each run starts from the initial state
         out, _ = jax.vmap(
-            lambda x, k: model(x, state, key=k),
+            lambda x, k: model(x, fresh, key=k),
             axis_name="batch",
             in_axes=(0, None if keys is None else 0),
             out_axes=(0, None),
@@ -103,14 +104,13 @@ def test_bad_input_is_a_clear_error(name):
         entry.build(jax.random.key(0))[1],
     )
     c, h, w = entry.input_shape
-    expected = f"{(c, h, w)}"
-    for shape in [(1, c, h, w), (c + 1, h, w), (c, h + 8, w), (c, h, w + 16)]:
+    for shape in entry.rejected_shapes():
         with pytest.raises(BAD_INPUT) as info:
             call(entry, model, state, jnp.zeros(shape))
         message = str(info.value)
         assert str(shape).replace(" ", "") in message.replace(" ", "") or "f32[" in message
-        if isinstance(info.value, ValueError):
-            assert expected in message, message
+        if isinstance(info.value, ValueError) and entry.exact_size:
+            assert str((c, h, w)) in message, message
     with pytest.raises(BAD_INPUT):
         call(entry, model, state, jnp.zeros((c, h, w), jnp.int32))
 
@@ -126,12 +126,13 @@ def test_bad_input_without_the_type_checking_hook():
         for name, entry in sorted(ZOO.items()):
             model, state = entry.build(jax.random.key(0))
             model = eqx.nn.inference_mode(model)
-            c, h, w = entry.input_shape
-            for shape in [(2, c, h, w), (c + 1, h, w), (c, h + 8, w)]:
+            for shape in entry.rejected_shapes():
                 try:
                     call(entry, model, state, jnp.zeros(shape))
                 except ValueError as e:
-                    assert str((c, h, w)) in str(e) and str(shape) in str(e), (name, str(e))
+                    assert str(shape) in str(e), (name, str(e))
+                    if entry.exact_size:
+                        assert str(entry.input_shape) in str(e), (name, str(e))
                 else:
                     raise AssertionError(f"{name} accepted shape {shape}")
         print("ok", len(ZOO))

@@ -1,5 +1,7 @@
 """`from_vit_pytorch` is strict: every tensor used once, every leaf filled, shapes checked."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import numpy as np
@@ -9,7 +11,9 @@ import eqx_vision as ev
 from reference import reference
 
 
-CONFIG = dict(image_size=16, patch_size=8, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=8)
+CONFIG: dict[str, Any] = dict(
+    image_size=16, patch_size=8, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=8
+)
 
 
 @pytest.fixture(scope="module")

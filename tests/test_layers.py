@@ -103,6 +103,8 @@ def test_batchnorm_matches_torch_train_and_eval():
         out, state = step(jnp.asarray(x.numpy()), state)
         assert rel_err(out, expected) < 1e-5
     mean, var, count = state.get(bn.state_index)
+    assert ref.running_mean is not None and ref.running_var is not None
+    assert ref.num_batches_tracked is not None
     assert rel_err(mean, ref.running_mean.numpy()) < 1e-5
     assert rel_err(var, ref.running_var.numpy()) < 1e-5
     assert int(count) == int(ref.num_batches_tracked) == 4

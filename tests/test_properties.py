@@ -5,8 +5,8 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jaxtyping
 import jax.numpy as jnp
+import jaxtyping
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 

@@ -3,11 +3,24 @@
 from . import layers as layers
 from .interop import CheckpointError as CheckpointError, from_vit_pytorch as from_vit_pytorch
 from .models import (
+    LSA as LSA,
+    SPT as SPT,
     CaiT as CaiT,
+    CrossFormer as CrossFormer,
+    CrossViT as CrossViT,
+    CvT as CvT,
     DeepViT as DeepViT,
+    LeViT as LeViT,
+    NesT as NesT,
     ParallelViT as ParallelViT,
     PatchMerger as PatchMerger,
+    PiT as PiT,
+    RegionViT as RegionViT,
+    ScalableViT as ScalableViT,
     SimpleViT as SimpleViT,
+    SmallDatasetViT as SmallDatasetViT,
+    T2TViT as T2TViT,
+    TwinsSVT as TwinsSVT,
     ViT as ViT,
     ViTWithPatchMerger as ViTWithPatchMerger,
 )

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
@@ -19,10 +20,13 @@ from ..layers import (
     BatchNorm,
     ChannelLayerNorm,
     Conv2d,
+    ConvBN,
     DepthwiseConv2d,
     FeedForward,
     LayerNorm,
     Linear,
+    MapAttention,
+    MapFeedForward,
     Parallel,
     PatchEmbedding,
     Stack,
@@ -95,7 +99,9 @@ class StateDict:
         value = transform(value) if transform is not None else value.reshape(like.shape)
         if tuple(value.shape) != tuple(like.shape):  # a converter bug, not a user error
             raise AssertionError(f"{key!r} converted to {value.shape}, expected {like.shape}")
-        return jnp.asarray(value, dtype=like.dtype)
+        # A copy: `jnp.asarray` may alias the buffer of a torch tensor (or NumPy array),
+        # whose in-place updates would then show up in the immutable model.
+        return jnp.array(value, dtype=like.dtype, copy=True)
 
     def skip(self, key: str, shape: tuple[int, ...]) -> None:
         """Consume a tensor that has no counterpart here (a zero-size or derived buffer)."""
@@ -140,6 +146,13 @@ def convert_layernorm(m: LayerNorm, sd: StateDict, prefix: str) -> LayerNorm:
     return replace(m, sd, weight=prefix + "weight", bias=prefix + "bias")
 
 
+def convert_pointwise(m: Linear, sd: StateDict, prefix: str) -> Linear:
+    """A `Linear` over channels stored as a 1x1 `torch.nn.Conv2d`: weight `(out, in, 1, 1)`."""
+    weight = sd.take(prefix + "weight", m.weight, torch_shape=(*m.weight.shape, 1, 1))
+    m = eqx.tree_at(lambda a: a.weight, m, weight)
+    return replace(m, sd, bias=prefix + "bias") if m.bias is not None else m
+
+
 def convert_attention(
     m: Attention, sd: StateDict, prefix: str, *, out: str = "to_out.0."
 ) -> Attention:
@@ -172,23 +185,33 @@ def convert_attention(
 
 
 def convert_feedforward(
-    m: FeedForward, sd: StateDict, prefix: str, *, indices: tuple[int, int, int] = (0, 1, 4)
+    m: FeedForward,
+    sd: StateDict,
+    prefix: str,
+    *,
+    indices: tuple[int, int, int] = (0, 1, 4),
+    feature_map: bool = False,
 ) -> FeedForward:
     """vit-pytorch's `FeedForward`: an `nn.Sequential` named `net` with the norm and the two
-    Linears at `indices`."""
+    Linears at `indices`.
+
+    With `feature_map=True`, the reference's feed-forward on feature maps (CvT, LeViT, ...):
+    the Linears are stored as 1x1 convolutions and the norm as a channel LayerNorm (`g`,
+    `b`).
+    """
     norm_i, fc1_i, fc2_i = indices
+    linear = convert_pointwise if feature_map else convert_linear
     m = eqx.tree_at(
         lambda f: (f.fc1, f.fc2),
         m,
         (
-            convert_linear(m.fc1, sd, f"{prefix}net.{fc1_i}."),
-            convert_linear(m.fc2, sd, f"{prefix}net.{fc2_i}."),
+            linear(m.fc1, sd, f"{prefix}net.{fc1_i}."),
+            linear(m.fc2, sd, f"{prefix}net.{fc2_i}."),
         ),
     )
     if m.norm is not None:
-        m = eqx.tree_at(
-            lambda f: f.norm, m, convert_layernorm(m.norm, sd, f"{prefix}net.{norm_i}.")
-        )
+        norm = convert_channel_layernorm if feature_map else convert_layernorm
+        m = eqx.tree_at(lambda f: f.norm, m, norm(m.norm, sd, f"{prefix}net.{norm_i}."))
     return m
 
 
@@ -209,6 +232,33 @@ def convert_stack(
     """A `Stack` whose block `i` is stored under `prefix(i)`."""
     blocks = [convert(m[i], sd, prefix(i)) for i in range(m.depth)]
     return eqx.tree_at(lambda s: s.blocks, m, stack_modules(blocks))
+
+
+def convert_stack_with_state(
+    m: Stack[M],
+    sd: StateDict,
+    prefix: Callable[[int], str],
+    convert: Callable[[M, StateDict, str, eqx.nn.State], tuple[M, eqx.nn.State]],
+    state: eqx.nn.State,
+) -> tuple[Stack[M], eqx.nn.State]:
+    """A `Stack` of stateful blocks (e.g. with BatchNorm) whose block `i` is under `prefix(i)`.
+
+    The state of a stack is stored stacked like its parameters: one entry per `StateIndex`
+    of the block, with a leading depth axis. `m[i]` is block `i`, but its indices still
+    refer to those stacked entries, so each block is converted against a `State` holding
+    only its own slice (`convert(block, sd, prefix, block_state) -> (block, block_state)`),
+    and the converted slices are stacked back into `state`.
+    """
+    stacked = state.substate(m.blocks)
+    blocks, states = [], []
+    for i in range(m.depth):
+        block_state = jax.tree.map(lambda a, i=i: a[i], stacked)
+        block, block_state = convert(m[i], sd, prefix(i), block_state)
+        blocks.append(block)
+        states.append(block_state)
+    if states:
+        state = state.update(jax.tree.map(lambda *a: jnp.stack(a), *states))
+    return eqx.tree_at(lambda s: s.blocks, m, stack_modules(blocks)), state
 
 
 def convert_block(
@@ -243,14 +293,24 @@ def convert_transformer(
     return m
 
 
-def convert_patch_embedding(m: PatchEmbedding, sd: StateDict, prefix: str) -> PatchEmbedding:
-    """An `nn.Sequential(Rearrange, [LayerNorm], Linear, [LayerNorm])` at `prefix`."""
-    index = 1
+def convert_patch_embedding(
+    m: PatchEmbedding, sd: StateDict, prefix: str, *, feature_map: bool = False, start: int = 1
+) -> PatchEmbedding:
+    """An `nn.Sequential(Rearrange, [LayerNorm], Linear, [LayerNorm])` at `prefix`.
+
+    With `feature_map=True`, the patch embedding on feature maps of NesT and Twins: the
+    norms are channel LayerNorms (`g`, `b`) and the Linear a 1x1 convolution. `start` is
+    the index of the first norm in the Sequential (0 when there is no Rearrange in it).
+    """
+    index = start
     subs = {}
     for name in ("pre_norm", "linear", "post_norm"):
         sub = getattr(m, name)
         if sub is not None:
-            convert = convert_linear if name == "linear" else convert_layernorm
+            if name == "linear":
+                convert = convert_pointwise if feature_map else convert_linear
+            else:
+                convert = convert_channel_layernorm if feature_map else convert_layernorm
             subs[name] = convert(sub, sd, f"{prefix}{index}.")
             index += 1
     return eqx.tree_at(lambda p: [getattr(p, n) for n in subs], m, list(subs.values()))
@@ -264,8 +324,9 @@ def convert_conv(m: Conv2d | DepthwiseConv2d, sd: StateDict, prefix: str) -> Any
     return replace(m, sd, **fields)
 
 
-def convert_channel_layernorm(m: ChannelLayerNorm, sd: StateDict, prefix: str) -> ChannelLayerNorm:
-    """The reference's channel LayerNorm: `g` and `b`, each of shape `(1, C, 1, 1)`."""
+def convert_channel_layernorm(m: ChannelLayerNorm | LayerNorm, sd: StateDict, prefix: str) -> Any:
+    """The reference's channel LayerNorm: `g` and `b`, each of shape `(1, C, 1, 1)`, into a
+    `ChannelLayerNorm` (or a `LayerNorm` applied to tokens, channels last)."""
     c = m.weight.shape[0]
     return eqx.tree_at(
         lambda n: (n.weight, n.bias),
@@ -290,6 +351,56 @@ def convert_batchnorm(
         sd.take(prefix + "num_batches_tracked", count),
     )
     return m, state.set(m.state_index, new)
+
+
+def convert_conv_bn(
+    m: ConvBN, sd: StateDict, conv_prefix: str, bn_prefix: str, state: eqx.nn.State
+) -> tuple[ConvBN, eqx.nn.State]:
+    """A `torch.nn.Conv2d` at `conv_prefix` followed by a `BatchNorm2d` at `bn_prefix`."""
+    bn, state = convert_batchnorm(m.bn, sd, bn_prefix, state)
+    return eqx.tree_at(
+        lambda c: (c.conv, c.bn), m, (convert_conv(m.conv, sd, conv_prefix), bn)
+    ), state
+
+
+def convert_map_attention(
+    m: MapAttention,
+    sd: StateDict,
+    prefix: str,
+    *,
+    out: str = "to_out.0.",
+    value_conv: str = "local_interactive_module.",
+) -> MapAttention:
+    """An attention block on feature maps: a channel LayerNorm `norm` (`g`, `b`), the 1x1
+    (or strided, for `kv_reduction > 1`) projection convolutions under their own names
+    (`to_qkv`, `to_q`, `to_kv`, `to_k`, `to_v`), the value convolution at `value_conv` and
+    the 1x1 output convolution at `out`."""
+    subs: dict[str, Any] = {"norm": convert_channel_layernorm(m.norm, sd, prefix + "norm.")}
+    for name in ("to_qkv", "to_q", "to_kv", "to_k", "to_v"):
+        layer = getattr(m, name)
+        if isinstance(layer, Linear):
+            subs[name] = convert_pointwise(layer, sd, f"{prefix}{name}.")
+        elif layer is not None:
+            subs[name] = convert_conv(layer, sd, f"{prefix}{name}.")
+    if m.value_conv is not None:
+        subs["value_conv"] = convert_conv(m.value_conv, sd, prefix + value_conv)
+    subs["to_out"] = convert_pointwise(m.to_out, sd, prefix + out)
+    return eqx.tree_at(lambda a: [getattr(a, n) for n in subs], m, list(subs.values()))
+
+
+def convert_map_feedforward(
+    m: MapFeedForward, sd: StateDict, prefix: str, *, net: str = "net."
+) -> MapFeedForward:
+    """A feed-forward block on feature maps: an `nn.Sequential(channel LayerNorm, 1x1 conv,
+    GELU, Dropout, 1x1 conv, ...)` at `prefix + net` (`net=""` for a bare Sequential)."""
+    ff = m.ff
+    assert ff.norm is not None
+    subs = (
+        convert_channel_layernorm(ff.norm, sd, f"{prefix}{net}0."),
+        convert_pointwise(ff.fc1, sd, f"{prefix}{net}1."),
+        convert_pointwise(ff.fc2, sd, f"{prefix}{net}4."),
+    )
+    return eqx.tree_at(lambda f: (f.ff.norm, f.ff.fc1, f.ff.fc2), m, subs)
 
 
 # The registry of model converters.
@@ -340,6 +451,8 @@ def from_vit_pytorch(model: eqx.Module, state_dict: Mapping[str, Any], *, state:
     if state is None:
         out = converter(model, sd)
     else:
-        out = converter(model, sd, state)
+        # A copy: `State.set` retires the object it is called on, and a failed load must
+        # leave the caller's state usable.
+        out = converter(model, sd, jax.tree.map(lambda a: a, state))
     sd.finish()
     return out

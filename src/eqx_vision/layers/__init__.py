@@ -2,11 +2,12 @@
 
 from ._attention import (
     Attention as Attention,
+    attend as attend,
     merge_heads as merge_heads,
     mix_heads as mix_heads,
     split_heads as split_heads,
 )
-from ._batch_norm import BatchNorm as BatchNorm
+from ._batch_norm import BatchNorm as BatchNorm, ConvBN as ConvBN
 from ._conv import (
     ChannelLayerNorm as ChannelLayerNorm,
     Conv2d as Conv2d,
@@ -14,7 +15,9 @@ from ._conv import (
     max_pool2d as max_pool2d,
     unfold as unfold,
 )
+from ._feature_map import MapAttention as MapAttention, MapFeedForward as MapFeedForward
 from ._feedforward import FeedForward as FeedForward
+from ._grid import grid_to_tokens as grid_to_tokens, tokens_to_grid as tokens_to_grid
 from ._linear import (
     LayerNorm as LayerNorm,
     Linear as Linear,
@@ -29,6 +32,7 @@ from ._patch import (
     patchify as patchify,
     sincos_2d as sincos_2d,
 )
+from ._peg import PEG as PEG
 from ._random import check_key as check_key, split_key as split_key
 from ._stack import LayerDrop as LayerDrop, Stack as Stack, stack_modules as stack_modules
 from ._transformer import (
@@ -36,4 +40,10 @@ from ._transformer import (
     Transformer as Transformer,
     TransformerBlock as TransformerBlock,
     layer_scale_init as layer_scale_init,
+)
+from ._window import (
+    check_windowed_image as check_windowed_image,
+    size_multiple as size_multiple,
+    window_merge as window_merge,
+    window_partition as window_partition,
 )

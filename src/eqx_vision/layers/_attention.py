@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._init import normal
 from ._linear import LayerNorm, Linear
 from ._random import split_key
 
@@ -29,6 +30,32 @@ def mix_heads(
 ) -> Float[Array, "heads2 q_seq kv_seq"]:
     """`einsum('h i j, h g -> g i j')`: a learned linear map across the head axis."""
     return jnp.einsum("hij,hg->gij", attn, weight.astype(attn.dtype))
+
+
+def attend(
+    q: Float[Array, "heads q_seq head_dim"],
+    k: Float[Array, "heads kv_seq head_dim"],
+    v: Float[Array, "heads kv_seq v_dim"],
+    *,
+    scale: float,
+    bias: Float[Array, "heads q_seq kv_seq"] | None = None,
+    dropout: eqx.nn.Dropout | None = None,
+    key: PRNGKeyArray | None = None,
+) -> Float[Array, "heads q_seq v_dim"]:
+    """`softmax(q kᵀ · scale + bias) v` for every head, with dropout on the probabilities.
+
+    The core of the attention blocks that compute their queries, keys and values in their
+    own way (convolutional projections on feature maps in CvT and LeViT). The softmax is
+    taken in float32 at least.
+    """
+    dots = jnp.einsum("hid,hjd->hij", q, k) * scale
+    if bias is not None:
+        dots = dots + bias.astype(dots.dtype)
+    attn = jax.nn.softmax(dots.astype(jnp.promote_types(dots.dtype, jnp.float32)), axis=-1)
+    attn = attn.astype(v.dtype)
+    if dropout is not None:
+        attn = dropout(attn, key=key)
+    return jnp.einsum("hij,hjd->hid", attn, v)
 
 
 class Attention(eqx.Module):
@@ -125,9 +152,9 @@ class Attention(eqx.Module):
             self.to_q = Linear(dim, inner, use_bias=qkv_bias, key=qkv_key)
             self.to_kv = Linear(dim, 2 * inner, use_bias=qkv_bias, key=kv_key)
         self.to_out = Linear(inner, dim, use_bias=out_bias, key=out_key) if project_out else None
-        self.mix_pre = jr.normal(pre_key, (heads, heads)) if talking_heads else None
-        self.mix_post = jr.normal(post_key, (heads, heads)) if talking_heads else None
-        self.reattn_weights = jr.normal(pre_key, (heads, heads)) if reattention else None
+        self.mix_pre = normal(pre_key, (heads, heads)) if talking_heads else None
+        self.mix_post = normal(post_key, (heads, heads)) if talking_heads else None
+        self.reattn_weights = normal(pre_key, (heads, heads)) if reattention else None
         self.reattn_norm = LayerNorm(heads) if reattention else None
         self.temperature = jnp.asarray(math.log(dim_head**-0.5)) if locality else None
         self.attn_dropout = eqx.nn.Dropout(dropout)
@@ -141,12 +168,15 @@ class Attention(eqx.Module):
         x: Float[Array, "seq dim"],
         context: Float[Array, "ctx_seq dim"] | None = None,
         *,
+        bias: Float[Array, "heads q_seq kv_seq"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq dim"]:
         """**Arguments:**
 
         - `x`: the tokens, `(seq, dim)`.
         - `context`: optional extra keys/values `(ctx_seq, dim)`; see the class docstring.
+        - `bias`: optional `(heads, seq, kv_seq)` added to the scaled scores before the
+          softmax (a relative-position bias, for instance).
         - `key`: needed only for dropout in training mode.
 
         **Returns:** `(seq, dim)`.
@@ -167,6 +197,8 @@ class Attention(eqx.Module):
 
         scale = self.scale if self.temperature is None else jnp.exp(self.temperature)
         dots = jnp.einsum("hid,hjd->hij", q, k) * scale
+        if bias is not None:
+            dots = dots + bias.astype(dots.dtype)
         if self.temperature is not None:
             n = dots.shape[-1]
             diagonal = jnp.eye(dots.shape[-2], n, dtype=bool)

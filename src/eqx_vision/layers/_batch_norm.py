@@ -3,7 +3,11 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._conv import Conv2d, DepthwiseConv2d
+from ._init import full
 
 
 class BatchNorm(eqx.Module):
@@ -52,10 +56,10 @@ class BatchNorm(eqx.Module):
         - `inference`: whether to use the running statistics; flipped by
           `eqx.nn.inference_mode`.
         """
-        self.weight = jnp.ones((channels,))
-        self.bias = jnp.zeros((channels,))
+        self.weight = full((channels,), 1.0)
+        self.bias = full((channels,), 0.0)
         self.state_index = eqx.nn.StateIndex(
-            (jnp.zeros((channels,)), jnp.ones((channels,)), jnp.array(0, dtype=jnp.int32))
+            (full((channels,), 0.0), full((channels,), 1.0), jnp.asarray(np.int32(0)))
         )
         self.inference = inference
         self.eps = eps
@@ -110,3 +114,79 @@ class BatchNorm(eqx.Module):
         y = (xf - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + self.eps)
         y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
         return y.astype(dtype), state
+
+
+class ConvBN(eqx.Module):
+    """A convolution followed by `BatchNorm` over its output channels.
+
+    The `Conv2d → BatchNorm2d` pair of the reference's CvT projections (depthwise) and LeViT
+    attention (1x1). Called as `y, state = conv_bn(x, state)`.
+    """
+
+    conv: Conv2d | DepthwiseConv2d
+    bn: BatchNorm
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        depthwise: bool = False,
+        use_bias: bool = False,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        axis_name: str = "batch",
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `in_channels`, `out_channels`: channel counts; a depthwise convolution needs
+          `out_channels` to be a multiple of `in_channels`.
+        - `kernel_size`, `stride`, `padding`: of the (square) convolution, padding on both
+          sides.
+        - `depthwise`: a depthwise convolution (`groups = in_channels`) instead of a full one.
+        - `use_bias`: whether the convolution has a bias.
+        - `eps`, `momentum`, `axis_name`: of the `BatchNorm`.
+        - `key`: a `jax.random.key` for the initialisation.
+        """
+        if depthwise:
+            if out_channels % in_channels:
+                raise ValueError(
+                    f"a depthwise ConvBN needs out_channels to be a multiple of in_channels; "
+                    f"got in_channels={in_channels}, out_channels={out_channels}."
+                )
+            self.conv = DepthwiseConv2d(
+                in_channels,
+                kernel_size,
+                stride=stride,
+                padding=padding,
+                multiplier=out_channels // in_channels,
+                use_bias=use_bias,
+                key=key,
+            )
+        else:
+            self.conv = Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=padding,
+                use_bias=use_bias,
+                key=key,
+            )
+        self.bn = BatchNorm(out_channels, eps=eps, momentum=momentum, axis_name=axis_name)
+
+    def __call__(
+        self, x: Float[Array, "in_channels height width"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "out_channels out_height out_width"], eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: one feature map, channels first.
+        - `state`: the model's `eqx.nn.State`.
+
+        **Returns:** the normalised convolution output and the updated state.
+        """
+        return self.bn(self.conv(x), state)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._init import full, uniform
 from ._linear import layer_norm
 
 
@@ -50,12 +51,8 @@ class Conv2d(eqx.Module):
         kh, kw = _pair(kernel_size)
         wkey, bkey = jr.split(key)
         bound = 1.0 / math.sqrt(in_channels * kh * kw)
-        self.weight = jr.uniform(
-            wkey, (out_channels, in_channels, kh, kw), minval=-bound, maxval=bound
-        )
-        self.bias = (
-            jr.uniform(bkey, (out_channels,), minval=-bound, maxval=bound) if use_bias else None
-        )
+        self.weight = uniform(wkey, (out_channels, in_channels, kh, kw), -bound, bound)
+        self.bias = uniform(bkey, (out_channels,), -bound, bound) if use_bias else None
         self.stride = _pair(stride)
         self.padding = _pair(padding)
 
@@ -119,10 +116,8 @@ class DepthwiseConv2d(eqx.Module):
         wkey, bkey = jr.split(key)
         bound = 1.0 / kernel_size
         out = channels * multiplier
-        self.weight = jr.uniform(
-            wkey, (out, 1, kernel_size, kernel_size), minval=-bound, maxval=bound
-        )
-        self.bias = jr.uniform(bkey, (out,), minval=-bound, maxval=bound) if use_bias else None
+        self.weight = uniform(wkey, (out, 1, kernel_size, kernel_size), -bound, bound)
+        self.bias = uniform(bkey, (out,), -bound, bound) if use_bias else None
         self.multiplier = multiplier
         self.stride = stride
         self.padding = padding
@@ -172,8 +167,8 @@ class ChannelLayerNorm(eqx.Module):
         - `channels`: number of channels.
         - `eps`: added to the variance.
         """
-        self.weight = jnp.ones((channels,))
-        self.bias = jnp.zeros((channels,))
+        self.weight = full((channels,), 1.0)
+        self.bias = full((channels,), 0.0)
         self.eps = eps
 
     def __call__(self, x: Float[Array, " channels *spatial"]) -> Float[Array, " channels *spatial"]:

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._init import full, uniform
+
 
 class Linear(eqx.Module):
     """An affine map over the last axis, applied to every leading position at once.
@@ -36,10 +38,8 @@ class Linear(eqx.Module):
         """
         wkey, bkey = jr.split(key)
         bound = 1.0 / math.sqrt(in_features)
-        self.weight = jr.uniform(wkey, (out_features, in_features), minval=-bound, maxval=bound)
-        self.bias = (
-            jr.uniform(bkey, (out_features,), minval=-bound, maxval=bound) if use_bias else None
-        )
+        self.weight = uniform(wkey, (out_features, in_features), -bound, bound)
+        self.bias = uniform(bkey, (out_features,), -bound, bound) if use_bias else None
         self.in_features = in_features
         self.out_features = out_features
 
@@ -70,8 +70,8 @@ class LayerNorm(eqx.Module):
         - `dim`: size of the normalised (last) axis.
         - `eps`: added to the variance.
         """
-        self.weight = jnp.ones((dim,))
-        self.bias = jnp.zeros((dim,))
+        self.weight = full((dim,), 1.0)
+        self.bias = full((dim,), 0.0)
         self.eps = eps
 
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:

@@ -64,13 +64,21 @@ def check_image(x: Array, expected: tuple[int, int, int], model: str) -> None:
 
 
 def patchify(
-    x: Float[Array, "channels height width"], patch_size: tuple[int, int]
+    x: Float[Array, "channels height width"],
+    patch_size: tuple[int, int],
+    *,
+    channels_first: bool = False,
 ) -> Float[Array, "num_patches patch_dim"]:
-    """`'c (h p1) (w p2) -> (h w) (p1 p2 c)'`: row-major patches, channels innermost."""
+    """`'c (h p1) (w p2) -> (h w) (p1 p2 c)'`: row-major patches, channels innermost.
+
+    With `channels_first=True` each patch is flattened `(c p1 p2)` instead, channels
+    outermost (the patch order of Twins-SVT and RegionViT).
+    """
     c, height, width = x.shape
     ph, pw = patch_size
     h, w = height // ph, width // pw
-    x = x.reshape(c, h, ph, w, pw).transpose(1, 3, 2, 4, 0)
+    order = (1, 3, 0, 2, 4) if channels_first else (1, 3, 2, 4, 0)
+    x = x.reshape(c, h, ph, w, pw).transpose(order)
     return x.reshape(h * w, ph * pw * c)
 
 
@@ -78,13 +86,14 @@ class PatchEmbedding(eqx.Module):
     """Non-overlapping patches, flattened `(p1 p2 c)`, then `[LayerNorm] → Linear → [LayerNorm]`.
 
     The patch embedding of ViT (with both norms), Parallel ViT (with neither) and SPT (with
-    the first only).
+    the first only); with `channels_first=True` the patches are flattened `(c p1 p2)`.
     """
 
     pre_norm: LayerNorm | None
     linear: Linear
     post_norm: LayerNorm | None
     patch_size: tuple[int, int] = eqx.field(static=True)
+    channels_first: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -94,6 +103,7 @@ class PatchEmbedding(eqx.Module):
         *,
         pre_norm: bool = True,
         post_norm: bool = True,
+        channels_first: bool = False,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -103,6 +113,7 @@ class PatchEmbedding(eqx.Module):
         - `dim`: the token dimension.
         - `pre_norm`, `post_norm`: whether to layer-normalise the flattened patch before
           the projection, and the token after it.
+        - `channels_first`: flatten each patch `(c p1 p2)` rather than `(p1 p2 c)`.
         - `key`: a `jax.random.key` for the initialisation.
         """
         patch_dim = channels * patch_size[0] * patch_size[1]
@@ -110,9 +121,10 @@ class PatchEmbedding(eqx.Module):
         self.linear = Linear(patch_dim, dim, key=key)
         self.post_norm = LayerNorm(dim) if post_norm else None
         self.patch_size = patch_size
+        self.channels_first = channels_first
 
     def __call__(self, x: Float[Array, "channels height width"]) -> Float[Array, "num_patches dim"]:
-        x = patchify(x, self.patch_size)
+        x = patchify(x, self.patch_size, channels_first=self.channels_first)
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         x = self.linear(x)

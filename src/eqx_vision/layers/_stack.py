@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, PRNGKeyArray
 
+from . import _init as init
+
 
 Block = TypeVar("Block", bound=eqx.Module)
 
@@ -62,16 +64,16 @@ class Stack(eqx.Module, Generic[Block]):
     ):
         """**Arguments:**
 
-        - `make_block`: called as `make_block(index, key=key)` under `eqx.filter_vmap`, so
-          `index` (the 0-based layer index) is a traced integer array.
+        - `make_block`: called as `make_block(index, key=key)` for each 0-based layer
+          index; the blocks must share one structure.
         - `depth`: number of blocks; at least 1.
         - `layer_dropout`: the probability of skipping each block in training.
-        - `key`: a `jax.random.key`, split into one key per block.
+        - `key`: a `jax.random.key`, from which each block gets its own key.
         """
         if depth < 1:
             raise ValueError(f"a stack needs depth >= 1; got {depth}.")
-        self.blocks = eqx.filter_vmap(lambda i, k: make_block(i, key=k))(
-            jnp.arange(depth), jr.split(key, depth)
+        self.blocks = stack_modules(
+            [make_block(i, key=k) for i, k in enumerate(init.keys(key, depth))]
         )
         self.layer_drop = LayerDrop(layer_dropout)
         self.depth = depth
@@ -125,11 +127,56 @@ class Stack(eqx.Module, Generic[Block]):
             return out, block_state
 
         x, substate = jax.lax.scan(step, x, (dynamic, substate, keys))
+        if not _updates_state(self.blocks):
+            # Inference: nothing changed; returning the caller's state keeps it usable in
+            # eager code (`State.update` retires the object it is called on).
+            return x, state
         return x, state.update(substate)
+
+
+def _is_stateful_layer(node: Any) -> bool:
+    return hasattr(node, "state_index") and hasattr(node, "inference")
+
+
+def _updates_state(module: Any) -> bool:
+    """Whether a stateful layer (e.g. BatchNorm) of `module` is in training mode."""
+    nodes = jax.tree.leaves(module, is_leaf=_is_stateful_layer)
+    return any(_is_stateful_layer(n) and not n.inference for n in nodes)
+
+
+def _is_state_index(node: Any) -> bool:
+    return isinstance(node, eqx.nn.StateIndex)
+
+
+def _share_state_indices(module: Block, like: Block) -> Block:
+    """`module` with the `StateIndex` markers of `like`, position by position.
+
+    Blocks built one by one each get their own markers (static fields), while a stack of
+    them has one state entry per index, holding the stacked initial values.
+    """
+    markers = [
+        i.marker for i in jax.tree.leaves(like, is_leaf=_is_state_index) if _is_state_index(i)
+    ]
+    if not markers:
+        return module
+    leaves, treedef = jax.tree.flatten(module, is_leaf=_is_state_index)
+    shared = iter(markers)
+    new_leaves = []
+    for leaf in leaves:
+        if _is_state_index(leaf):
+            index = eqx.nn.StateIndex(leaf.init)
+            object.__setattr__(index, "marker", next(shared))
+            leaf = index
+        new_leaves.append(leaf)
+    return jax.tree.unflatten(treedef, new_leaves)
 
 
 def stack_modules(modules: list[Block]) -> Block:
     """Stack modules of one structure into one whose array leaves gain a leading axis."""
+    modules = [modules[0]] + [_share_state_indices(m, modules[0]) for m in modules[1:]]
     dynamic = [eqx.filter(m, eqx.is_array) for m in modules]
     static = eqx.partition(modules[0], eqx.is_array)[1]
-    return eqx.combine(jax.tree.map(lambda *a: jnp.stack(a), *dynamic), static)
+    for other in modules[1:]:
+        if not eqx.tree_equal(eqx.partition(other, eqx.is_array)[1], static):
+            raise ValueError("stacked modules must share one structure and static fields.")
+    return eqx.combine(jax.tree.map(lambda *a: init.stack(list(a)), *dynamic), static)

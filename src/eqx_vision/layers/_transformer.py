@@ -11,9 +11,10 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._attention import Attention
 from ._feedforward import FeedForward
+from ._init import full, keys
 from ._linear import LayerNorm
 from ._random import split_key
-from ._stack import Stack
+from ._stack import Stack, stack_modules
 
 
 Branch = TypeVar("Branch", bound=eqx.Module)
@@ -38,7 +39,7 @@ class Parallel(eqx.Module, Generic[Branch]):
         """
         if num_branches < 1:
             raise ValueError(f"num_parallel_branches must be >= 1; got {num_branches}.")
-        self.branches = eqx.filter_vmap(lambda k: make_branch(key=k))(jr.split(key, num_branches))
+        self.branches = stack_modules([make_branch(key=k) for k in keys(key, num_branches)])
         self.num_branches = num_branches
 
     def __getitem__(self, index: int) -> Branch:
@@ -52,14 +53,14 @@ class Parallel(eqx.Module, Generic[Branch]):
         return jax.tree.map(lambda o: jnp.sum(o, axis=0), outs)
 
 
-def layer_scale_init(index: Array) -> Array:
+def layer_scale_init(index: int) -> float:
     """CaiT's LayerScale initial value for the layer at 0-based `index`.
 
     0.1 up to depth 18, 1e-5 up to 24, 1e-6 beyond, where the reference takes "depth" to be
     the layer's own 1-based position, not the depth of the network.
     """
     position = index + 1
-    return jnp.where(position <= 18, 0.1, jnp.where(position <= 24, 1e-5, 1e-6))
+    return 0.1 if position <= 18 else 1e-5 if position <= 24 else 1e-6
 
 
 class TransformerBlock(eqx.Module):
@@ -79,7 +80,7 @@ class TransformerBlock(eqx.Module):
         attn: Attention | Parallel[Attention],
         ff: FeedForward | Parallel[FeedForward],
         *,
-        layer_scale: Float[Array, ""] | float | None = None,
+        layer_scale: float | None = None,
         dim: int | None = None,
     ):
         """**Arguments:**
@@ -96,8 +97,8 @@ class TransformerBlock(eqx.Module):
         else:
             if dim is None:
                 raise ValueError("layer_scale needs dim.")
-            self.attn_scale = jnp.full((dim,), layer_scale, dtype=jnp.float32)
-            self.ff_scale = jnp.full((dim,), layer_scale, dtype=jnp.float32)
+            self.attn_scale = full((dim,), layer_scale)
+            self.ff_scale = full((dim,), layer_scale)
 
     def __call__(
         self,
@@ -180,7 +181,7 @@ class Transformer(eqx.Module):
         def make_ff(*, key: PRNGKeyArray) -> FeedForward:
             return FeedForward(dim, mlp_dim, dropout=dropout, key=key)
 
-        def make_block(index: Array, *, key: PRNGKeyArray) -> TransformerBlock:
+        def make_block(index: int, *, key: PRNGKeyArray) -> TransformerBlock:
             attn_key, ff_key = jr.split(key)
             if num_branches == 1:
                 attn, ff = make_attn(key=attn_key), make_ff(key=ff_key)

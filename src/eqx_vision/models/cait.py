@@ -30,17 +30,8 @@ from ..layers import (
     pair,
     split_key,
 )
-
-
-def _check_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int; got {value!r}.")
-    return value
-
-
-def _check_rate(value: float, name: str, *, upper: float = 1.0) -> None:
-    if not 0.0 <= value < upper:
-        raise ValueError(f"{name} must be in [0, {upper:g}); got {value!r}.")
+from ..layers._checks import check_int, check_rate
+from ..layers._init import normal
 
 
 class CaiT(eqx.Module):
@@ -124,8 +115,8 @@ class CaiT(eqx.Module):
           is kept.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        size = _check_int(image_size, "image_size")
-        patch = _check_int(patch_size, "patch_size")
+        size = check_int(image_size, "image_size")
+        patch = check_int(patch_size, "patch_size")
         grid = check_divisible(pair(size, "image_size"), pair(patch, "patch_size"))
         for name, value in (
             ("num_classes", num_classes),
@@ -134,9 +125,9 @@ class CaiT(eqx.Module):
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1; got {value}.")
-        _check_rate(dropout, "dropout")
-        _check_rate(emb_dropout, "emb_dropout")
-        _check_rate(layer_dropout, "layer_dropout")
+        check_rate(dropout, "dropout")
+        check_rate(emb_dropout, "emb_dropout")
+        check_rate(layer_dropout, "layer_dropout")
         embed_key, pos_key, cls_key, patch_key, cls_tf_key, head_key = jr.split(key, 6)
 
         def encoder(stack_depth: int, stack_key: PRNGKeyArray) -> Transformer:
@@ -157,8 +148,8 @@ class CaiT(eqx.Module):
             )
 
         self.to_patch_embedding = PatchEmbedding(3, (patch, patch), dim, key=embed_key)
-        self.pos_embedding = jr.normal(pos_key, (grid[0] * grid[1], dim))
-        self.cls_token = jr.normal(cls_key, (1, dim))
+        self.pos_embedding = normal(pos_key, (grid[0] * grid[1], dim))
+        self.cls_token = normal(cls_key, (1, dim))
         self.dropout = eqx.nn.Dropout(emb_dropout)
         self.patch_transformer = encoder(depth, patch_key)
         self.cls_transformer = encoder(cls_depth, cls_tf_key)

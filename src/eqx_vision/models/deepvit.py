@@ -28,6 +28,7 @@ from ..layers import (
     pair,
     split_key,
 )
+from ..layers._init import normal
 from .vit import check_pool
 
 
@@ -126,8 +127,8 @@ class DeepViT(eqx.Module):
             raise ValueError(f"channels must be positive; got {channels}.")
         embed_key, cls_key, pos_key, tf_key, head_key = jr.split(key, 5)
         self.to_patch_embedding = PatchEmbedding(channels, (patch, patch), dim, key=embed_key)
-        self.cls_token = jr.normal(cls_key, (1, dim))
-        self.pos_embedding = jr.normal(pos_key, (grid[0] * grid[1] + 1, dim))
+        self.cls_token = normal(cls_key, (1, dim))
+        self.pos_embedding = normal(pos_key, (grid[0] * grid[1] + 1, dim))
         self.dropout = eqx.nn.Dropout(emb_dropout)
         self.transformer = Transformer(
             dim,

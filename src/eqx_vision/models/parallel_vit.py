@@ -35,6 +35,7 @@ from ..layers import (
     pair,
     split_key,
 )
+from ..layers._init import normal
 from .vit import check_pool
 
 
@@ -127,8 +128,8 @@ class ParallelViT(eqx.Module):
         self.to_patch_embedding = PatchEmbedding(
             channels, patch_hw, dim, pre_norm=False, post_norm=False, key=embed_key
         )
-        self.cls_token = jr.normal(cls_key, (1, dim))
-        self.pos_embedding = jr.normal(pos_key, (grid[0] * grid[1] + 1, dim))
+        self.cls_token = normal(cls_key, (1, dim))
+        self.pos_embedding = normal(pos_key, (grid[0] * grid[1] + 1, dim))
         self.dropout = eqx.nn.Dropout(emb_dropout)
         self.transformer = Transformer(
             dim,

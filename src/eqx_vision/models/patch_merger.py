@@ -28,6 +28,7 @@ from ..layers import (
     pair,
     split_key,
 )
+from ..layers._init import normal
 
 
 class PatchMerger(eqx.Module):
@@ -58,7 +59,7 @@ class PatchMerger(eqx.Module):
         if num_tokens_out < 1:
             raise ValueError(f"num_tokens_out must be >= 1; got {num_tokens_out}.")
         self.norm = LayerNorm(dim)
-        self.queries = jr.normal(key, (num_tokens_out, dim))
+        self.queries = normal(key, (num_tokens_out, dim))
         self.scale = dim**-0.5
 
     def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "num_tokens_out dim"]:
@@ -190,7 +191,7 @@ class ViTWithPatchMerger(eqx.Module):
             )
 
         self.to_patch_embedding = PatchEmbedding(channels, patch_hw, dim, key=embed_key)
-        self.pos_embedding = jr.normal(pos_key, (grid[0] * grid[1] + 1, dim))
+        self.pos_embedding = normal(pos_key, (grid[0] * grid[1] + 1, dim))
         self.dropout = eqx.nn.Dropout(emb_dropout)
         self.transformer = encoder(merge_layer, before_key)
         self.patch_merger = PatchMerger(dim, patch_merge_num_tokens, key=merge_key)

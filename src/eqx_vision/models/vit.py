@@ -26,6 +26,7 @@ from ..layers import (
     pair,
     split_key,
 )
+from ..layers._init import normal
 
 
 def check_pool(pool: str) -> None:
@@ -101,8 +102,8 @@ class ViT(eqx.Module):
         embed_key, cls_key, pos_key, tf_key, head_key = jr.split(key, 5)
         num_cls = 1 if pool == "cls" else 0
         self.to_patch_embedding = PatchEmbedding(channels, patch_hw, dim, key=embed_key)
-        self.cls_token = jr.normal(cls_key, (num_cls, dim))
-        self.pos_embedding = jr.normal(pos_key, (grid[0] * grid[1] + num_cls, dim))
+        self.cls_token = normal(cls_key, (num_cls, dim))
+        self.pos_embedding = normal(pos_key, (grid[0] * grid[1] + num_cls, dim))
         self.dropout = eqx.nn.Dropout(emb_dropout)
         self.transformer = Transformer(
             dim, depth, heads, dim_head, mlp_dim, dropout=dropout, key=tf_key

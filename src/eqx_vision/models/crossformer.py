@@ -1,0 +1,480 @@
+"""CrossFormer: "CrossFormer: A Versatile Vision Transformer Hinging on Cross-scale Attention".
+
+Wang et al., 2021, https://arxiv.org/abs/2108.00154.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..interop import StateDict, register
+from ..interop._vit_pytorch import (
+    convert_conv,
+    convert_layernorm,
+    convert_linear,
+    convert_map_attention,
+    convert_map_feedforward,
+    convert_stack,
+)
+from ..layers import (
+    Conv2d,
+    LayerNorm,
+    Linear,
+    MapAttention,
+    MapFeedForward,
+    Stack,
+    check_key,
+    check_windowed_image,
+    size_multiple as find_size_multiple,
+    split_key,
+)
+
+
+NUM_STAGES = 4
+DIM_HEAD = 32
+
+
+def _per_stage(value: object, name: str) -> tuple:
+    """The reference's `cast_tuple(value, 4)`: a scalar is repeated for the four stages."""
+    values = tuple(value) if isinstance(value, tuple | list) else (value,) * NUM_STAGES
+    if len(values) != NUM_STAGES:
+        raise ValueError(f"{name} must have {NUM_STAGES} entries (one per stage); got {value!r}.")
+    return values
+
+
+def _positive_ints(values: tuple, name: str) -> tuple[int, ...]:
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} must hold positive ints; got {values!r}.")
+    return tuple(values)
+
+
+class CrossEmbedLayer(eqx.Module):
+    """The cross-scale embedding: convolutions of several kernel sizes, one stride, concatenated.
+
+    Kernels are sorted ascending; the `i`-th of `n` gets `dim_out // 2**(i+1)` output
+    channels and the last gets the remainder (`dim_out = 64` with four kernels: 32, 16, 8,
+    8). Each has padding `(k - stride) // 2` and a bias.
+    """
+
+    convs: tuple[Conv2d, ...]
+    stride: int = eqx.field(static=True)
+    kernel_sizes: tuple[int, ...] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim_out: int,
+        kernel_sizes: Sequence[int],
+        stride: int,
+        *,
+        key: PRNGKeyArray,
+    ):
+        kernels = sorted(kernel_sizes)
+        scales = [int(dim_out / 2**i) for i in range(1, len(kernels))]
+        scales.append(dim_out - sum(scales))
+        keys = jr.split(key, len(kernels))
+        self.convs = tuple(
+            Conv2d(dim_in, d, k, stride=stride, padding=(k - stride) // 2, key=kk)
+            for k, d, kk in zip(kernels, scales, keys, strict=True)
+        )
+        self.stride = stride
+        self.kernel_sizes = tuple(kernels)
+
+    def __call__(
+        self, x: Float[Array, "channels height width"]
+    ) -> Float[Array, "dim out_height out_width"]:
+        return jnp.concatenate([conv(x) for conv in self.convs], axis=0)
+
+    def out_size(self, n: int) -> int | None:
+        """The output side for an input side `n`, or `None` if the convolutions disagree."""
+        sides = {
+            (n + 2 * ((k - self.stride) // 2) - k) // self.stride + 1 for k in self.kernel_sizes
+        }
+        side = sides.pop()
+        return side if not sides and side > 0 else None
+
+
+class DynamicPositionBias(eqx.Module):
+    """The dynamic position bias: an MLP from a 2-D offset to one bias shared by all heads.
+
+    `Linear(2, d) → [LayerNorm → ReLU → Linear(d, d)] x 2 → LayerNorm → ReLU → Linear(d, 1)`.
+    """
+
+    linears: tuple[Linear, ...]
+    norms: tuple[LayerNorm, ...]
+
+    def __init__(self, dim: int, *, key: PRNGKeyArray):
+        keys = jr.split(key, 4)
+        sizes = [(2, dim), (dim, dim), (dim, dim), (dim, 1)]
+        self.linears = tuple(Linear(i, o, key=k) for (i, o), k in zip(sizes, keys, strict=True))
+        self.norms = tuple(LayerNorm(dim) for _ in range(3))
+
+    def __call__(self, offsets: Float[Array, "num_offsets 2"]) -> Float[Array, " num_offsets"]:
+        x = self.linears[0](offsets)
+        for norm, linear in zip(self.norms, self.linears[1:], strict=True):
+            x = linear(jnp.maximum(norm(x), 0.0))
+        return x[:, 0]
+
+
+def dpb_gather_indices(window: int) -> np.ndarray:
+    """The reference's indices into the bias table for each (query, key) pair of a window.
+
+    For positions `p_i, p_j` of a `window x window` window (row-major), with
+    `(dy, dx) = p_i - p_j`, the index is `(dy + w - 1) * (2w - 1) + (dx + w - 1)`: the
+    layout of a `(2w - 1)^2` table, although the table evaluated by the bias MLP has
+    `(2w + 1)^2` rows, offsets `-w..w` with row stride `2w + 1`. Reproduced as is.
+    """
+    pos = np.arange(window)
+    grid = np.stack(np.meshgrid(pos, pos, indexing="ij")).reshape(2, -1).T
+    rel = grid[:, None] - grid[None, :] + (window - 1)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+def dpb_offsets(window: int) -> np.ndarray:
+    """The `(2w + 1)^2` offsets `(dy, dx)`, each in `-w..w`, row-major, as float32."""
+    pos = np.arange(-window, window + 1)
+    grid = np.stack(np.meshgrid(pos, pos, indexing="ij")).reshape(2, -1).T
+    return grid.astype(np.float32)
+
+
+class DistanceAttention(eqx.Module):
+    """Short- or long-distance attention (LSDA) with its dynamic position bias.
+
+    Short: attention within contiguous `w x w` windows. Long: attention within groups of
+    `w x w` pixels spaced `H/w` rows and `W/w` columns apart. Heads are `dim // 32` of
+    dimension 32; the projections are 1x1 convolutions (`to_qkv` without bias); the
+    attention probabilities take dropout, the output does not.
+    """
+
+    attn: MapAttention
+    dpb: DynamicPositionBias
+    window: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        kind: Literal["short", "long"],
+        window: int,
+        *,
+        dropout: float,
+        key: PRNGKeyArray,
+    ):
+        attn_key, dpb_key = jr.split(key)
+        self.attn = MapAttention(
+            dim,
+            heads=dim // DIM_HEAD,
+            dim_head=DIM_HEAD,
+            dropout=dropout,
+            window=window,
+            dilated=kind == "long",
+            out_dropout=False,
+            key=attn_key,
+        )
+        self.dpb = DynamicPositionBias(dim // 4, key=dpb_key)
+        self.window = window
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "channels height width"]:
+        table = self.dpb(jnp.asarray(dpb_offsets(self.window), dtype=x.dtype))
+        bias = table[dpb_gather_indices(self.window)]
+        return self.attn(x, bias=bias, key=key)
+
+
+class CrossFormerBlock(eqx.Module):
+    """Short-distance attention, feed-forward, long-distance attention, feed-forward; each
+    a residual branch."""
+
+    short_attn: DistanceAttention
+    short_ff: MapFeedForward
+    long_attn: DistanceAttention
+    long_ff: MapFeedForward
+
+    def __init__(
+        self,
+        dim: int,
+        local_window: int,
+        global_window: int,
+        *,
+        attn_dropout: float,
+        ff_dropout: float,
+        key: PRNGKeyArray,
+    ):
+        k1, k2, k3, k4 = jr.split(key, 4)
+        self.short_attn = DistanceAttention(
+            dim, "short", local_window, dropout=attn_dropout, key=k1
+        )
+        self.short_ff = MapFeedForward(dim, 4 * dim, dropout=ff_dropout, out_dropout=False, key=k2)
+        self.long_attn = DistanceAttention(dim, "long", global_window, dropout=attn_dropout, key=k3)
+        self.long_ff = MapFeedForward(dim, 4 * dim, dropout=ff_dropout, out_dropout=False, key=k4)
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "channels height width"]:
+        k1, k2, k3, k4 = split_key(key, 4)
+        x = x + self.short_attn(x, key=k1)
+        x = x + self.short_ff(x, key=k2)
+        x = x + self.long_attn(x, key=k3)
+        return x + self.long_ff(x, key=k4)
+
+
+class CrossFormer(eqx.Module):
+    """CrossFormer, a four-stage hierarchical vision transformer with cross-scale attention.
+
+    Each stage starts with a cross-scale embedding layer (convolutions of several kernel
+    sizes with one stride, concatenated over channels) and runs `depth` blocks of
+    short-distance attention (within `local_window_size` windows), feed-forward,
+    long-distance attention (within interleaved `global_window_size` groups spread over
+    the whole map) and feed-forward, all pre-norm residual branches on the feature map.
+    Attention scores get a dynamic position bias, an MLP of the relative offset. The last
+    map is averaged and classified by a Linear layer.
+
+    Equal to `vit_pytorch.crossformer.CrossFormer`; load its weights with
+    `eqx_vision.from_vit_pytorch`. Reproduced from the reference:
+
+    - **Position-bias indices.** The bias MLP is evaluated on the `(2w + 1)^2` offsets
+      `-w..w`, but each (query, key) pair reads row `(dy + w - 1)(2w - 1) + (dx + w - 1)`,
+      the index of a `(2w - 1)^2` table. So the bias of offset `(0, 0)` is the MLP at
+      `(-2, 2)` for `w = 7`: the bias is still a function of the relative offset, but not
+      the one the MLP is fed (see `dpb_gather_indices`).
+    - Heads are `dim // 32` per stage, of dimension 32 (`dim` below 32 is rejected).
+    - The cross-embedding convolutions are padded by `(k - stride) // 2`.
+    - No dropout on the attention output or after the feed-forward; no final norm.
+
+    The image sides accepted are those for which every stage's convolutions agree on the
+    map size and both windows tile the map, as in the reference; `size_multiple` is the
+    smallest side whose multiples all work (224 for the default configuration).
+    """
+
+    embeds: tuple[CrossEmbedLayer, ...]
+    stages: tuple[Stack[CrossFormerBlock] | None, ...]
+    to_logits: Linear
+    channels: int = eqx.field(static=True)
+    local_window_size: tuple[int, ...] = eqx.field(static=True)
+    global_window_size: tuple[int, ...] = eqx.field(static=True)
+    size_multiple: int | None = eqx.field(static=True)
+    smallest_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        dim: int | Sequence[int] = (64, 128, 256, 512),
+        depth: int | Sequence[int] = (2, 2, 8, 2),
+        global_window_size: int | Sequence[int] = (8, 4, 2, 1),
+        local_window_size: int | Sequence[int] = 7,
+        cross_embed_kernel_sizes: Sequence[int] | Sequence[Sequence[int]] = (
+            (4, 8, 16, 32),
+            (2, 4),
+            (2, 4),
+            (2, 4),
+        ),
+        cross_embed_strides: int | Sequence[int] = (4, 2, 2, 2),
+        num_classes: int = 1000,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        channels: int = 3,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `dim`: channels of each stage's map; an int for all four or four ints. Each must
+          be at least 32 (heads are `dim // 32`).
+        - `depth`: blocks per stage (an int or four).
+        - `global_window_size`: the long-distance window side per stage (an int or four):
+          the number of pixels per side of each interleaved group.
+        - `local_window_size`: the short-distance window side per stage (an int or four).
+        - `cross_embed_kernel_sizes`: per stage, the kernel sizes of the cross-scale
+          embedding convolutions. Within a stage, `k - stride` must have one parity, so
+          that the convolutions agree on the output size.
+        - `cross_embed_strides`: the embedding stride per stage (an int or four).
+        - `num_classes`: number of output logits.
+        - `attn_dropout`: dropout rate on the attention probabilities.
+        - `ff_dropout`: dropout rate after the feed-forward activation.
+        - `channels`: input channels.
+        - `key`: a `jax.random.key` for the initialisation.
+        """
+        dims = _positive_ints(_per_stage(dim, "dim"), "dim")
+        depths = _per_stage(depth, "depth")
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in depths):
+            raise ValueError(f"depth must hold ints >= 0; got {depth!r}.")
+        global_windows = _positive_ints(
+            _per_stage(global_window_size, "global_window_size"), "global_window_size"
+        )
+        local_windows = _positive_ints(
+            _per_stage(local_window_size, "local_window_size"), "local_window_size"
+        )
+        strides = _positive_ints(
+            _per_stage(cross_embed_strides, "cross_embed_strides"), "cross_embed_strides"
+        )
+        kernel_sets = _per_stage(cross_embed_kernel_sizes, "cross_embed_kernel_sizes")
+        for kernels, stride in zip(kernel_sets, strides, strict=True):
+            if not isinstance(kernels, tuple | list) or not kernels:
+                raise ValueError(
+                    "cross_embed_kernel_sizes must give a non-empty sequence of kernel sizes "
+                    f"per stage; got {cross_embed_kernel_sizes!r}."
+                )
+            _positive_ints(tuple(kernels), "cross_embed_kernel_sizes")
+            if min(kernels) < stride or len({(k - stride) % 2 for k in kernels}) > 1:
+                raise ValueError(
+                    "cross_embed_kernel_sizes must be >= the stride of their stage and all "
+                    "differ from it by an even or all by an odd amount (else the convolutions "
+                    f"disagree on the map size); got {tuple(kernels)} with stride {stride}."
+                )
+        if min(dims) < DIM_HEAD:
+            raise ValueError(
+                f"dim must be at least {DIM_HEAD} at every stage (heads = dim // {DIM_HEAD}); "
+                f"got {dim!r}."
+            )
+        for d, kernels in zip(dims, kernel_sets, strict=True):
+            if int(d / 2 ** (len(kernels) - 1)) <= 0:
+                raise ValueError(
+                    f"dim {d} is too small to split over {len(kernels)} cross-embedding "
+                    f"kernels; got dim={dim!r}."
+                )
+        if not isinstance(num_classes, int) or num_classes <= 0:
+            raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
+        if not isinstance(channels, int) or channels <= 0:
+            raise ValueError(f"channels must be a positive int; got {channels!r}.")
+        for rate, name in ((attn_dropout, "attn_dropout"), (ff_dropout, "ff_dropout")):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name} must be in [0, 1); got {rate!r}.")
+
+        keys = jr.split(key, 2 * NUM_STAGES + 1)
+        dims_in = (channels, *dims[:-1])
+        embeds, stages = [], []
+        for i in range(NUM_STAGES):
+            embeds.append(
+                CrossEmbedLayer(dims_in[i], dims[i], kernel_sets[i], strides[i], key=keys[2 * i])
+            )
+
+            def make_block(index: int, *, key: PRNGKeyArray, i: int = i) -> CrossFormerBlock:
+                return CrossFormerBlock(
+                    dims[i],
+                    local_windows[i],
+                    global_windows[i],
+                    attn_dropout=attn_dropout,
+                    ff_dropout=ff_dropout,
+                    key=key,
+                )
+
+            stages.append(Stack(make_block, depths[i], key=keys[2 * i + 1]) if depths[i] else None)
+        self.embeds = tuple(embeds)
+        self.stages = tuple(stages)
+        self.to_logits = Linear(dims[-1], num_classes, key=keys[-1])
+        self.channels = channels
+        self.local_window_size = local_windows
+        self.global_window_size = global_windows
+        period, stride = 1, 1
+        for i in range(NUM_STAGES):
+            stride *= strides[i]
+            period = math.lcm(period, stride * local_windows[i], stride * global_windows[i])
+        self.size_multiple = find_size_multiple(lambda n: self._fit(n) is None, period=period)
+        fitting = next((n for n in range(1, 1 << 14) if self._fit(n) is None), None)
+        if fitting is None:
+            raise ValueError(
+                "no image size fits the windows: local_window_size "
+                f"{local_windows} and global_window_size {global_windows} never tile the "
+                f"stage maps made by cross_embed_strides {strides}."
+            )
+        self.smallest_size = fitting
+
+    def _fit(self, side: int) -> str | None:
+        """Why an image side of `side` pixels does not fit, or `None` if it does."""
+        n = side
+        for i, embed in enumerate(self.embeds):
+            out = embed.out_size(n)
+            if out is None:
+                return f"the stage-{i + 1} embedding cannot take a side of {n}"
+            n = out
+            if self.stages[i] is None:  # no attention, so nothing to tile
+                continue
+            for name, window in (
+                ("local_window_size", self.local_window_size[i]),
+                ("global_window_size", self.global_window_size[i]),
+            ):
+                if n % window:
+                    return f"the stage-{i + 1} map side {n} is not a multiple of {name} {window}"
+        return None
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " num_classes"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`, with sides the windows fit (see the
+          class docstring).
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the logits, `(num_classes,)`.
+        """
+        check_windowed_image(
+            x,
+            self.channels,
+            self._fit,
+            self.size_multiple,
+            self.smallest_size,
+            type(self).__name__,
+        )
+        check_key(self, key)
+        keys = split_key(key, NUM_STAGES)
+        for embed, stage, stage_key in zip(self.embeds, self.stages, keys, strict=True):
+            x = embed(x)
+            if stage is not None:
+                x = stage(x, key=stage_key)
+        return self.to_logits(x.mean(axis=(1, 2)))
+
+
+@register(CrossFormer)
+def _from_vit_pytorch(model: CrossFormer, sd: StateDict) -> CrossFormer:
+    def attention(m: DistanceAttention, sd: StateDict, prefix: str) -> DistanceAttention:
+        dpb = m.dpb
+        linears = [
+            convert_linear(lin, sd, f"{prefix}dpb.{3 * j}.") for j, lin in enumerate(dpb.linears)
+        ]
+        norms = [
+            convert_layernorm(n, sd, f"{prefix}dpb.{3 * j + 1}.") for j, n in enumerate(dpb.norms)
+        ]
+        return eqx.tree_at(
+            lambda a: (a.attn, a.dpb.linears, a.dpb.norms),
+            m,
+            (
+                convert_map_attention(m.attn, sd, prefix, out="to_out."),
+                tuple(linears),
+                tuple(norms),
+            ),
+        )
+
+    def block(m: CrossFormerBlock, sd: StateDict, prefix: str) -> CrossFormerBlock:
+        return eqx.tree_at(
+            lambda b: (b.short_attn, b.short_ff, b.long_attn, b.long_ff),
+            m,
+            (
+                attention(m.short_attn, sd, prefix + "0."),
+                convert_map_feedforward(m.short_ff, sd, prefix + "1.", net=""),
+                attention(m.long_attn, sd, prefix + "2."),
+                convert_map_feedforward(m.long_ff, sd, prefix + "3.", net=""),
+            ),
+        )
+
+    embeds, stages = [], []
+    for i, (embed, stage) in enumerate(zip(model.embeds, model.stages, strict=True)):
+        convs = tuple(
+            convert_conv(conv, sd, f"layers.{i}.0.convs.{j}.") for j, conv in enumerate(embed.convs)
+        )
+        embeds.append(eqx.tree_at(lambda e: e.convs, embed, convs))
+        if stage is not None:
+            stage = convert_stack(stage, sd, lambda j, i=i: f"layers.{i}.1.layers.{j}.", block)
+        stages.append(stage)
+    return eqx.tree_at(
+        lambda m: (m.embeds, m.stages, m.to_logits),
+        model,
+        (tuple(embeds), tuple(stages), convert_linear(model.to_logits, sd, "to_logits.1.")),
+        is_leaf=lambda x: x is None,
+    )

@@ -1,0 +1,399 @@
+"""ScalableViT: "ScalableViT: Rethinking the Context-oriented Generalization of Vision Transformer".
+
+Yang et al., 2022, https://arxiv.org/abs/2203.10790.
+"""
+
+import math
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..interop import StateDict, register
+from ..interop._vit_pytorch import (
+    convert_channel_layernorm,
+    convert_conv,
+    convert_layernorm,
+    convert_linear,
+    convert_map_attention,
+    convert_map_feedforward,
+    convert_stack,
+)
+from ..layers import (
+    PEG,
+    ChannelLayerNorm,
+    Conv2d,
+    LayerNorm,
+    Linear,
+    MapAttention,
+    MapFeedForward,
+    Stack,
+    check_key,
+    check_windowed_image,
+    size_multiple as find_size_multiple,
+    split_key,
+)
+
+
+def _per_stage(value: object, num_stages: int, name: str) -> tuple:
+    """The reference's `cast_tuple(value, num_stages)`: a scalar is repeated for every stage."""
+    values = tuple(value) if isinstance(value, tuple | list) else (value,) * num_stages
+    if len(values) != num_stages:
+        raise ValueError(
+            f"{name} must have one entry per stage ({num_stages}, the length of depth); "
+            f"got {value!r}."
+        )
+    return values
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class ScalableBlock(eqx.Module):
+    """One block as the reference runs it: SSA → FF → [PEG] → FF → IWSA.
+
+    Scalable self-attention (keys and values from a stride-`r` convolution of the map),
+    feed-forward, the position generator (first block of a stage only), a second
+    feed-forward, then interactive windowed self-attention; every branch but the PEG is a
+    pre-norm residual.
+    """
+
+    ssa: MapAttention
+    ff1: MapFeedForward
+    peg: PEG | None
+    ff2: MapFeedForward
+    iwsa: MapAttention
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int,
+        ff_expansion_factor: int,
+        dropout: float,
+        ssa_dim_key: int,
+        ssa_dim_value: int,
+        reduction_factor: int,
+        iwsa_dim_key: int,
+        iwsa_dim_value: int,
+        window_size: int | None,
+        peg: bool,
+        key: PRNGKeyArray,
+    ):
+        k1, k2, k3, k4, k5 = jr.split(key, 5)
+        self.ssa = MapAttention(
+            dim,
+            heads=heads,
+            dim_head=ssa_dim_key,
+            dim_value=ssa_dim_value,
+            dropout=dropout,
+            projections="q_k_v",
+            kv_reduction=reduction_factor,
+            key=k1,
+        )
+        hidden = dim * ff_expansion_factor
+        self.ff1 = MapFeedForward(dim, hidden, dropout=dropout, key=k2)
+        self.peg = PEG(dim, 3, key=k3) if peg else None
+        self.ff2 = MapFeedForward(dim, hidden, dropout=dropout, key=k4)
+        self.iwsa = MapAttention(
+            dim,
+            heads=heads,
+            dim_head=iwsa_dim_key,
+            dim_value=iwsa_dim_value,
+            dropout=dropout,
+            projections="q_k_v",
+            window=window_size,
+            value_conv=3,
+            key=k5,
+        )
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "channels height width"]:
+        k1, k2, k3, k4 = split_key(key, 4)
+        x = x + self.ssa(x, key=k1)
+        x = x + self.ff1(x, key=k2)
+        if self.peg is not None:
+            x = self.peg(x)
+        x = x + self.ff2(x, key=k3)
+        return x + self.iwsa(x, key=k4)
+
+
+class ScalableStage(eqx.Module):
+    """A stage: the first block (with the PEG), a scanned stack of the others, then a
+    channel LayerNorm and a stride-2 3x3 convolution doubling the channels (both absent
+    in the last stage)."""
+
+    first: ScalableBlock | None
+    rest: Stack[ScalableBlock] | None
+    norm: ChannelLayerNorm | None
+    downsample: Conv2d | None
+
+    def __init__(self, dim: int, depth: int, *, last: bool, key: PRNGKeyArray, **block_options):
+        first_key, rest_key, down_key = jr.split(key, 3)
+
+        def make_block(index: int, *, key: PRNGKeyArray) -> ScalableBlock:
+            return ScalableBlock(dim, peg=False, key=key, **block_options)
+
+        self.first = ScalableBlock(dim, peg=True, key=first_key, **block_options) if depth else None
+        self.rest = Stack(make_block, depth - 1, key=rest_key) if depth > 1 else None
+        self.norm = None if last else ChannelLayerNorm(dim)
+        self.downsample = (
+            None if last else Conv2d(dim, 2 * dim, 3, stride=2, padding=1, key=down_key)
+        )
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "out_channels out_height out_width"]:
+        first_key, rest_key = split_key(key, 2)
+        if self.first is not None:
+            x = self.first(x, key=first_key)
+        if self.rest is not None:
+            x = self.rest(x, key=rest_key)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+
+class ScalableViT(eqx.Module):
+    """ScalableViT, a hierarchical vision transformer alternating scalable self-attention
+    (SSA) and interactive windowed self-attention (IWSA).
+
+    A 7x7 stride-4 convolution makes the first map; each stage `i` (of `len(depth)`) works
+    on `dim * 2**i` channels with `depth[i]` blocks, then (but the last) a channel LayerNorm
+    and a stride-2 convolution. SSA takes its keys and values from an `r x r` stride-`r`
+    convolution of the map (`reduction_factor`); IWSA attends within windows
+    (`window_size`, `None` for the whole map) and adds a 3x3 convolution of the full value
+    map (the local interactive module) before its output projection. The last map is
+    averaged and classified by `LayerNorm → Linear`.
+
+    Equal to `vit_pytorch.scalable_vit.ScalableViT`; load its weights with
+    `eqx_vision.from_vit_pytorch`. Reproduced from the reference:
+
+    - **Block order.** The reference builds each block as `[SSA, FF, PEG, FF, IWSA]` but
+      unpacks it as `(ssa, ff1, peg, iwsa, ff2)`, so what runs is
+      **SSA → FF → PEG → FF → IWSA**: the fourth module (`layers.i.3` in the state dict, a
+      feed-forward) runs where IWSA should, and IWSA (`layers.i.4`) runs last.
+    - The PEG (a residual 3x3 depthwise convolution) is only in the first block of each
+      stage.
+    - The SSA key/value convolutions have no bias and no padding; a map side that is not
+      a multiple of the reduction factor is floored.
+
+    The image sides accepted are those for which every stage's map is tiled by its IWSA
+    window and is at least its reduction factor, as in the reference; `size_multiple` is
+    the smallest side whose multiples all work (256 for the reference usage configuration).
+    """
+
+    to_patches: Conv2d
+    stages: tuple[ScalableStage, ...]
+    norm: LayerNorm
+    head: Linear
+    channels: int = eqx.field(static=True)
+    reduction_factor: tuple[int, ...] = eqx.field(static=True)
+    window_size: tuple[int | None, ...] = eqx.field(static=True)
+    size_multiple: int | None = eqx.field(static=True)
+    smallest_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        dim: int,
+        depth: Sequence[int],
+        heads: int | Sequence[int],
+        reduction_factor: int | Sequence[int],
+        window_size: int | None | Sequence[int | None] = None,
+        iwsa_dim_key: int | Sequence[int] = 32,
+        iwsa_dim_value: int | Sequence[int] = 32,
+        ssa_dim_key: int | Sequence[int] = 32,
+        ssa_dim_value: int | Sequence[int] = 32,
+        ff_expansion_factor: int = 4,
+        channels: int = 3,
+        dropout: float = 0.0,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `num_classes`: number of output logits.
+        - `dim`: channels of the first stage; stage `i` has `dim * 2**i`.
+        - `depth`: a tuple, the number of blocks of each stage; its length is the number
+          of stages.
+        - `heads`: attention heads per stage (an int for all, or one per stage).
+        - `reduction_factor`: the SSA key/value reduction per stage (an int or one per
+          stage).
+        - `window_size`: the IWSA window side per stage (an int, `None` for the whole map,
+          or one per stage).
+        - `iwsa_dim_key`, `iwsa_dim_value`, `ssa_dim_key`, `ssa_dim_value`: per-head
+          query/key and value dimensions of the two attentions (an int or one per stage).
+        - `ff_expansion_factor`: the feed-forward hidden width, as a multiple of the
+          stage's channels.
+        - `channels`: input channels.
+        - `dropout`: dropout rate on the attention probabilities and outputs and in the
+          feed-forward blocks.
+        - `key`: a `jax.random.key` for the initialisation.
+        """
+        if not isinstance(depth, tuple | list) or not depth:
+            raise ValueError(
+                "depth must be a non-empty tuple giving the number of blocks of each stage; "
+                f"got {depth!r}."
+            )
+        if any(not _is_int(d) or d < 0 for d in depth):
+            raise ValueError(f"depth must hold ints >= 0; got {depth!r}.")
+        num_stages = len(depth)
+        per_stage = {}
+        for name, value in (
+            ("heads", heads),
+            ("ssa_dim_key", ssa_dim_key),
+            ("ssa_dim_value", ssa_dim_value),
+            ("reduction_factor", reduction_factor),
+            ("iwsa_dim_key", iwsa_dim_key),
+            ("iwsa_dim_value", iwsa_dim_value),
+        ):
+            values = _per_stage(value, num_stages, name)
+            if any(not _is_int(v) or v <= 0 for v in values):
+                raise ValueError(f"{name} must hold positive ints; got {value!r}.")
+            per_stage[name] = values
+        windows = _per_stage(window_size, num_stages, "window_size")
+        if any(w is not None and (not _is_int(w) or w <= 0) for w in windows):
+            raise ValueError(f"window_size must hold positive ints or None; got {window_size!r}.")
+        for value, name in (
+            (dim, "dim"),
+            (ff_expansion_factor, "ff_expansion_factor"),
+            (channels, "channels"),
+            (num_classes, "num_classes"),
+        ):
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive int; got {value!r}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}.")
+
+        keys = jr.split(key, num_stages + 2)
+        self.to_patches = Conv2d(channels, dim, 7, stride=4, padding=3, key=keys[0])
+        self.stages = tuple(
+            ScalableStage(
+                dim * 2**i,
+                depth[i],
+                last=i == num_stages - 1,
+                heads=per_stage["heads"][i],
+                ff_expansion_factor=ff_expansion_factor,
+                dropout=dropout,
+                ssa_dim_key=per_stage["ssa_dim_key"][i],
+                ssa_dim_value=per_stage["ssa_dim_value"][i],
+                reduction_factor=per_stage["reduction_factor"][i],
+                iwsa_dim_key=per_stage["iwsa_dim_key"][i],
+                iwsa_dim_value=per_stage["iwsa_dim_value"][i],
+                window_size=windows[i],
+                key=keys[i + 1],
+            )
+            for i in range(num_stages)
+        )
+        last_dim = dim * 2 ** (num_stages - 1)
+        self.norm = LayerNorm(last_dim)
+        self.head = Linear(last_dim, num_classes, key=keys[-1])
+        self.channels = channels
+        self.reduction_factor = per_stage["reduction_factor"]
+        self.window_size = windows
+        period = math.lcm(*(4 * 2**i * w for i, w in enumerate(windows) if w is not None))
+        self.size_multiple = find_size_multiple(lambda n: self._fit(n) is None, period=period)
+        fitting = next((n for n in range(1, 1 << 14) if self._fit(n) is None), None)
+        if fitting is None:  # pragma: no cover - a window of 1 always fits some size
+            raise ValueError(f"no image size fits window_size {windows}.")
+        self.smallest_size = fitting
+
+    def _fit(self, side: int) -> str | None:
+        """Why an image side of `side` pixels does not fit, or `None` if it does."""
+        n = (side - 1) // 4 + 1
+        for i, (r, w) in enumerate(zip(self.reduction_factor, self.window_size, strict=True)):
+            if i:
+                n = (n - 1) // 2 + 1
+            if n < r:
+                return f"the stage-{i + 1} map side {n} is smaller than reduction_factor {r}"
+            if w is not None and n % w:
+                return f"the stage-{i + 1} map side {n} is not a multiple of window_size {w}"
+        return None
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " num_classes"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`, with sides the windows fit (see the
+          class docstring).
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the logits, `(num_classes,)`.
+        """
+        check_windowed_image(
+            x,
+            self.channels,
+            self._fit,
+            self.size_multiple,
+            self.smallest_size,
+            type(self).__name__,
+        )
+        check_key(self, key)
+        keys = split_key(key, len(self.stages))
+        x = self.to_patches(x)
+        for stage, stage_key in zip(self.stages, keys, strict=True):
+            x = stage(x, key=stage_key)
+        return self.head(self.norm(x.mean(axis=(1, 2))))
+
+
+@register(ScalableViT)
+def _from_vit_pytorch(model: ScalableViT, sd: StateDict) -> ScalableViT:
+    def block(m: ScalableBlock, sd: StateDict, prefix: str) -> ScalableBlock:
+        peg = (
+            None
+            if m.peg is None
+            else eqx.tree_at(
+                lambda p: p.proj, m.peg, convert_conv(m.peg.proj, sd, prefix + "2.proj.")
+            )
+        )
+        return eqx.tree_at(
+            lambda b: (b.ssa, b.ff1, b.peg, b.ff2, b.iwsa),
+            m,
+            (
+                convert_map_attention(m.ssa, sd, prefix + "0."),
+                convert_map_feedforward(m.ff1, sd, prefix + "1."),
+                peg,
+                convert_map_feedforward(m.ff2, sd, prefix + "3."),
+                convert_map_attention(m.iwsa, sd, prefix + "4."),
+            ),
+            is_leaf=lambda x: x is None,
+        )
+
+    stages = []
+    for i, stage in enumerate(model.stages):
+        prefix = f"layers.{i}."
+        first = None if stage.first is None else block(stage.first, sd, f"{prefix}0.layers.0.")
+        rest = stage.rest
+        if rest is not None:
+            rest = convert_stack(rest, sd, lambda j, p=prefix: f"{p}0.layers.{j + 1}.", block)
+        norm = stage.norm
+        if norm is not None:
+            norm = convert_channel_layernorm(norm, sd, f"{prefix}0.norm.")
+        down = stage.downsample
+        if down is not None:
+            down = convert_conv(down, sd, f"{prefix}1.conv.")
+        stages.append(
+            eqx.tree_at(
+                lambda s: (s.first, s.rest, s.norm, s.downsample),
+                stage,
+                (first, rest, norm, down),
+                is_leaf=lambda x: x is None,
+            )
+        )
+    return eqx.tree_at(
+        lambda m: (m.to_patches, m.stages, m.norm, m.head),
+        model,
+        (
+            convert_conv(model.to_patches, sd, "to_patches."),
+            tuple(stages),
+            convert_layernorm(model.norm, sd, "mlp_head.1."),
+            convert_linear(model.head, sd, "mlp_head.2."),
+        ),
+    )

@@ -1,0 +1,288 @@
+"""T2T-ViT: "Tokens-to-Token ViT: Training Vision Transformers from Scratch on ImageNet".
+
+Yuan et al., 2021, https://arxiv.org/abs/2101.11986.
+"""
+
+from collections.abc import Callable
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..interop import CheckpointError, StateDict, register
+from ..interop._vit_pytorch import convert_linear, convert_transformer
+from ..layers import (
+    Linear,
+    Transformer,
+    check_image,
+    check_key,
+    split_key,
+    tokens_to_grid,
+    unfold,
+)
+from ..layers._checks import check_int, check_rate
+from ..layers._init import normal
+
+
+def _check_t2t_layers(value: object) -> tuple[tuple[int, int], ...]:
+    message = f"t2t_layers must be a non-empty tuple of (kernel_size, stride) pairs; got {value!r}."
+    if not isinstance(value, tuple | list) or not value:
+        raise ValueError(message)
+    layers = []
+    for layer in value:
+        if (
+            not isinstance(layer, tuple | list)
+            or len(layer) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in layer)
+        ):
+            raise ValueError(message)
+        layers.append((int(layer[0]), int(layer[1])))
+    return tuple(layers)
+
+
+class T2TViT(eqx.Module):
+    """The Tokens-to-Token Vision Transformer.
+
+    The image goes through a tokens-to-token module: at each of its stages, `kernel x
+    kernel` windows with the stage's stride and padding `stride // 2` are flattened in
+    `(c kh kw)` order into tokens of dimension `L` (the previous dimension times
+    `kernel ** 2`), and, at every stage but the last, one transformer block runs over them
+    (a single head of dimension `L`, feed-forward width `L`, final LayerNorm) before they
+    are laid back on their square grid for the next stage. A Linear maps the last tokens to
+    `dim`; a class token is prepended, learned position embeddings are added, and a ViT
+    encoder (pre-norm blocks with a final LayerNorm) runs over the tokens. The class token
+    (or the mean of all tokens) goes through a linear head.
+
+    Equal to `vit_pytorch.t2t.T2TViT`; load its weights with `eqx_vision.from_vit_pytorch`.
+    Reference behaviours reproduced:
+
+    - The token vectors are ordered `(c kh kw)`, as `torch.nn.Unfold` gives them.
+    - The tokens-to-token attention (one head with `dim_head = L`) has no output
+      projection, and scales its scores by `L ** -0.5`.
+    - The last tokens-to-token stage has no transformer, and `dropout` applies in the
+      others too.
+    - The main transformer ends with a LayerNorm and the head is a bare Linear.
+    - With `pool="mean"` the class token is still prepended, and enters the mean.
+    - Images are square, and so is the token grid of every stage.
+
+    Deliberate difference: an image of any other size than `image_size` is rejected, where
+    the reference silently adds the wrong position embeddings to a smaller one. The token
+    grid sides after each tokens-to-token stage are in `grid_sizes`.
+    """
+
+    t2t_transformers: tuple[Transformer, ...]
+    to_patch_embedding: Linear
+    cls_token: Float[Array, "1 dim"]
+    pos_embedding: Float[Array, "seq dim"]
+    dropout: eqx.nn.Dropout
+    transformer: Callable[..., Array]
+    mlp_head: Linear
+    image_size: int = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
+    pool: str = eqx.field(static=True)
+    t2t_layers: tuple[tuple[int, int], ...] = eqx.field(static=True)
+    grid_sizes: tuple[int, ...] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        num_classes: int,
+        dim: int,
+        depth: int | None = None,
+        heads: int | None = None,
+        mlp_dim: int | None = None,
+        pool: Literal["cls", "mean"] = "cls",
+        channels: int = 3,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        emb_dropout: float = 0.0,
+        transformer: Callable[..., Array] | None = None,
+        t2t_layers: tuple[tuple[int, int], ...] = ((7, 4), (3, 2), (3, 2)),
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `image_size`: image height and width (square images).
+        - `num_classes`: number of output logits.
+        - `dim`: token dimension of the main transformer.
+        - `depth`: number of blocks of the main transformer.
+        - `heads`: attention heads per block of the main transformer.
+        - `mlp_dim`: hidden width of the main transformer's feed-forward blocks.
+        - `pool`: `"cls"` (class token) or `"mean"` (mean of all tokens, class token
+          included).
+        - `channels`: input channels.
+        - `dim_head`: dimension per attention head of the main transformer.
+        - `dropout`: dropout rate inside every transformer, tokens-to-token ones included.
+        - `emb_dropout`: dropout rate on the embedded tokens.
+        - `transformer`: optionally, a module (or any callable) to use as the main
+          transformer instead of building one from `depth`, `heads`, `mlp_dim` and
+          `dim_head` (which are then ignored). It is called as
+          `transformer(tokens, key=key)` on the `(seq, dim)` tokens, class token first,
+          with `key` a `jax.random.key` or `None`, and must return an array of the same
+          shape; this is checked here. `from_vit_pytorch` loads weights into it only if it
+          is an `eqx_vision.layers.Transformer`, which stands for the reference's
+          `vit_pytorch.vit.Transformer`.
+        - `t2t_layers`: the `(kernel_size, stride)` of each tokens-to-token stage.
+        - `key`: a `jax.random.key` for the initialisation.
+        """
+        size = check_int(image_size, "image_size")
+        check_int(num_classes, "num_classes")
+        check_int(dim, "dim")
+        check_int(channels, "channels")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean'; got {pool!r}.")
+        check_rate(dropout, "dropout")
+        check_rate(emb_dropout, "emb_dropout")
+        layers = _check_t2t_layers(t2t_layers)
+        if transformer is None:
+            missing = [
+                name
+                for name, value in (("depth", depth), ("heads", heads), ("mlp_dim", mlp_dim))
+                if value is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"depth, heads and mlp_dim must be given when no transformer is; "
+                    f"missing {', '.join(missing)}."
+                )
+            depth = check_int(depth, "depth")
+            heads = check_int(heads, "heads")
+            mlp_dim = check_int(mlp_dim, "mlp_dim")
+            check_int(dim_head, "dim_head")
+        elif not callable(transformer):
+            raise ValueError(f"transformer must be a callable; got {transformer!r}.")
+
+        grid_sizes = []
+        side = size
+        layer_dims = []
+        layer_dim = channels
+        for kernel, stride in layers:
+            padded = side + 2 * (stride // 2)
+            if padded < kernel:
+                raise ValueError(
+                    f"t2t_layers: a {kernel}x{kernel} window does not fit the {side}x{side} "
+                    f"token grid (padded to {padded}) reached from image_size={size}; got "
+                    f"t2t_layers={t2t_layers!r}."
+                )
+            side = (padded - kernel) // stride + 1
+            layer_dim *= kernel * kernel
+            grid_sizes.append(side)
+            layer_dims.append(layer_dim)
+        seq = side * side + 1
+
+        t2t_key, embed_key, cls_key, pos_key, tf_key, head_key = jr.split(key, 6)
+        t2t_keys = jr.split(t2t_key, len(layers))
+        self.t2t_transformers = tuple(
+            Transformer(d, 1, 1, d, d, dropout=dropout, key=k)
+            for d, k in zip(layer_dims[:-1], t2t_keys[:-1], strict=True)
+        )
+        self.to_patch_embedding = Linear(layer_dim, dim, key=embed_key)
+        self.cls_token = normal(cls_key, (1, dim))
+        self.pos_embedding = normal(pos_key, (seq, dim))
+        self.dropout = eqx.nn.Dropout(emb_dropout)
+        if transformer is None:
+            assert depth is not None and heads is not None and mlp_dim is not None
+            transformer = Transformer(
+                dim, depth, heads, dim_head, mlp_dim, dropout=dropout, key=tf_key
+            )
+        else:
+            _check_transformer(transformer, seq, dim)
+        self.transformer = transformer
+        self.mlp_head = Linear(dim, num_classes, key=head_key)
+        self.image_size = size
+        self.channels = channels
+        self.pool = pool
+        self.t2t_layers = layers
+        self.grid_sizes = tuple(grid_sizes)
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " num_classes"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, image_size, image_size)`.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the logits, `(num_classes,)`.
+        """
+        check_image(x, (self.channels, self.image_size, self.image_size), type(self).__name__)
+        check_key(self, key)
+        emb_key, tf_key, *t2t_keys = split_key(key, 2 + len(self.t2t_transformers))
+        tokens = x
+        for i, (kernel, stride) in enumerate(self.t2t_layers):
+            if i > 0:
+                tokens = tokens_to_grid(tokens)
+            tokens = unfold(tokens, kernel, stride, stride // 2)
+            if i < len(self.t2t_transformers):
+                tokens = self.t2t_transformers[i](tokens, key=t2t_keys[i])
+        tokens = self.to_patch_embedding(tokens)
+        tokens = jnp.concatenate([self.cls_token.astype(tokens.dtype), tokens], axis=0)
+        tokens = tokens + self.pos_embedding.astype(tokens.dtype)
+        tokens = self.dropout(tokens, key=emb_key)
+        tokens = self.transformer(tokens, key=tf_key)
+        pooled = tokens.mean(axis=0) if self.pool == "mean" else tokens[0]
+        return self.mlp_head(pooled)
+
+
+def _check_transformer(transformer: Callable[..., Array], seq: int, dim: int) -> None:
+    """Trace a custom main transformer on abstract `(seq, dim)` tokens and check its output."""
+    tokens = jax.ShapeDtypeStruct((seq, dim), jnp.float32)
+    try:
+        out = eqx.filter_eval_shape(
+            lambda m, t: m(t, key=jr.key(0)),
+            transformer,
+            tokens,
+        )
+    except Exception as error:
+        raise ValueError(
+            f"transformer must map (seq, dim) = {(seq, dim)} tokens to the same shape when "
+            f"called as transformer(tokens, key=key); calling it failed: {error}"
+        ) from error
+    shape = getattr(out, "shape", None)
+    if shape is None or tuple(shape) != (seq, dim):
+        raise ValueError(
+            f"transformer must map (seq, dim) = {(seq, dim)} tokens to the same shape; "
+            f"it returned {shape if shape is not None else type(out).__name__}."
+        )
+
+
+@register(T2TViT)
+def _from_vit_pytorch(model: T2TViT, sd: StateDict) -> T2TViT:
+    if not isinstance(model.transformer, Transformer):
+        raise CheckpointError(
+            "from_vit_pytorch loads a T2TViT only with its own main transformer (or an "
+            "eqx_vision.layers.Transformer passed as transformer=); this one has a "
+            f"{type(model.transformer).__name__}."
+        )
+    # `to_patch_embedding` is an nn.Sequential of four modules per stage (rearrange, unfold,
+    # rearrange, transformer), then the Linear.
+    t2t = tuple(
+        convert_transformer(t, sd, f"to_patch_embedding.{4 * i + 3}.")
+        for i, t in enumerate(model.t2t_transformers)
+    )
+    linear_index = 4 * len(model.t2t_layers)
+    return eqx.tree_at(
+        lambda m: (
+            m.t2t_transformers,
+            m.to_patch_embedding,
+            m.cls_token,
+            m.pos_embedding,
+            m.transformer,
+            m.mlp_head,
+        ),
+        model,
+        (
+            t2t,
+            convert_linear(model.to_patch_embedding, sd, f"to_patch_embedding.{linear_index}."),
+            sd.take("cls_token", model.cls_token, torch_shape=(1, *model.cls_token.shape)),
+            sd.take(
+                "pos_embedding", model.pos_embedding, torch_shape=(1, *model.pos_embedding.shape)
+            ),
+            convert_transformer(model.transformer, sd, "transformer."),
+            convert_linear(model.mlp_head, sd, "mlp_head."),
+        ),
+    )

@@ -1,0 +1,203 @@
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jaxtyping
+import numpy as np
+import pytest
+
+import eqx_vision as ev
+from reference import check_parity, count_params, reference, torch_param_count
+
+
+CONFIGS: list[dict[str, Any]] = [
+    dict(
+        image_size=32,
+        patch_size=8,
+        num_classes=10,
+        dim=16,
+        depth=(1, 2),
+        heads=2,
+        mlp_dim=24,
+        dim_head=8,
+    ),
+    # Per-stage heads; stage 1 has heads == 1 and dim_head == dim: no output projection.
+    # Odd grids (11 -> 6 -> 3) exercise the rounding up of the pooling.
+    dict(
+        image_size=36,
+        patch_size=6,
+        num_classes=5,
+        dim=8,
+        depth=(2, 1, 1),
+        heads=(1, 2, 4),
+        mlp_dim=16,
+        dim_head=8,
+        channels=1,
+    ),
+    # A single stage (no pooling), odd patch size, dropout off in inference mode.
+    dict(
+        image_size=45,
+        patch_size=5,
+        num_classes=7,
+        dim=12,
+        depth=(3,),
+        heads=3,
+        mlp_dim=20,
+        dim_head=4,
+        channels=4,
+        dropout=0.1,
+        emb_dropout=0.1,
+    ),
+]
+
+SMALL: dict[str, Any] = dict(
+    image_size=16, patch_size=4, num_classes=3, dim=8, depth=(1, 1), heads=2, mlp_dim=8
+)
+
+
+@pytest.fixture
+def no_typecheck():
+    """Switch the jaxtyping hook off, to see the errors a user without it gets."""
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", False)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_parity(config):
+    torch_model = reference("pit").PiT(**config)
+    model = ev.PiT(**config, key=jax.random.key(0))
+    assert count_params(model) == torch_param_count(torch_model)
+    size = config["image_size"]
+    check_parity(model, torch_model, (config.get("channels", 3), size, size))
+
+
+def test_structure():
+    model = ev.PiT(**CONFIGS[1], key=jax.random.key(0))
+    assert model.grid_sizes == (11, 6, 3)
+    assert model.pos_embedding.shape == (11 * 11 + 1, 8)
+    assert [s.layers.depth for s in model.stages] == [2, 1, 1]
+    assert len(model.pools) == 2
+    projections = []
+    for stage in model.stages:
+        attn = stage.layers.blocks.attn
+        assert isinstance(attn, ev.layers.Attention)
+        projections.append(attn.to_out is not None)
+    assert projections == [False, True, True]
+    assert all(s.norm is None for s in model.stages)
+    assert model.head_norm.weight.shape == (32,)
+
+
+def test_vmap_matches_single():
+    model = eqx.nn.inference_mode(ev.PiT(**SMALL, key=jax.random.key(0)))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 16, 16))
+    batched = jax.vmap(model)(x)
+    assert batched.shape == (2, 3)
+    np.testing.assert_allclose(np.asarray(batched[1]), np.asarray(model(x[1])), atol=1e-6)
+
+
+def test_dropout_needs_key_in_training():
+    model = ev.PiT(**SMALL, dropout=0.2, key=jax.random.key(0))
+    x = jnp.ones((3, 16, 16))
+    with pytest.raises(ValueError, match="key"):
+        model(x)
+    a = model(x, key=jax.random.key(1))
+    b = model(x, key=jax.random.key(2))
+    assert a.shape == (3,)
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        (dict(patch_size=5), "patch_size"),
+        (dict(patch_size=1), "patch_size"),
+        (dict(image_size=0), "image_size"),
+        (dict(depth=()), "depth"),
+        (dict(depth=(1, 0)), "depth"),
+        (dict(heads=(2, 2, 2)), "heads"),
+        (dict(heads=0), "heads"),
+        (dict(num_classes=0), "num_classes"),
+        (dict(dim=0), "dim"),
+        (dict(mlp_dim=0), "mlp_dim"),
+        (dict(dim_head=0), "dim_head"),
+        (dict(channels=0), "channels"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(emb_dropout=-0.1), "emb_dropout"),
+    ],
+)
+def test_config_errors(change, name):
+    with pytest.raises(ValueError, match=name):
+        ev.PiT(**{**SMALL, **change}, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        (dict(depth=2), "depth"),
+        (dict(depth=[1, 1]), "depth"),
+        (dict(image_size=(16, 16)), "image_size"),
+    ],
+)
+def test_config_type_errors(no_typecheck, change, name):
+    with pytest.raises(ValueError, match=name):
+        ev.PiT(**{**SMALL, **change}, key=jax.random.key(0))
+
+
+def test_config_type_errors_under_typecheck():
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):
+        ev.PiT(**{**SMALL, "depth": 2}, key=jax.random.key(0))
+
+
+def test_input_errors(no_typecheck):
+    model = ev.PiT(**SMALL, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"\(3, 16, 16\).*\(1, 16, 16\)"):
+        model(jnp.zeros((1, 16, 16)))
+    # The reference runs smaller images with the wrong position embeddings; we refuse.
+    with pytest.raises(ValueError, match=r"\(16, 16\).*\(3, 12, 12\)"):
+        model(jnp.zeros((3, 12, 12)))
+    with pytest.raises(ValueError, match=r"\(16, 16\).*\(3, 16, 20\)"):
+        model(jnp.zeros((3, 16, 20)))
+    with pytest.raises(ValueError, match="jax.vmap"):
+        model(jnp.zeros((2, 3, 16, 16)))
+    with pytest.raises(ValueError, match="floating"):
+        model(jnp.zeros((3, 16, 16), dtype=jnp.int32))
+
+
+def test_input_errors_under_typecheck():
+    model = ev.PiT(**SMALL, key=jax.random.key(0))
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):
+        model(jnp.zeros((2, 3, 16, 16)))
+    with pytest.raises(ValueError, match="channels"):
+        model(jnp.zeros((1, 16, 16)))
+
+
+def test_checkpoint_mismatch():
+    torch_model = reference("pit").PiT(**SMALL)
+    model = ev.PiT(**{**SMALL, "dim": 16}, key=jax.random.key(0))
+    with pytest.raises(ev.CheckpointError, match="shape mismatch"):
+        ev.from_vit_pytorch(model, torch_model.state_dict())
+
+
+@pytest.mark.slow
+def test_readme_snippet():
+    config: dict[str, Any] = dict(
+        image_size=224,
+        patch_size=14,
+        dim=256,
+        num_classes=1000,
+        depth=(3, 3, 3),
+        heads=16,
+        mlp_dim=2048,
+        dropout=0.1,
+        emb_dropout=0.1,
+    )
+    model = ev.PiT(**config, key=jax.random.key(1))
+    assert model.grid_sizes == (31, 16, 8)
+    image = jax.random.normal(jax.random.key(0), (3, 224, 224))
+    logits = eqx.filter_jit(lambda m, x: m(x))(eqx.nn.inference_mode(model), image)
+    assert logits.shape == (1000,)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    expected = torch_param_count(reference("pit").PiT(**config))
+    assert count_params(model) == expected == 47_499_752

@@ -5,7 +5,13 @@ program holds one block whatever the depth: compile time should stay flat. Each 
 traces, lowers and compiles a fresh `eqx.filter_jit` train step, and also times one call.
 
     python benchmarks/compile_time.py                  # ViT at depths 4, 8, 16, 32
+    python benchmarks/compile_time.py --snippets       # every reference README snippet
+    python benchmarks/compile_time.py --snippets cvt-reference levit-reference
     python benchmarks/compile_time.py --json out.json
+
+With `--snippets`, each full-size configuration of the reference README (the `*-reference`
+presets) is built and the compile time of its training step (batch 2, stateful models
+through their BatchNorm state) is reported; this takes minutes per model on 2 CPU cores.
 """
 
 import argparse
@@ -61,14 +67,47 @@ def train_step_cost(
     return {"compile_s": compile_s, "step_s": run_s, "params": params}
 
 
+def snippet_cost(preset: str, batch: int = 2) -> dict[str, float]:
+    from eqx_vision import presets, training
+
+    config = presets.resolve_model(preset, num_classes=1000, data_channels=3)
+    model, state = config.build(jax.random.key(0))
+    optimizer = optax.adamw(1e-3)
+    opt_state = training.init_optimizer(optimizer, model)
+    images = jnp.zeros((batch, config.channels, *config.image_size))
+    labels = jnp.zeros((batch,), jnp.int32)
+    args = (model, state, opt_state, images, labels, jax.random.key(1))
+    start = time.perf_counter()
+    compiled = training.train_step.lower(*args, optimizer=optimizer).compile()  # pyright: ignore[reportFunctionMemberAccess]
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args, optimizer=optimizer))
+    step_s = time.perf_counter() - start
+    return {"compile_s": compile_s, "step_s": step_s, "params": training.count_params(model)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument(
+        "--snippets", nargs="*", help="reference snippet presets to time (none: all of them)"
+    )
     args = parser.parse_args()
 
     rows = []
     print(f"{'model':<24}{'params':>12}{'compile (s)':>14}{'first step (s)':>16}")
+    if args.snippets is not None:
+        from eqx_vision import presets
+
+        names = args.snippets or [
+            p.name for p in presets.list_presets() if p.name.endswith("-reference")
+        ]
+        for name in names:
+            r = snippet_cost(name)
+            rows.append({"model": name, **r})
+            print(f"{name:<24}{r['params']:>12,}{r['compile_s']:>14.2f}{r['step_s']:>16.2f}")
+        args.depths = []
     for depth in args.depths:
         r = train_step_cost(lambda k, d=depth: vit(d, k), (3, 64, 64))
         rows.append({"model": f"ViT depth {depth}", **r})

@@ -94,3 +94,43 @@ def test_vit_divisibility_is_checked_at_construction(size, patch):
     else:
         model = ev.ViT(**config, key=jax.random.key(0))  # pyright: ignore[reportArgumentType]
         assert run(model, (3, size, size)).shape == (3,)
+
+
+# Every architecture: random valid variations of its tiny configuration run with the right
+# output shape; a negative value for any integer hyper-parameter is refused at construction.
+
+
+def _int_params(config: dict[str, Any]) -> list[str]:
+    return sorted(
+        k for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool) and v > 0
+    )
+
+
+@SETTINGS
+@given(data=st.data())
+def test_every_architecture_runs_with_random_num_classes(data):
+    from zoo import ZOO, call
+
+    name = data.draw(st.sampled_from(sorted(ZOO)))
+    entry = ZOO[name]
+    num_classes = data.draw(st.integers(1, 6))
+    model, state = entry.build(
+        jax.random.key(data.draw(st.integers(0, 3))), num_classes=num_classes
+    )
+    out = call(entry, eqx.nn.inference_mode(model), state, jnp.ones(entry.input_shape))
+    assert out.shape == (num_classes,)
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_every_architecture_refuses_negative_sizes(data):
+    from zoo import ZOO
+
+    name = data.draw(st.sampled_from(sorted(ZOO)))
+    entry = ZOO[name]
+    arg = data.draw(st.sampled_from(_int_params(entry.config)))
+    value = data.draw(st.integers(-64, -1))
+    with pytest.raises(INVALID) as info:
+        entry.build(jax.random.key(0), **{arg: value})
+    assert str(value) in str(info.value) or arg in str(info.value)

@@ -49,6 +49,12 @@ class Conv2d(eqx.Module):
         - `key`: a `jax.random.key` for the initialisation.
         """
         kh, kw = _pair(kernel_size)
+        if min(in_channels, out_channels, kh, kw, *_pair(stride)) <= 0 or min(_pair(padding)) < 0:
+            raise ValueError(
+                "Conv2d needs positive channels, kernel size and stride and a padding >= 0; got "
+                f"in_channels={in_channels}, out_channels={out_channels}, kernel_size="
+                f"{kernel_size}, stride={stride}, padding={padding}."
+            )
         wkey, bkey = jr.split(key)
         bound = 1.0 / math.sqrt(in_channels * kh * kw)
         self.weight = uniform(wkey, (out_channels, in_channels, kh, kw), -bound, bound)

@@ -36,6 +36,11 @@ class Linear(eqx.Module):
         - `use_bias`: whether to add a learned bias.
         - `key`: a `jax.random.key` for the initialisation.
         """
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(
+                "a Linear layer needs positive sizes; got in_features="
+                f"{in_features}, out_features={out_features} (check the dimensions given)."
+            )
         wkey, bkey = jr.split(key)
         bound = 1.0 / math.sqrt(in_features)
         self.weight = uniform(wkey, (out_features, in_features), -bound, bound)
@@ -70,6 +75,8 @@ class LayerNorm(eqx.Module):
         - `dim`: size of the normalised (last) axis.
         - `eps`: added to the variance.
         """
+        if dim <= 0:
+            raise ValueError(f"LayerNorm needs a positive dimension; got dim={dim}.")
         self.weight = full((dim,), 1.0)
         self.bias = full((dim,), 0.0)
         self.eps = eps

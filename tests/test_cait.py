@@ -1,3 +1,6 @@
+"""CaiT: parity with vit_pytorch.cait.CaiT,
+loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+
 from typing import Any
 
 import equinox as eqx

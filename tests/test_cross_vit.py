@@ -1,3 +1,6 @@
+"""CrossViT: parity with vit_pytorch.cross_vit.CrossViT,
+loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+
 import functools
 from typing import Any
 

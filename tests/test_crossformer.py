@@ -1,3 +1,6 @@
+"""CrossFormer: parity with vit_pytorch.crossformer.CrossFormer,
+loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+
 from typing import Any
 
 import equinox as eqx

@@ -1,3 +1,6 @@
+"""ViTWithPatchMerger and PatchMerger: parity with vit_pytorch.vit_with_patch_merger,
+loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+
 from typing import Any
 
 import equinox as eqx

@@ -1,3 +1,6 @@
+"""RegionViT: parity with vit_pytorch.regionvit.RegionViT,
+loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+
 from typing import Any
 
 import equinox as eqx

@@ -1,3 +1,6 @@
+"""SimpleViT: parity with vit_pytorch.simple_vit.SimpleViT,
+loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+
 from typing import Any
 
 import equinox as eqx

@@ -1,3 +1,6 @@
+"""SmallDatasetViT, SPT and LSA: parity with vit_pytorch.vit_for_small_dataset,
+loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+
 import functools
 from typing import Any
 

@@ -1,3 +1,4 @@
+import gc
 import os
 
 
@@ -11,3 +12,17 @@ import pytest  # noqa: E402
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    Every compiled program keeps a few memory mappings for its code, and a test process
+    compiles thousands of them (each eager operation on a new shape is one): without this,
+    a long-lived test worker reaches the kernel's limit on mappings (`vm.max_map_count`,
+    65530 by default) and crashes in the compiler with a segmentation fault.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -34,7 +34,12 @@ from ._patch import (
 )
 from ._peg import PEG as PEG
 from ._random import check_key as check_key, split_key as split_key
-from ._stack import LayerDrop as LayerDrop, Stack as Stack, stack_modules as stack_modules
+from ._stack import (
+    LayerDrop as LayerDrop,
+    Stack as Stack,
+    checkpoint_blocks as checkpoint_blocks,
+    stack_modules as stack_modules,
+)
 from ._transformer import (
     Parallel as Parallel,
     Transformer as Transformer,

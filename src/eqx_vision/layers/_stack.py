@@ -1,5 +1,6 @@
 """Homogeneous stacks of blocks, stored with a leading depth axis and run with `lax.scan`."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -53,6 +54,9 @@ class Stack(eqx.Module, Generic[Block]):
     blocks: Block
     layer_drop: LayerDrop
     depth: int = eqx.field(static=True)
+    checkpoint: bool = eqx.field(static=True)
+    checkpoint_policy: Callable[..., bool] | None = eqx.field(static=True)
+    unroll: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -77,6 +81,42 @@ class Stack(eqx.Module, Generic[Block]):
         )
         self.layer_drop = LayerDrop(layer_dropout)
         self.depth = depth
+        self.checkpoint = False
+        self.checkpoint_policy = None
+        self.unroll = 1
+
+    def with_options(
+        self,
+        *,
+        checkpoint: bool | None = None,
+        checkpoint_policy: Callable[..., bool] | None = None,
+        unroll: int | None = None,
+    ) -> "Stack[Block]":
+        """This stack with other execution options (the parameters are shared, not copied).
+
+        - `checkpoint`: recompute each block's activations in the backward pass instead of
+          storing them for every layer (`jax.checkpoint` around the scanned block), trading
+          compute for memory.
+        - `checkpoint_policy`: with `checkpoint`, which intermediate values are saved anyway:
+          one of `jax.checkpoint_policies` (`None`: only each block's input).
+        - `unroll`: blocks per iteration of the compiled loop (`lax.scan`'s `unroll`).
+        """
+        if unroll is not None and unroll < 1:
+            raise ValueError(f"unroll must be at least 1; got {unroll}.")
+        new = object.__new__(type(self))
+        for field in dataclasses.fields(self):
+            object.__setattr__(new, field.name, getattr(self, field.name))
+        if checkpoint is not None:
+            object.__setattr__(new, "checkpoint", checkpoint)
+            object.__setattr__(new, "checkpoint_policy", checkpoint_policy if checkpoint else None)
+        if unroll is not None:
+            object.__setattr__(new, "unroll", unroll)
+        return new
+
+    def _scan(self, step: Callable, init: Any, xs: Any) -> Any:
+        if self.checkpoint:
+            step = jax.checkpoint(step, policy=self.checkpoint_policy, prevent_cse=False)
+        return jax.lax.scan(step, init, xs, unroll=min(self.unroll, self.depth))
 
     def __len__(self) -> int:
         return self.depth
@@ -104,7 +144,7 @@ class Stack(eqx.Module, Generic[Block]):
                 out = jax.tree.map(lambda new, old: jnp.where(skip, old, new), out, carry)
             return out, None
 
-        x, _ = jax.lax.scan(step, x, (dynamic, keys, drop))
+        x, _ = self._scan(step, x, (dynamic, keys, drop))
         return x
 
     def call_with_state(
@@ -126,7 +166,7 @@ class Stack(eqx.Module, Generic[Block]):
             out, block_state = eqx.combine(params, static)(carry, block_state, *args, key=block_key)
             return out, block_state
 
-        x, substate = jax.lax.scan(step, x, (dynamic, substate, keys))
+        x, substate = self._scan(step, x, (dynamic, substate, keys))
         if not _updates_state(self.blocks):
             # Inference: nothing changed; returning the caller's state keeps it usable in
             # eager code (`State.update` retires the object it is called on).
@@ -180,3 +220,40 @@ def stack_modules(modules: list[Block]) -> Block:
         if not eqx.tree_equal(eqx.partition(other, eqx.is_array)[1], static):
             raise ValueError("stacked modules must share one structure and static fields.")
     return eqx.combine(jax.tree.map(lambda *a: init.stack(list(a)), *dynamic), static)
+
+
+def _is_stack(node: Any) -> bool:
+    return isinstance(node, Stack)
+
+
+def _stacks(tree: Any) -> list[Stack]:
+    return [n for n in jax.tree.leaves(tree, is_leaf=_is_stack) if _is_stack(n)]
+
+
+def checkpoint_blocks(
+    model: Any, checkpoint: bool = True, *, policy: Callable[..., bool] | None = None
+) -> Any:
+    """`model` with gradient checkpointing in every stack of blocks (or without, if `False`).
+
+    In the backward pass, each block of a [`Stack`][eqx_vision.layers.Stack] recomputes its
+    intermediate activations from its input instead of reading them from buffers kept for
+    every layer since the forward pass: the activation memory of a stack drops from
+    `depth` blocks' worth of intermediates to `depth` block inputs plus one block's
+    intermediates, for about one more forward pass of compute. Outputs and gradients are
+    unchanged. The parameters are shared with `model`, not copied.
+
+    **Arguments:**
+
+    - `model`: any model of `eqx_vision` (or a PyTree holding them).
+    - `checkpoint`: `False` restores the default (store everything).
+    - `policy`: which intermediates are saved anyway, one of `jax.checkpoint_policies`
+      (e.g. `dots_with_no_batch_dims_saveable` keeps the outputs of the linear layers and
+      recomputes only the cheap elementwise work); `None` saves only each block's input.
+
+    **Returns:** the model with the new setting.
+    """
+    stacks = _stacks(model)
+    if not stacks:
+        return model
+    new = [s.with_options(checkpoint=checkpoint, checkpoint_policy=policy) for s in stacks]
+    return eqx.tree_at(_stacks, model, new)

@@ -1,0 +1,567 @@
+"""Throughput of every architecture, side by side with vit-pytorch on the same machine.
+
+For each of the 17 systems at a benchmark configuration (ViT-S/16-sized for the ViT family,
+the reference README's configuration at 128 px for the others; see `CONFIGS`), one process
+builds the vit-pytorch module, loads its weights into the eqx_vision model with
+`ev.from_vit_pytorch`, and measures on the same batch of 16 images:
+
+- inference: logits of the batch (`torch.inference_mode` / `eqx.filter_jit` of the model
+  in inference mode);
+- training step: forward, cross-entropy, backward and an AdamW update (torch eager with
+  `torch.optim.AdamW`; `eqx_vision.training.train_step` with `optax.adamw`).
+
+After a warm-up, repetitions of the two frameworks alternate, so that both see the same
+machine load; each repetition runs enough iterations to last about `--min-time` seconds,
+and the reported time is the median over `--reps` repetitions. Compile time (trace, lower,
+compile) is reported separately. The float32 matrix-multiply rate of each framework
+(2048 x 2048) is printed first, for scale. "ratio" is torch time / eqx_vision time: above 1,
+eqx_vision is faster.
+
+    python benchmarks/throughput.py                       # all 17 systems
+    python benchmarks/throughput.py --models vit cvt      # some of them
+    python benchmarks/throughput.py --json results.json   # also write the numbers
+    python benchmarks/throughput.py --checkpoint blocks   # with gradient checkpointing
+    python benchmarks/throughput.py --memory              # memory of a training step only
+
+`--memory` compiles each training step without and with gradient checkpointing
+(`ev.checkpoint_blocks`, saving only each block's input, or also the outputs of the
+linear layers) and reports the working memory XLA allocates for one step (its temporary
+buffers, from the compiled program's memory analysis: deterministic, no timing).
+
+Needs the test extra and vit-pytorch (`pip install -e ".[test]"` and
+`pip install --no-deps vit-pytorch==1.26.11`). Dropout, layer dropout and stochastic
+depth are 0 in every configuration, so that both frameworks do the same work.
+"""
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import torch.nn.functional as F
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import eqx_vision as ev  # noqa: E402
+from eqx_vision import training  # noqa: E402
+from reference import reference  # noqa: E402  (vit_pytorch modules, without torchvision)
+
+
+torch.set_num_threads(2)
+
+BATCH = 16
+VIT_S = dict(
+    image_size=128, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, mlp_dim=1536,
+    dim_head=64,
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One benchmark configuration: the vit-pytorch module and class, and the arguments."""
+
+    name: str
+    module: str
+    cls: str
+    kwargs: dict[str, Any]
+    image_size: tuple[int, int] = (128, 128)
+    description: str = ""
+
+
+CONFIGS = [
+    Config("ViT", "vit", "ViT", VIT_S, description="ViT-S/16"),
+    Config("SimpleViT", "simple_vit", "SimpleViT", VIT_S, description="ViT-S/16"),
+    Config("DeepViT", "deepvit", "DeepViT", VIT_S, description="ViT-S/16"),
+    Config(
+        "CaiT", "cait", "CaiT", {**VIT_S, "cls_depth": 2}, description="ViT-S/16 + 2 class blocks"
+    ),
+    Config(
+        "ParallelViT",
+        "parallel_vit",
+        "ViT",
+        {**VIT_S, "depth": 6, "num_parallel_branches": 2},
+        description="ViT-S/16 as 6 blocks of 2 branches",
+    ),
+    Config(
+        "ViTWithPatchMerger",
+        "vit_with_patch_merger",
+        "ViT",
+        {**VIT_S, "patch_merge_layer": 6, "patch_merge_num_tokens": 8},
+        description="ViT-S/16, 64 -> 8 tokens after block 6",
+    ),
+    Config(
+        "SmallDatasetViT", "vit_for_small_dataset", "ViT", VIT_S, description="ViT-S/16, SPT+LSA"
+    ),
+    Config(
+        "CrossViT",
+        "cross_vit",
+        "CrossViT",
+        dict(
+            image_size=128,
+            num_classes=1000,
+            depth=4,
+            sm_dim=192,
+            sm_patch_size=16,
+            sm_enc_depth=2,
+            sm_enc_heads=8,
+            sm_enc_mlp_dim=2048,
+            lg_dim=384,
+            lg_patch_size=32,
+            lg_enc_depth=3,
+            lg_enc_heads=8,
+            lg_enc_mlp_dim=2048,
+            cross_attn_depth=2,
+            cross_attn_heads=8,
+        ),  # fmt: skip
+        description="README config, patches 16 and 32",
+    ),
+    Config(
+        "T2TViT",
+        "t2t",
+        "T2TViT",
+        dict(
+            image_size=128,
+            num_classes=1000,
+            dim=512,
+            depth=5,
+            heads=8,
+            mlp_dim=512,
+            t2t_layers=((7, 4), (3, 2), (3, 2)),
+        ),  # fmt: skip
+        description="README config",
+    ),
+    Config(
+        "PiT",
+        "pit",
+        "PiT",
+        dict(
+            image_size=128,
+            patch_size=16,
+            num_classes=1000,
+            dim=256,
+            depth=(3, 3, 3),
+            heads=16,
+            mlp_dim=2048,
+        ),  # fmt: skip
+        description="README config, patch 16",
+    ),
+    Config(
+        "CvT",
+        "cvt",
+        "CvT",
+        dict(
+            num_classes=1000,
+            s1_emb_dim=64,
+            s1_emb_kernel=7,
+            s1_emb_stride=4,
+            s1_proj_kernel=3,
+            s1_kv_proj_stride=2,
+            s1_heads=1,
+            s1_depth=1,
+            s1_mlp_mult=4,
+            s2_emb_dim=192,
+            s2_emb_kernel=3,
+            s2_emb_stride=2,
+            s2_proj_kernel=3,
+            s2_kv_proj_stride=2,
+            s2_heads=3,
+            s2_depth=2,
+            s2_mlp_mult=4,
+            s3_emb_dim=384,
+            s3_emb_kernel=3,
+            s3_emb_stride=2,
+            s3_proj_kernel=3,
+            s3_kv_proj_stride=2,
+            s3_heads=4,
+            s3_depth=10,
+            s3_mlp_mult=4,
+        ),  # fmt: skip
+        description="README config",
+    ),
+    Config(
+        "LeViT",
+        "levit",
+        "LeViT",
+        dict(
+            image_size=128,
+            num_classes=1000,
+            stages=3,
+            dim=(256, 384, 512),
+            depth=4,
+            heads=(4, 6, 8),
+            mlp_mult=2,
+        ),  # fmt: skip
+        description="README config",
+    ),
+    Config(
+        "NesT",
+        "nest",
+        "NesT",
+        dict(
+            image_size=128,
+            patch_size=4,
+            num_classes=1000,
+            dim=96,
+            heads=3,
+            num_hierarchies=3,
+            block_repeats=(2, 2, 8),
+        ),  # fmt: skip
+        description="README config",
+    ),
+    Config(
+        "CrossFormer",
+        "crossformer",
+        "CrossFormer",
+        dict(
+            num_classes=1000,
+            dim=(64, 128, 256, 512),
+            depth=(2, 2, 8, 2),
+            global_window_size=(8, 4, 2, 1),
+            local_window_size=4,
+        ),  # fmt: skip
+        description="README config, local windows 4",
+    ),
+    Config(
+        "RegionViT",
+        "regionvit",
+        "RegionViT",
+        dict(
+            num_classes=1000,
+            dim=(64, 128, 256, 512),
+            depth=(2, 2, 8, 2),
+            window_size=8,
+            tokenize_local_3_conv=False,
+            use_peg=False,
+        ),  # fmt: skip
+        description="README config, windows 8",
+    ),
+    Config(
+        "ScalableViT",
+        "scalable_vit",
+        "ScalableViT",
+        dict(
+            num_classes=1000,
+            dim=64,
+            heads=(2, 4, 8, 16),
+            depth=(2, 2, 20, 2),
+            ssa_dim_key=(40, 40, 40, 32),
+            reduction_factor=(8, 4, 2, 1),
+            window_size=(32, 16, None, None),
+        ),  # fmt: skip
+        description="README config, windows 32 and 16",
+    ),
+    Config(
+        "TwinsSVT",
+        "twins_svt",
+        "TwinsSVT",
+        dict(
+            num_classes=1000,
+            s1_emb_dim=64,
+            s1_patch_size=4,
+            s1_local_patch_size=8,
+            s1_global_k=8,
+            s1_depth=1,
+            s2_emb_dim=128,
+            s2_patch_size=2,
+            s2_local_patch_size=8,
+            s2_global_k=4,
+            s2_depth=1,
+            s3_emb_dim=256,
+            s3_patch_size=2,
+            s3_local_patch_size=8,
+            s3_global_k=2,
+            s3_depth=5,
+            s4_emb_dim=512,
+            s4_patch_size=2,
+            s4_local_patch_size=4,
+            s4_global_k=1,
+            s4_depth=4,
+        ),  # fmt: skip
+        description="README config, local windows 8 (4 last)",
+    ),
+]
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def timed(fn: Callable[[], Any], iters: int) -> float:
+    """Seconds per call of `fn` over `iters` calls (`fn` blocks until its result is ready)."""
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters
+
+
+def calibrate(fn: Callable[[], Any], min_time: float) -> int:
+    """Iterations of `fn` (already warm) that last about `min_time` seconds."""
+    return max(1, round(min_time / max(timed(fn, 1), 1e-6)))
+
+
+def alternate(fns: dict[str, Callable[[], Any]], reps: int, min_time: float) -> dict[str, float]:
+    """Median seconds per call of each function, repetitions interleaved."""
+    iters = {name: calibrate(fn, min_time) for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, iters[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_rates(n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """GFLOP/s of an `n x n` float32 matrix product in each framework."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    ta = torch.from_numpy(a)
+    ja = jnp.asarray(a)
+    jdot = jax.jit(jnp.dot)
+    jdot(ja, ja).block_until_ready()
+    torch.mm(ta, ta)
+    secs = alternate(
+        {"torch": lambda: torch.mm(ta, ta), "jax": lambda: jdot(ja, ja).block_until_ready()},
+        reps,
+        0.3,
+    )
+    return {name: 2 * n**3 / s / 1e9 for name, s in secs.items()}
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def build(config: Config, seed: int = 0) -> tuple[torch.nn.Module, Any, eqx.nn.State]:
+    """The vit-pytorch module and the eqx_vision model with the same weights."""
+    torch.manual_seed(seed)
+    torch_model = getattr(reference(config.module), config.cls)(**config.kwargs)
+    cls = getattr(ev, config.name)
+    model, state = eqx.nn.make_with_state(cls)(**config.kwargs, key=jax.random.key(seed))
+    if training.is_stateful(model):
+        model, state = ev.from_vit_pytorch(model, torch_model.state_dict(), state=state)
+    else:
+        model = ev.from_vit_pytorch(model, torch_model.state_dict())
+    return torch_model, model, state
+
+
+CHECKPOINT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "blocks": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def with_checkpointing(model: Any, mode: str) -> Any:
+    """`model` as run by `--checkpoint mode` ("none", "blocks" or "dots")."""
+    if mode == "none":
+        return model
+    return ev.checkpoint_blocks(model, policy=CHECKPOINT_POLICIES[mode])
+
+
+def train_step_memory(config: Config, modes: list[str]) -> dict[str, Any]:
+    """Temporary memory (MiB) of the compiled training step in each checkpointing mode."""
+    cls = getattr(ev, config.name)
+    model, state = eqx.nn.make_with_state(cls)(**config.kwargs, key=jax.random.key(0))
+    optimizer = optax.adamw(1e-4, weight_decay=0.05)
+    opt_state = training.init_optimizer(optimizer, model)
+    images = jnp.zeros((BATCH, 3, *config.image_size))
+    labels = jnp.zeros((BATCH,), jnp.int32)
+    row: dict[str, Any] = {"system": config.name, "params": training.count_params(model)}
+    for mode in modes:
+        m = with_checkpointing(model, mode)
+        compiled = training.train_step.lower(  # pyright: ignore[reportFunctionMemberAccess]
+            m, state, opt_state, images, labels, jax.random.key(1), optimizer=optimizer
+        ).compile()
+        row[f"temp_mib_{mode}"] = compiled.compiled.memory_analysis().temp_size_in_bytes / 2**20
+    return row
+
+
+def first(out: Any) -> Any:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def bench_config(config: Config, reps: int, min_time: float, checkpoint: str) -> dict[str, Any]:
+    torch_model, model, state = build(config)
+    model = with_checkpointing(model, checkpoint)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((BATCH, 3, *config.image_size), dtype=np.float32)
+    labels = rng.integers(0, 1000, BATCH)
+    t_images, t_labels = torch.from_numpy(images), torch.from_numpy(labels)
+    j_images, j_labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+    row: dict[str, Any] = {
+        "system": config.name,
+        "config": config.description,
+        "params": training.count_params(model),
+    }
+
+    # Inference.
+    infer_model = eqx.nn.inference_mode(model)
+    infer = eqx.filter_jit(lambda m, s, x: training.apply_model(m, s, x)[0])
+    start = time.perf_counter()
+    infer_compiled = infer.lower(infer_model, state, j_images).compile()  # pyright: ignore[reportFunctionMemberAccess]
+    row["compile_infer_s"] = time.perf_counter() - start
+    torch_model.eval()
+    with torch.inference_mode():
+        expected = first(torch_model(t_images)).numpy()
+    actual = np.asarray(infer_compiled(infer_model, state, j_images))
+    row["max_abs_err"] = float(np.max(np.abs(actual - expected)))
+
+    def torch_infer():
+        with torch.inference_mode():
+            return torch_model(t_images)
+
+    def eqx_infer():
+        return infer_compiled(infer_model, state, j_images).block_until_ready()
+
+    secs = alternate({"torch": torch_infer, "eqx": eqx_infer}, reps, min_time)
+    row["infer_torch"] = BATCH / secs["torch"]
+    row["infer_eqx"] = BATCH / secs["eqx"]
+
+    # Training step.
+    torch_model.train()
+    torch_opt = torch.optim.AdamW(torch_model.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def torch_step():
+        loss = F.cross_entropy(first(torch_model(t_images)), t_labels)
+        torch_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch_opt.step()
+        return loss
+
+    optimizer = optax.adamw(1e-4, weight_decay=0.05)
+    opt_state = training.init_optimizer(optimizer, model)
+    key = jax.random.key(1)
+    start = time.perf_counter()
+    step = training.train_step.lower(  # pyright: ignore[reportFunctionMemberAccess]
+        model, state, opt_state, j_images, j_labels, key, optimizer=optimizer
+    ).compile()
+    row["compile_train_s"] = time.perf_counter() - start
+    row["train_temp_mib"] = step.compiled.memory_analysis().temp_size_in_bytes / 2**20
+    carry = [model, state, opt_state]
+
+    def eqx_step():
+        carry[0], carry[1], carry[2], loss = step(*carry, j_images, j_labels, key)
+        return loss.block_until_ready()
+
+    secs = alternate({"torch": torch_step, "eqx": eqx_step}, reps, min_time)
+    row["train_torch"] = BATCH / secs["torch"]
+    row["train_eqx"] = BATCH / secs["eqx"]
+    row["infer_ratio"] = row["infer_eqx"] / row["infer_torch"]
+    row["train_ratio"] = row["train_eqx"] / row["train_torch"]
+    return row
+
+
+# ---------------------------------------------------------------------------- report
+
+COLUMNS = [
+    ("system", "{:<19}", "system"),
+    ("params", "{:>7.1f}M", "params"),
+    ("infer_eqx", "{:>8.1f}", "infer eqx"),
+    ("infer_torch", "{:>8.1f}", "torch"),
+    ("infer_ratio", "{:>6.2f}", "ratio"),
+    ("train_eqx", "{:>8.1f}", "train eqx"),
+    ("train_torch", "{:>8.1f}", "torch"),
+    ("train_ratio", "{:>6.2f}", "ratio"),
+    ("compile_infer_s", "{:>7.1f}", "compile infer"),
+    ("compile_train_s", "{:>7.1f}", "train (s)"),
+    ("train_temp_mib", "{:>8.0f}", "train temp MiB"),
+]
+
+
+def format_row(row: dict[str, Any]) -> str:
+    cells = []
+    for key, fmt, _ in COLUMNS:
+        value = row[key] / 1e6 if key == "params" else row[key]
+        cells.append(fmt.format(value))
+    return " | ".join(cells)
+
+
+def header() -> str:
+    return " | ".join(title for _, _, title in COLUMNS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    names = [c.name for c in CONFIGS]
+    parser.add_argument(
+        "--models", nargs="+", metavar="NAME", help=f"systems to run (default: all): {names}"
+    )
+    parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement")
+    parser.add_argument(
+        "--min-time", type=float, default=0.5, help="seconds per repetition (at least one call)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        choices=["none", *CHECKPOINT_POLICIES],
+        default="none",
+        help="gradient checkpointing of the eqx_vision block stacks (default: none)",
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="only report the training step's working memory without and with checkpointing",
+    )
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+    by_name = {c.name.lower(): c for c in CONFIGS}
+    selected = CONFIGS
+    if args.models:
+        unknown = [m for m in args.models if m.lower() not in by_name]
+        if unknown:
+            parser.error(f"unknown system(s) {unknown}; expected some of {names}")
+        selected = [by_name[m.lower()] for m in args.models]
+    if args.reps < 1:
+        parser.error(f"--reps must be at least 1; got {args.reps}")
+
+    if args.memory:
+        modes = ["none", *CHECKPOINT_POLICIES]
+        print(f"training step working memory (MiB), batch {BATCH}; checkpointing: {modes}")
+        print(f"{'system':<19} | " + " | ".join(f"{m:>8}" for m in modes) + " | reduction")
+        rows = []
+        for config in selected:
+            row = train_step_memory(config, modes)
+            rows.append(row)
+            values = [row[f"temp_mib_{m}"] for m in modes]
+            cells = " | ".join(f"{v:>8.0f}" for v in values)
+            print(f"{config.name:<19} | {cells} | {values[0] / values[1]:>6.2f}x", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"batch": BATCH, "rows": rows}, indent=2))
+        return
+
+    rates = matmul_rates()
+    print(
+        f"float32 2048x2048 matmul: torch {rates['torch']:.0f} GFLOP/s, "
+        f"jax {rates['jax']:.0f} GFLOP/s; batch {BATCH}, images/s, median of {args.reps}"
+    )
+    print(header())
+    rows = []
+    for config in selected:
+        row = bench_config(config, args.reps, args.min_time, args.checkpoint)
+        rows.append(row)
+        print(format_row(row), flush=True)
+    if args.json:
+        result = {
+            "machine": platform.processor() or platform.machine(),
+            "versions": {
+                "jax": jax.__version__,
+                "equinox": eqx.__version__,
+                "torch": torch.__version__,
+            },
+            "batch": BATCH,
+            "reps": args.reps,
+            "checkpoint": args.checkpoint,
+            "matmul_gflops": rates,
+            "rows": rows,
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Gradient checkpointing and loop unrolling of the block stacks change memory and speed,
+never the numbers: outputs and gradients equal the default ones for every architecture."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqx_vision as ev
+from eqx_vision.layers import Stack
+from zoo import ZOO, batched
+
+
+# One architecture per way of running a stack: plain blocks (ViT), blocks with layer dropout
+# and a second stack with a context (CaiT), blocks with BatchNorm state (CvT), blocks over
+# two token sets in hierarchical stages (RegionViT). The option is the same code for all.
+NAMES = ["ViT", "CaiT", "CvT", "RegionViT"]
+DOTS_SAVED = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+def stacks(model):
+    return [n for n in jax.tree.leaves(model, is_leaf=lambda n: isinstance(n, Stack))
+            if isinstance(n, Stack)]  # fmt: skip
+
+
+def grads(entry, model, state, x):
+    @eqx.filter_jit
+    def loss(model, x):
+        return jnp.sum(batched(entry, model, state, x) ** 2)
+
+    return eqx.filter_grad(loss)(model, x)
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    leaves_a = jax.tree.leaves(eqx.filter(a, eqx.is_inexact_array))
+    leaves_b = jax.tree.leaves(eqx.filter(b, eqx.is_inexact_array))
+    assert len(leaves_a) == len(leaves_b) > 0
+    for u, v in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_allclose(u, v, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpointing_keeps_gradients(name):
+    entry = ZOO[name]
+    model, state = entry.build(jax.random.key(0))
+    model = eqx.nn.inference_mode(model)
+    x = jax.random.normal(jax.random.key(1), (2, *entry.input_shape))
+    checkpointed = ev.checkpoint_blocks(model)
+    assert all(s.checkpoint for s in stacks(checkpointed))
+    assert not any(s.checkpoint for s in stacks(ev.checkpoint_blocks(checkpointed, False)))
+    assert_trees_close(grads(entry, checkpointed, state, x), grads(entry, model, state, x))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(checkpoint=True, checkpoint_policy=DOTS_SAVED),
+        dict(unroll=2),
+        dict(unroll=5),
+    ],
+    ids=["dots-saved", "unroll-2", "unroll-more-than-depth"],
+)  # fmt: skip
+def test_stack_options_keep_outputs_and_gradients(options):
+    entry = ZOO["ViT"]
+    model, _ = entry.build(jax.random.key(0), depth=3)
+    model = eqx.nn.inference_mode(model)
+    x = jax.random.normal(jax.random.key(1), (2, *entry.input_shape))
+    changed = eqx.tree_at(lambda m: m.transformer.layers, model,
+                          model.transformer.layers.with_options(**options))  # fmt: skip
+    np.testing.assert_allclose(jax.vmap(changed)(x), jax.vmap(model)(x), rtol=1e-6, atol=1e-6)
+    assert_trees_close(grads(entry, changed, None, x), grads(entry, model, None, x))
+
+
+def test_checkpointing_reduces_training_memory():
+    model = ev.ViT(image_size=32, patch_size=4, num_classes=10, dim=64, depth=8, heads=4,
+                   mlp_dim=256, key=jax.random.key(0))  # fmt: skip
+    x = jnp.zeros((8, 3, 32, 32))
+
+    def temp_bytes(model):
+        loss = lambda m, x: jnp.sum(jax.vmap(m)(x) ** 2)
+        grad = eqx.filter_jit(eqx.filter_grad(loss))
+        compiled = grad.lower(model, x).compile()  # pyright: ignore[reportFunctionMemberAccess]
+        return compiled.compiled.memory_analysis().temp_size_in_bytes
+
+    plain, checkpointed = temp_bytes(model), temp_bytes(ev.checkpoint_blocks(model))
+    assert checkpointed < 0.6 * plain, (plain, checkpointed)
+
+
+def test_bad_unroll_is_refused():
+    model = ZOO["ViT"].build(jax.random.key(0))[0]
+    with pytest.raises(ValueError, match="unroll must be at least 1; got 0"):
+        model.transformer.layers.with_options(unroll=0)

@@ -25,6 +25,7 @@ from .models import (
     ViT as ViT,
     ViTWithPatchMerger as ViTWithPatchMerger,
 )
+from .precision import Precision as Precision
 
 
 __version__ = "0.1.0"

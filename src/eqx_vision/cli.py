@@ -4,6 +4,7 @@
 eqx-vision train                                  # the default ViT on the embedded digits
 eqx-vision train --model cvt-small --data photos/ --image-size 32 --epochs 30 --out runs/cvt
 eqx-vision train --out runs/cvt --resume          # continue an interrupted run
+eqx-vision train --precision bfloat16             # bfloat16 compute, float32 parameters
 eqx-vision evaluate --checkpoint runs/cvt
 eqx-vision predict --checkpoint runs/cvt cat.jpg dog.png
 eqx-vision presets                                # the model presets
@@ -54,8 +55,11 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.05,
     "warmup_epochs": 2.0,
     "seed": 0,
+    "precision": "float32",
 }
 SETTINGS = tuple(DEFAULTS)
+# Settings a run saved by an earlier version may lack, with the value it was trained with.
+LATER_SETTINGS: dict[str, Any] = {"precision": "float32"}
 
 
 class UsageError(Exception):
@@ -139,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="linear warm-up before the cosine decay, in epochs (default: 2)",
     )
     train.add_argument("--seed", type=int, help="seed of every random choice (default: 0)")
+    train.add_argument(
+        "--precision",
+        metavar="{float32,bfloat16}",
+        help="compute dtype of the forward and backward pass; parameters, gradients and "
+        "optimizer state stay float32 (default: float32)",
+    )
     train.add_argument(
         "--out", metavar="DIR", help="output folder (default: runs/<model>-<date>-<time>)"
     )
@@ -274,7 +284,17 @@ def _parallel(devices: int | None):
         raise UsageError(f"--devices: {e}") from None
 
 
-def _evaluate(model, state, images, labels, batch_size: int, parallel) -> tuple[float, float]:
+def _precision(name: Any, where: str = "--precision"):
+    from .precision import COMPUTE_DTYPES, Precision
+
+    if name not in COMPUTE_DTYPES:
+        raise UsageError(f"{where} must be {' or '.join(COMPUTE_DTYPES)}; got {name!r}")
+    return Precision(name)
+
+
+def _evaluate(
+    model, state, images, labels, batch_size: int, parallel, precision: Any = "float32"
+) -> tuple[float, float]:
     """Mean loss and accuracy over a whole split, in fixed-size padded batches."""
     import numpy as np
 
@@ -293,7 +313,9 @@ def _evaluate(model, state, images, labels, batch_size: int, parallel) -> tuple[
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
             y = np.concatenate([y, np.zeros(pad, y.dtype)])
         x, y, mask = parallel.shard_batch((x, y, mask))
-        loss, accuracy, _ = eval_step(model, state, x, y, mask, parallel=parallel)
+        loss, accuracy, _ = eval_step(
+            model, state, x, y, mask, parallel=parallel, precision=precision
+        )
         total_loss += float(np.asarray(loss)) * count
         total_correct += float(np.asarray(accuracy)) * count
     return total_loss / max(n, 1), total_correct / max(n, 1)
@@ -320,6 +342,8 @@ def _resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[st
         raise UsageError(f"nothing to resume in {args.out}: no {CONFIG}")
     saved_json = _read_json(config_path)
     saved = saved_json.get("settings")
+    if isinstance(saved, dict):
+        saved = {**LATER_SETTINGS, **saved}
     if not isinstance(saved, dict) or set(saved) != set(SETTINGS):
         raise UsageError(f"{config_path} has no valid 'settings'")
     for k, v in given.items():
@@ -393,6 +417,8 @@ def _read_metrics(path: str, last_epoch: int) -> list[dict[str, Any]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _require("train", ["optax", "safetensors", "tqdm", "matplotlib"])
+    if args.precision is not None:
+        _precision(args.precision)
     settings, saved_json = _resolve_settings(args)
     if settings["data"] != "digits":
         _require("train", ["PIL"])
@@ -470,6 +496,7 @@ def _train(args, settings, config, raw, parallel, out: str, resume: bool) -> int
     from . import checkpoint, data as data_mod, training
     from .training import train_step
 
+    precision = _precision(settings["precision"])
     ds = data_mod.prepare(raw, channels=config.channels, image_size=config.image_size)
     num_train, num_test = len(ds.train_labels), len(ds.test_labels)
     batch_size = settings["batch_size"]
@@ -534,7 +561,7 @@ def _train(args, settings, config, raw, parallel, out: str, resume: bool) -> int
     )
     _echo(
         f"training {epochs} epochs x {steps_per_epoch} steps, batch {batch_size}, "
-        f"{parallel.num_devices} device(s), out {out}"
+        f"{parallel.num_devices} device(s), {precision.compute_dtype}, out {out}"
     )
     if resume:
         _echo(f"resuming after epoch {start_epoch} (step {step})")
@@ -578,6 +605,7 @@ def _train(args, settings, config, raw, parallel, out: str, resume: bool) -> int
                 jr.fold_in(train_key, step),
                 optimizer=optimizer,
                 parallel=parallel,
+                precision=precision,
             )
             step += 1
             if compile_seconds is None:  # the first step compiles: time it apart
@@ -603,7 +631,7 @@ def _train(args, settings, config, raw, parallel, out: str, resume: bool) -> int
         train_seconds += epoch_seconds
         images_seen += len(losses) * batch_size
         test_loss, test_acc = _evaluate(
-            model, state, ds.test_images, ds.test_labels, eval_batch, parallel
+            model, state, ds.test_images, ds.test_labels, eval_batch, parallel, precision
         )
         record = {
             "epoch": epoch,
@@ -651,7 +679,7 @@ def _train(args, settings, config, raw, parallel, out: str, resume: bool) -> int
         best = max(records, key=lambda r: r["test_accuracy"])
     else:  # pragma: no cover - only a resumed run that had already finished
         test_loss, test_acc = _evaluate(
-            model, state, ds.test_images, ds.test_labels, eval_batch, parallel
+            model, state, ds.test_images, ds.test_labels, eval_batch, parallel, precision
         )
         best = {"epoch": epochs, "test_accuracy": test_acc}
     wall = time.perf_counter() - run_start
@@ -684,12 +712,20 @@ def _open_checkpoint(path: str):
     return ckpt_path, header, config
 
 
+def _saved_precision(training_meta: dict[str, Any], ckpt_path: str):
+    """The precision a checkpoint was trained with (float32 if it does not say)."""
+    settings = training_meta.get("settings")
+    name = settings.get("precision") if isinstance(settings, dict) else None
+    return _precision(name or LATER_SETTINGS["precision"], f"{ckpt_path}: the precision")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _require("evaluate", ["optax", "safetensors"])
     from . import data as data_mod, presets
 
     ckpt_path, header, config = _open_checkpoint(args.checkpoint)
     training_meta = header["training"]
+    precision = _saved_precision(training_meta, ckpt_path)
     spec = args.data or training_meta.get("data", {}).get("source")
     if not spec:
         raise UsageError(f"{ckpt_path} does not record its data: give --data")
@@ -718,12 +754,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ds.test_labels,
         _eval_batch_size(args.batch_size, parallel.num_devices),
         parallel,
+        precision,
     )
     _echo(
         f"checkpoint {ckpt_path}: {config.preset or config.model} ({config.model}), "
         f"epoch {training_meta.get('epoch', '?')}, step {training_meta.get('step', '?')}"
     )
-    _echo(f"data       {spec}: {len(ds.test_labels)} test images, {raw.num_classes} classes")
+    _echo(
+        f"data       {spec}: {len(ds.test_labels)} test images, {raw.num_classes} classes, "
+        f"{precision.compute_dtype}"
+    )
     _echo(f"test loss: {loss:.4f}")
     _echo(f"test accuracy: {accuracy:.2f}")
     return 0
@@ -739,6 +779,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from . import data as data_mod
 
     ckpt_path, header, config = _open_checkpoint(args.checkpoint)
+    precision = _saved_precision(header["training"], ckpt_path)
     data_meta = header["training"].get("data", {})
     class_names = data_meta.get("class_names") or [str(i) for i in range(config.num_classes)]
     if len(class_names) != config.num_classes:
@@ -756,7 +797,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     x = jnp.asarray(np.stack(images))
     state = ckpt.state if ckpt.state is not None else eqx.nn.State(ckpt.model)
-    _, _, logits = eval_step(ckpt.model, state, x, jnp.zeros(len(x), jnp.int32))
+    _, _, logits = eval_step(
+        ckpt.model, state, x, jnp.zeros(len(x), jnp.int32), precision=precision
+    )
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
     k = min(args.top_k, config.num_classes)
     width = max(len(c) for c in class_names)

@@ -16,6 +16,12 @@ The pieces a training loop needs, written once for every architecture, stateless
 - [`DataParallel`][eqx_vision.training.DataParallel] shards each batch over a "data" axis
   of a `jax.sharding.Mesh` and replicates the model, its state and the optimizer state.
 
+`apply_model`, `loss_fn`, `train_step` and `eval_step` take a keyword `precision`, a
+[`Precision`][eqx_vision.precision.Precision] or its compute dtype's name (`"float32"`, the
+default, or `"bfloat16"`): the images are cast to the compute dtype before the model and
+the logits to float32 after it, while the parameters, gradients and optimizer state stay
+float32 (see the [mixed precision guide](../precision.md)).
+
 Build every model with `eqx.nn.make_with_state`, which returns an empty state for
 stateless models, so that one loop serves all of them:
 
@@ -55,6 +61,8 @@ import jax.random as jr
 import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+
+from .precision import Precision
 
 
 __all__ = [
@@ -96,6 +104,7 @@ def apply_model(
     images: Float[Array, "batch channels height width"],
     *,
     key: PRNGKeyArray | None = None,
+    precision: Precision | str = "float32",
 ) -> tuple[Float[Array, "batch num_classes"], eqx.nn.State]:
     """Run a model over a batch of images.
 
@@ -106,11 +115,15 @@ def apply_model(
     - `images`: a batch, channels first.
     - `key`: a `jax.random.key` for dropout in training mode; split into one key per
       example. `None` in inference mode.
+    - `precision`: a [`Precision`][eqx_vision.precision.Precision], or `"float32"` or
+      `"bfloat16"`: the images are cast to its compute dtype before the model.
 
-    **Returns:** the logits `(batch, num_classes)` (the first output of a model with a
-    distillation head) and the updated state (unchanged for stateless models and in
+    **Returns:** the float32 logits `(batch, num_classes)` (the first output of a model
+    with a distillation head) and the updated state (unchanged for stateless models and in
     inference mode).
     """
+    policy = Precision.of(precision)
+    images = policy.cast_input(images)
     keys = None if key is None else jr.split(key, images.shape[0])
     if is_stateful(model):
 
@@ -123,7 +136,7 @@ def apply_model(
         )(images, state, keys)
     else:
         logits = jax.vmap(lambda x, k: _first(model(x, key=k)))(images, keys)
-    return logits, state
+    return policy.cast_output(logits), state
 
 
 def loss_fn(
@@ -132,16 +145,18 @@ def loss_fn(
     images: Float[Array, "batch channels height width"],
     labels: Int[Array, " batch"],
     key: PRNGKeyArray | None = None,
+    *,
+    precision: Precision | str = "float32",
 ) -> tuple[Float[Array, ""], eqx.nn.State]:
     """Mean softmax cross-entropy of a batch, for stateless and stateful models alike.
 
     **Arguments:** as [`apply_model`][eqx_vision.training.apply_model], plus the integer
-    class `labels`.
+    class `labels`. The cross-entropy is computed in float32 whatever the `precision`.
 
     **Returns:** the mean loss (a float32 scalar) and the updated state, in the form
     `eqx.filter_value_and_grad(loss_fn, has_aux=True)` expects.
     """
-    logits, state = apply_model(model, state, images, key=key)
+    logits, state = apply_model(model, state, images, key=key, precision=precision)
     logits = logits.astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, state
@@ -304,6 +319,7 @@ def train_step(
     *,
     optimizer: optax.GradientTransformation,
     parallel: DataParallel | None = None,
+    precision: Precision | str = "float32",
 ) -> tuple[PyTree, eqx.nn.State, optax.OptState, Float[Array, ""]]:
     """One training step: forward, backward and optimizer update.
 
@@ -318,6 +334,9 @@ def train_step(
       [`make_optimizer`][eqx_vision.training.make_optimizer]).
     - `parallel`: a [`DataParallel`][eqx_vision.training.DataParallel] to shard the batch
       over; `None` on one device.
+    - `precision`: a [`Precision`][eqx_vision.precision.Precision], or `"float32"` (the
+      default) or `"bfloat16"`: the dtype of the forward and backward pass. Parameters,
+      gradients and optimizer state are float32 in both.
 
     **Returns:** the updated `(model, state, opt_state)` and the batch's mean loss.
     """
@@ -325,7 +344,7 @@ def train_step(
         model, state, opt_state = parallel.replicate((model, state, opt_state))
         images, labels = parallel.shard_batch((images, labels))
     grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
-    (loss, state), grads = grad_fn(model, state, images, labels, key)
+    (loss, state), grads = grad_fn(model, state, images, labels, key, precision=precision)
     params = eqx.filter(model, eqx.is_inexact_array)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     model = eqx.apply_updates(model, updates)
@@ -343,6 +362,7 @@ def eval_step(
     mask: Bool[Array, " batch"] | None = None,
     *,
     parallel: DataParallel | None = None,
+    precision: Precision | str = "float32",
 ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, "batch num_classes"]]:
     """Evaluate a batch in inference mode (no dropout, BatchNorm running statistics).
 
@@ -354,9 +374,11 @@ def eval_step(
       to a fixed size); all by default.
     - `parallel`: a [`DataParallel`][eqx_vision.training.DataParallel] to shard the batch
       over; `None` on one device.
+    - `precision`: a [`Precision`][eqx_vision.precision.Precision], or `"float32"` (the
+      default) or `"bfloat16"`: the dtype the model runs in.
 
     **Returns:** the mean cross-entropy and the accuracy over the counted examples, and the
-    logits of the whole batch.
+    float32 logits of the whole batch.
     """
     if parallel is not None:
         model, state = parallel.replicate((model, state))
@@ -364,7 +386,7 @@ def eval_step(
         if mask is not None:
             mask = parallel.shard_batch(mask)
     model = eqx.nn.inference_mode(model)
-    logits, _ = apply_model(model, state, images)
+    logits, _ = apply_model(model, state, images, precision=precision)
     logits = logits.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)

@@ -195,7 +195,10 @@ class Attention(eqx.Module):
             k, v = jnp.split(self.to_kv(kv_input), 2, axis=-1)
         q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
 
-        scale = self.scale if self.temperature is None else jnp.exp(self.temperature)
+        if self.temperature is None:
+            scale = self.scale
+        else:  # a float32 parameter: cast, or it would promote bfloat16 scores to float32
+            scale = jnp.exp(self.temperature).astype(q.dtype)
         dots = jnp.einsum("hid,hjd->hij", q, k) * scale
         if bias is not None:
             dots = dots + bias.astype(dots.dtype)

@@ -16,7 +16,6 @@ from zoo import ZOO, batched
 # and a second stack with a context (CaiT), blocks with BatchNorm state (CvT), blocks over
 # two token sets in hierarchical stages (RegionViT). The option is the same code for all.
 NAMES = ["ViT", "CaiT", "CvT", "RegionViT"]
-DOTS_SAVED = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 def stacks(model):
@@ -46,20 +45,22 @@ def test_checkpointing_keeps_gradients(name):
     model, state = entry.build(jax.random.key(0))
     model = eqx.nn.inference_mode(model)
     x = jax.random.normal(jax.random.key(1), (2, *entry.input_shape))
-    checkpointed = ev.checkpoint_blocks(model)
-    assert all(s.checkpoint for s in stacks(checkpointed))
-    assert not any(s.checkpoint for s in stacks(ev.checkpoint_blocks(checkpointed, False)))
-    assert_trees_close(grads(entry, checkpointed, state, x), grads(entry, model, state, x))
+    assert all(s.remat == "linear" for s in stacks(model)), "the default policy"
+    expected = grads(entry, model, state, x)
+    for remat in ("inputs", "all"):
+        changed = ev.checkpoint_blocks(model, remat)
+        assert all(s.remat == remat for s in stacks(changed))
+        assert_trees_close(grads(entry, changed, state, x), expected)
 
 
 @pytest.mark.parametrize(
     "options",
     [
-        dict(checkpoint=True, checkpoint_policy=DOTS_SAVED),
         dict(unroll=2),
         dict(unroll=5),
+        dict(remat="all", unroll=2),
     ],
-    ids=["dots-saved", "unroll-2", "unroll-more-than-depth"],
+    ids=["unroll-2", "unroll-more-than-depth", "keep-all-unroll-2"],
 )  # fmt: skip
 def test_stack_options_keep_outputs_and_gradients(options):
     entry = ZOO["ViT"]
@@ -83,11 +84,17 @@ def test_checkpointing_reduces_training_memory():
         compiled = grad.lower(model, x).compile()  # pyright: ignore[reportFunctionMemberAccess]
         return compiled.compiled.memory_analysis().temp_size_in_bytes
 
-    plain, checkpointed = temp_bytes(model), temp_bytes(ev.checkpoint_blocks(model))
-    assert checkpointed < 0.6 * plain, (plain, checkpointed)
+    everything = temp_bytes(ev.checkpoint_blocks(model, "all"))
+    linear = temp_bytes(model)
+    inputs = temp_bytes(ev.checkpoint_blocks(model, "inputs"))
+    assert inputs < linear < 0.6 * everything, (everything, linear, inputs)
 
 
-def test_bad_unroll_is_refused():
+def test_bad_options_are_refused():
     model = ZOO["ViT"].build(jax.random.key(0))[0]
     with pytest.raises(ValueError, match="unroll must be at least 1; got 0"):
         model.transformer.layers.with_options(unroll=0)
+    with pytest.raises(
+        ValueError, match=r"remat must be one of \['all', 'inputs', 'linear'\]; got 'dots'"
+    ):
+        ev.checkpoint_blocks(model, "dots")

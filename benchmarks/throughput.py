@@ -22,6 +22,7 @@ eqx_vision is faster.
     python benchmarks/throughput.py --json results.json   # also write the numbers
     python benchmarks/throughput.py --remat inputs        # another checkpointing policy
     python benchmarks/throughput.py --memory              # memory of a training step only
+    python benchmarks/throughput.py --table results.json  # the table of a saved run
 
 `--remat` sets the gradient-checkpointing policy of the eqx_vision block stacks
 (`ev.checkpoint_blocks`: "linear", the default, keeps the outputs of the linear layers;
@@ -36,6 +37,7 @@ depth are 0 in every configuration, so that both frameworks do the same work.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import platform
@@ -384,7 +386,14 @@ def first(out: Any) -> Any:
     return out[0] if isinstance(out, tuple) else out
 
 
-def bench_config(config: Config, reps: int, min_time: float, remat: str) -> dict[str, Any]:
+def bench_config(
+    config: Config, reps: int, min_time: float, remat: str, precision: str
+) -> dict[str, Any]:
+    """One row of the table: inference and training-step throughput of both frameworks.
+
+    With `precision="bfloat16"`, eqx_vision runs in bfloat16 (`ev.Precision`) and torch
+    both in float32 and under `torch.autocast("cpu", dtype=torch.bfloat16)`.
+    """
     torch_model, model, state = build(config)
     model = with_checkpointing(model, remat)
     rng = np.random.default_rng(0)
@@ -396,11 +405,15 @@ def bench_config(config: Config, reps: int, min_time: float, remat: str) -> dict
         "system": config.name,
         "config": config.description,
         "params": training.count_params(model),
+        "precision": precision,
     }
+    torch_modes: dict[str, Callable[[], Any]] = {"torch": contextlib.nullcontext}
+    if precision == "bfloat16":
+        torch_modes["torch_bf16"] = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
 
     # Inference.
     infer_model = eqx.nn.inference_mode(model)
-    infer = eqx.filter_jit(lambda m, s, x: training.apply_model(m, s, x)[0])
+    infer = eqx.filter_jit(lambda m, s, x: training.apply_model(m, s, x, precision=precision)[0])
     start = time.perf_counter()
     infer_compiled = infer.lower(infer_model, state, j_images).compile()  # pyright: ignore[reportFunctionMemberAccess]
     row["compile_infer_s"] = time.perf_counter() - start
@@ -408,82 +421,98 @@ def bench_config(config: Config, reps: int, min_time: float, remat: str) -> dict
     with torch.inference_mode():
         expected = first(torch_model(t_images)).numpy()
     actual = np.asarray(infer_compiled(infer_model, state, j_images))
-    row["max_abs_err"] = float(np.max(np.abs(actual - expected)))
+    row["rel_err"] = float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
-    def torch_infer():
-        with torch.inference_mode():
-            return torch_model(t_images)
+    def torch_infer(mode):
+        def run():
+            with torch.inference_mode(), mode():
+                return torch_model(t_images)
+
+        return run
 
     def eqx_infer():
         return infer_compiled(infer_model, state, j_images).block_until_ready()
 
-    secs = alternate({"torch": torch_infer, "eqx": eqx_infer}, reps, min_time)
-    row["infer_torch"] = BATCH / secs["torch"]
-    row["infer_eqx"] = BATCH / secs["eqx"]
+    fns = {name: torch_infer(mode) for name, mode in torch_modes.items()}
+    secs = alternate({**fns, "eqx": eqx_infer}, reps, min_time)
+    for name, sec in secs.items():
+        row[f"infer_{name}"] = BATCH / sec
 
     # Training step.
     torch_model.train()
     torch_opt = torch.optim.AdamW(torch_model.parameters(), lr=1e-4, weight_decay=0.05)
 
-    def torch_step():
-        loss = F.cross_entropy(first(torch_model(t_images)), t_labels)
-        torch_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch_opt.step()
-        return loss
+    def torch_step(mode):
+        def run():
+            with mode():
+                loss = F.cross_entropy(first(torch_model(t_images)).float(), t_labels)
+            torch_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch_opt.step()
+            return loss
+
+        return run
 
     optimizer = optax.adamw(1e-4, weight_decay=0.05)
     opt_state = training.init_optimizer(optimizer, model)
     key = jax.random.key(1)
+    options = dict(optimizer=optimizer, precision=precision)
     start = time.perf_counter()
     step = training.train_step.lower(  # pyright: ignore[reportFunctionMemberAccess]
-        model, state, opt_state, j_images, j_labels, key, optimizer=optimizer
+        model, state, opt_state, j_images, j_labels, key, **options
     ).compile()
     row["compile_train_s"] = time.perf_counter() - start
     row["train_temp_mib"] = step.compiled.memory_analysis().temp_size_in_bytes / 2**20
     carry = [model, state, opt_state]
 
     def eqx_step():
-        carry[0], carry[1], carry[2], loss = step(
-            *carry, j_images, j_labels, key, optimizer=optimizer
-        )
+        carry[0], carry[1], carry[2], loss = step(*carry, j_images, j_labels, key, **options)
         return loss.block_until_ready()
 
-    secs = alternate({"torch": torch_step, "eqx": eqx_step}, reps, min_time)
-    row["train_torch"] = BATCH / secs["torch"]
-    row["train_eqx"] = BATCH / secs["eqx"]
-    row["infer_ratio"] = row["infer_eqx"] / row["infer_torch"]
-    row["train_ratio"] = row["train_eqx"] / row["train_torch"]
+    fns = {name: torch_step(mode) for name, mode in torch_modes.items()}
+    secs = alternate({**fns, "eqx": eqx_step}, reps, min_time)
+    for name, sec in secs.items():
+        row[f"train_{name}"] = BATCH / sec
+    for task in ("infer", "train"):
+        for name in torch_modes:
+            suffix = name.removeprefix("torch")
+            row[f"{task}_ratio{suffix}"] = row[f"{task}_eqx"] / row[f"{task}_{name}"]
     return row
 
 
 # ---------------------------------------------------------------------------- report
 
-COLUMNS = [
-    ("system", "{:<19}", "system"),
-    ("params", "{:>7.1f}M", "params"),
-    ("infer_eqx", "{:>8.1f}", "infer eqx"),
-    ("infer_torch", "{:>8.1f}", "torch"),
-    ("infer_ratio", "{:>6.2f}", "ratio"),
-    ("train_eqx", "{:>8.1f}", "train eqx"),
-    ("train_torch", "{:>8.1f}", "torch"),
-    ("train_ratio", "{:>6.2f}", "ratio"),
-    ("compile_infer_s", "{:>7.1f}", "compile infer"),
-    ("compile_train_s", "{:>7.1f}", "train (s)"),
-    ("train_temp_mib", "{:>8.0f}", "train temp MiB"),
-]
+
+def columns(precision: str) -> list[tuple[str, str, str]]:
+    """(key, format, title) of each column of the table."""
+    cols = [("system", "{:<19}", "system"), ("params", "{:>6.1f}M", "params")]
+    for task in ("infer", "train"):
+        cols += [(f"{task}_eqx", "{:>7.1f}", f"{task} eqx"), (f"{task}_torch", "{:>7.1f}", "torch")]
+        if precision == "bfloat16":
+            cols.append((f"{task}_torch_bf16", "{:>7.1f}", "torch bf16"))
+        cols.append((f"{task}_ratio", "{:>5.2f}", "ratio"))
+        if precision == "bfloat16":
+            cols.append((f"{task}_ratio_bf16", "{:>5.2f}", "ratio bf16"))
+    cols += [
+        ("compile_infer_s", "{:>5.1f}", "compile infer (s)"),
+        ("compile_train_s", "{:>5.1f}", "compile train (s)"),
+        ("train_temp_mib", "{:>6.0f}", "train MiB"),
+        ("rel_err", "{:>7.1e}", "rel. err."),
+    ]
+    return cols
 
 
-def format_row(row: dict[str, Any]) -> str:
+def format_row(row: dict[str, Any], precision: str) -> str:
     cells = []
-    for key, fmt, _ in COLUMNS:
-        value = row[key] / 1e6 if key == "params" else row[key]
-        cells.append(fmt.format(value))
-    return " | ".join(cells)
+    for key, fmt, _ in columns(precision):
+        value = row.get(key, float("nan"))
+        cells.append(fmt.format(value / 1e6 if key == "params" else value))
+    return "| " + " | ".join(cells) + " |"
 
 
-def header() -> str:
-    return " | ".join(title for _, _, title in COLUMNS)
+def header(precision: str) -> str:
+    titles = [title for _, _, title in columns(precision)]
+    return "| " + " | ".join(titles) + " |\n|" + "---|" * len(titles)
 
 
 def main() -> None:
@@ -507,8 +536,25 @@ def main() -> None:
         action="store_true",
         help="only report the training step's working memory under each checkpointing policy",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="compute dtype of eqx_vision (default: float32); with bfloat16, torch runs both "
+        "in float32 and under bfloat16 autocast",
+    )
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument(
+        "--table", metavar="JSON", help="print the table of earlier results (from --json) and exit"
+    )
     args = parser.parse_args()
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        precision = saved.get("precision", "float32")
+        print(header(precision))
+        for row in saved["rows"]:
+            print(format_row(row, precision))
+        return
     by_name = {c.name.lower(): c for c in CONFIGS}
     selected = CONFIGS
     if args.models:
@@ -541,12 +587,12 @@ def main() -> None:
         f"float32 2048x2048 matmul: torch {rates['torch']:.0f} GFLOP/s, "
         f"jax {rates['jax']:.0f} GFLOP/s; batch {BATCH}, images/s, median of {args.reps}"
     )
-    print(header())
+    print(header(args.precision))
     rows = []
     for config in selected:
-        row = bench_config(config, args.reps, args.min_time, args.remat)
+        row = bench_config(config, args.reps, args.min_time, args.remat, args.precision)
         rows.append(row)
-        print(format_row(row), flush=True)
+        print(format_row(row, args.precision), flush=True)
     if args.json:
         result = {
             "machine": platform.processor() or platform.machine(),
@@ -558,6 +604,7 @@ def main() -> None:
             "batch": BATCH,
             "reps": args.reps,
             "remat": args.remat,
+            "precision": args.precision,
             "matmul_gflops": rates,
             "rows": rows,
         }

@@ -147,6 +147,17 @@ def test_resume_equals_uninterrupted(trained, tmp_path, small_npz, capsys):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_remat_changes_memory_not_results(trained, tmp_path, small_npz, capsys):
+    out = str(tmp_path / "remat")
+    code, _, err = run(capsys, "train", *TINY, "--data", small_npz, "--epochs", "3", "--out", out,
+                       "--remat", "inputs")  # fmt: skip
+    assert code == 0, err
+    for a, b in zip(metrics(out), metrics(trained), strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=k)
+
+
 def test_console_script_killed_then_resumed(trained, tmp_path, small_npz, capsys):
     """The installed `eqx-vision`, killed with SIGKILL after its first checkpoint, leaves
     a loadable checkpoint, and the resumed run ends as the uninterrupted one."""
@@ -273,6 +284,8 @@ def _bad_cases(tmp_path, trained: str, small_npz: str) -> dict[str, tuple[list[s
                                      "cannot read image"),
         "unsupported image size": (["train", "--model", "vit-tiny", "--image-size", "18",
                                     *data_args, "--out", fresh], fresh, "divisible"),
+        "bad remat": (["train", *TINY, *data_args, "--remat", "dots", "--out", fresh], fresh,
+                      "--remat must be linear or inputs or all; got 'dots'"),
         "too many devices": (["train", "--model", "vit-tiny", *data_args, "--devices", "64",
                               "--out", fresh], fresh, "--devices"),
         "out holds a run": (["train", *TINY, *data_args, "--out", copy], copy,

@@ -58,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
     "precision": "float32",
 }
 SETTINGS = tuple(DEFAULTS)
+# Gradient-checkpointing policies of `--remat` (`eqx_vision.checkpoint_blocks`).
+REMAT = ("linear", "inputs", "all")
 # Settings a run saved by an earlier version may lack, with the value it was trained with.
 LATER_SETTINGS: dict[str, Any] = {"precision": "float32"}
 
@@ -148,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="{float32,bfloat16}",
         help="compute dtype of the forward and backward pass; parameters, gradients and "
         "optimizer state stay float32 (default: float32)",
+    )
+    train.add_argument(
+        "--remat",
+        metavar="{linear,inputs,all}",
+        help="what the backward pass keeps of each block's forward pass: the linear layers' "
+        "outputs (default), only each block's input (least memory), or everything; the "
+        "results are the same, so it may change on --resume",
     )
     train.add_argument(
         "--out", metavar="DIR", help="output folder (default: runs/<model>-<date>-<time>)"
@@ -419,6 +428,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _require("train", ["optax", "safetensors", "tqdm", "matplotlib"])
     if args.precision is not None:
         _precision(args.precision)
+    if args.remat is not None and args.remat not in REMAT:
+        raise UsageError(f"--remat must be {' or '.join(REMAT)}; got {args.remat!r}")
     settings, saved_json = _resolve_settings(args)
     if settings["data"] != "digits":
         _require("train", ["PIL"])
@@ -494,6 +505,7 @@ def _train(args, settings, config, raw, parallel, out: str, resume: bool) -> int
     from tqdm.auto import tqdm
 
     from . import checkpoint, data as data_mod, training
+    from .layers import checkpoint_blocks
     from .training import train_step
 
     precision = _precision(settings["precision"])
@@ -549,6 +561,7 @@ def _train(args, settings, config, raw, parallel, out: str, resume: bool) -> int
         opt_state = training.init_optimizer(optimizer, model)
         start_epoch, step, records = 0, 0, []
         _write_text(metrics_path, "")
+    model = checkpoint_blocks(model, args.remat or "linear")
     model, state, opt_state = parallel.replicate((model, state, opt_state))
 
     num_params = training.count_params(model)

@@ -65,14 +65,10 @@ class Conv2d(eqx.Module):
     def __call__(
         self, x: Float[Array, "in_channels height width"]
     ) -> Float[Array, "out_channels out_height out_width"]:
-        (ph, pw) = self.padding
-        y = jax.lax.conv_general_dilated(
-            x[None],
-            self.weight.astype(x.dtype),
-            window_strides=self.stride,
-            padding=((ph, ph), (pw, pw)),
-            dimension_numbers=("NCHW", "OIHW", "NCHW"),
-        )[0]
+        out_channels, in_channels, kh, kw = self.weight.shape
+        windows = _windows(x, (kh, kw), self.stride, self.padding)  # (c, kh*kw, h, w)
+        weight = self.weight.reshape(out_channels, in_channels, kh * kw).astype(x.dtype)
+        y = jnp.einsum("ckhw,ock->ohw", windows, weight)
         if self.bias is not None:
             y = y + self.bias.astype(y.dtype)[:, None, None]
         return y
@@ -204,23 +200,43 @@ def unfold(
     `torch.nn.Unfold(k, stride=s, padding=p)` followed by `'b d n -> b n d'`: windows in
     row-major order, each vector channel-major.
     """
-    c, height, width = x.shape
-    k, s, p = kernel_size, stride, padding
-    x = jnp.pad(x, ((0, 0), (p, p), (p, p)))
-    out_h = (height + 2 * p - k) // s + 1
-    out_w = (width + 2 * p - k) // s + 1
+    c = x.shape[0]
+    patches = _windows(x, (kernel_size,) * 2, (stride,) * 2, (padding,) * 2, name="unfold")
+    return patches.reshape(c * kernel_size**2, -1).T
+
+
+def _windows(
+    x: Float[Array, "channels height width"],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    name: str = "Conv2d",
+) -> Float[Array, "channels kernel_positions out_height out_width"]:
+    """The input under each kernel position: `(c, kh * kw, out_h, out_w)`, kernel offsets
+    row-major, one strided slice of the padded input per offset.
+
+    A convolution is then one matrix product with the weight (no `lax.conv`: on CPU, XLA
+    runs a convolution whose weight is sliced from a stacked parameter inside `lax.scan`
+    10-100x slower than the same matrix products).
+    """
+    _, height, width = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    out_h = (height + 2 * ph - kh) // sh + 1
+    out_w = (width + 2 * pw - kw) // sw + 1
     if out_h <= 0 or out_w <= 0:
         raise ValueError(
-            f"unfold: a {k}x{k} window does not fit a padded input of "
-            f"{height + 2 * p}x{width + 2 * p}."
+            f"{name}: a {kh}x{kw} window does not fit a padded input of "
+            f"{height + 2 * ph}x{width + 2 * pw}."
         )
+    if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):
+        return x[:, None, ::sh, ::sw][..., :out_h, :out_w]
+    x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw)))
     pieces = [
-        x[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s]
-        for i in range(k)
-        for j in range(k)
+        x[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
     ]
-    patches = jnp.stack(pieces, axis=1)  # (c, k*k, out_h, out_w), kernel offsets row-major
-    return patches.reshape(c * k * k, out_h * out_w).T
+    return jnp.stack(pieces, axis=1)
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:

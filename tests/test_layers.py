@@ -39,6 +39,8 @@ CONV_CASES = [  # channels, kernel, stride, padding, multiplier, height, width
     (4, 7, 7, 0, 1, 14, 21),
     (6, 3, 2, 1, 1, 8, 8),
     (3, 5, 1, 2, 3, 6, 11),
+    (4, 1, 2, 0, 1, 9, 9),
+    (3, 8, 4, 2, 1, 20, 20),
 ]
 
 

@@ -66,9 +66,22 @@ class Conv2d(eqx.Module):
         self, x: Float[Array, "in_channels height width"]
     ) -> Float[Array, "out_channels out_height out_width"]:
         out_channels, in_channels, kh, kw = self.weight.shape
-        windows = _windows(x, (kh, kw), self.stride, self.padding)  # (c, kh*kw, h, w)
-        weight = self.weight.reshape(out_channels, in_channels, kh * kw).astype(x.dtype)
-        y = jnp.einsum("ckhw,ock->ohw", windows, weight)
+        weight = self.weight.astype(x.dtype)
+        if kh * kw <= _MAX_WINDOWS_KERNEL or _is_patchify(
+            x.shape, (kh, kw), self.stride, self.padding
+        ):
+            windows = _windows(x, (kh, kw), self.stride, self.padding)  # (c, kh*kw, h, w)
+            weight = weight.reshape(out_channels, in_channels, kh * kw)
+            y = jnp.einsum("ckhw,ock->ohw", windows, weight)
+        else:
+            (ph, pw) = self.padding
+            y = jax.lax.conv_general_dilated(
+                x[None],
+                weight,
+                window_strides=self.stride,
+                padding=((ph, ph), (pw, pw)),
+                dimension_numbers=("NCHW", "OIHW", "NCHW"),
+            )[0]
         if self.bias is not None:
             y = y + self.bias.astype(y.dtype)[:, None, None]
         return y
@@ -205,6 +218,26 @@ def unfold(
     return patches.reshape(c * kernel_size**2, -1).T
 
 
+# Up to this kernel area (and for non-overlapping "patchify" kernels) a convolution is one
+# matrix product over the input's windows; larger kernels (only in patch embeddings, never
+# inside a stack of blocks) use XLA's convolution, which there is faster than gathering
+# kh * kw copies of the input.
+_MAX_WINDOWS_KERNEL = 9
+
+
+def _is_patchify(
+    shape: tuple[int, ...], kernel_size: tuple[int, int], stride: tuple[int, int],
+    padding: tuple[int, int],
+) -> bool:  # fmt: skip
+    """Whether the kernel tiles the input exactly: stride = kernel, no padding."""
+    return (
+        tuple(kernel_size) == tuple(stride)
+        and tuple(padding) == (0, 0)
+        and shape[1] % kernel_size[0] == 0
+        and shape[2] % kernel_size[1] == 0
+    )
+
+
 def _windows(
     x: Float[Array, "channels height width"],
     kernel_size: tuple[int, int],
@@ -215,9 +248,9 @@ def _windows(
     """The input under each kernel position: `(c, kh * kw, out_h, out_w)`, kernel offsets
     row-major, one strided slice of the padded input per offset.
 
-    A convolution is then one matrix product with the weight (no `lax.conv`: on CPU, XLA
-    runs a convolution whose weight is sliced from a stacked parameter inside `lax.scan`
-    10-100x slower than the same matrix products).
+    A convolution is then one matrix product with the weight (on CPU, XLA runs a
+    `lax.conv` whose weight is sliced from a stacked parameter inside `lax.scan` 10-100x
+    slower than the same matrix products). Non-overlapping windows are a reshape.
     """
     _, height, width = x.shape
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
@@ -230,6 +263,10 @@ def _windows(
         )
     if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):
         return x[:, None, ::sh, ::sw][..., :out_h, :out_w]
+    if _is_patchify(x.shape, (kh, kw), (sh, sw), (ph, pw)):
+        c = x.shape[0]
+        tiles = x.reshape(c, out_h, kh, out_w, kw).transpose(0, 2, 4, 1, 3)
+        return tiles.reshape(c, kh * kw, out_h, out_w)
     x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw)))
     pieces = [
         x[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw]

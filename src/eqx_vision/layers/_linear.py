@@ -51,10 +51,23 @@ class Linear(eqx.Module):
     def __call__(
         self, x: Float[Array, "*batch in_features"]
     ) -> Float[Array, "*batch out_features"]:
-        y = x @ self.weight.T.astype(x.dtype)
+        y = dense(x, self.weight.astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias.astype(x.dtype)
         return y
+
+
+def dense(
+    x: Float[Array, "*batch in_features"], weight: Float[Array, "out_features in_features"]
+) -> Float[Array, "*batch out_features"]:
+    """`x @ weight.T`. In bfloat16 the product accumulates in float32 and is rounded once:
+    the form XLA's CPU backend runs on its bfloat16 matrix units, several times faster
+    than a bfloat16-in, bfloat16-out product."""
+    if x.dtype == jnp.bfloat16:
+        dims = (((x.ndim - 1,), (1,)), ((), ()))
+        y = jax.lax.dot_general(x, weight, dims, preferred_element_type=jnp.float32)
+        return y.astype(x.dtype)
+    return x @ weight.T
 
 
 class LayerNorm(eqx.Module):

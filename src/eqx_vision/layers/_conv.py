@@ -214,7 +214,8 @@ def unfold(
     row-major order, each vector channel-major.
     """
     c = x.shape[0]
-    patches = _windows(x, (kernel_size,) * 2, (stride,) * 2, (padding,) * 2, name="unfold")
+    k, s, p = kernel_size, stride, padding
+    patches = _windows(x, (k, k), (s, s), (p, p), name="unfold")
     return patches.reshape(c * kernel_size**2, -1).T
 
 

@@ -51,9 +51,10 @@ class Parallel(eqx.Module, Generic[Branch]):
 
     def __call__(self, x: Any, *args: Any, key: PRNGKeyArray | None = None) -> Any:
         keys = None if key is None else jr.split(key, self.num_branches)
+        branches: list[Any] = [self[i] for i in range(self.num_branches)]
         outs = [
-            self[i](x, *args, key=None if keys is None else keys[i])
-            for i in range(self.num_branches)
+            branch(x, *args, key=None if keys is None else keys[i])
+            for i, branch in enumerate(branches)
         ]
         return jax.tree.map(lambda *o: functools.reduce(operator.add, o), *outs)
 

@@ -561,7 +561,8 @@ def _train(args, settings, config, raw, parallel, out: str, resume: bool) -> int
         opt_state = training.init_optimizer(optimizer, model)
         start_epoch, step, records = 0, 0, []
         _write_text(metrics_path, "")
-    model = checkpoint_blocks(model, args.remat or "linear")
+    # The policy is static structure: the optimizer state mirrors the model's, so both change.
+    model, opt_state = checkpoint_blocks((model, opt_state), args.remat or "linear")
     model, state, opt_state = parallel.replicate((model, state, opt_state))
 
     num_params = training.count_params(model)

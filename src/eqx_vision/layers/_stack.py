@@ -257,12 +257,16 @@ def checkpoint_blocks(model: Any, remat: str = "inputs") -> Any:
       memory.
 
     Outputs and gradients are the same under every policy. The parameters are shared with
-    `model`, not copied. `python benchmarks/throughput.py --memory` measures the working
-    memory of a training step under each policy.
+    `model`, not copied. The policy is part of the model's PyTree structure (a static
+    field), and so of every PyTree shaped like it: set it before initialising an optimizer
+    state, or pass both: `model, opt_state = checkpoint_blocks((model, opt_state), "inputs")`.
+    `python benchmarks/throughput.py --memory` measures the working memory of a training
+    step under each policy.
 
     **Arguments:**
 
-    - `model`: any model of `eqx_vision` (or a PyTree holding them).
+    - `model`: any model of `eqx_vision` (or a PyTree holding models, or trees shaped
+      like them such as an optimizer state).
     - `remat`: one of `"linear"`, `"inputs"`, `"all"`.
 
     **Returns:** the model with the new policy.

@@ -7,7 +7,7 @@ architecture as a Markdown table (the one in docs/precision.md).
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import equinox as eqx
@@ -22,6 +22,7 @@ import pytest
 import eqx_vision as ev
 from eqx_vision import data, training
 from eqx_vision.cli import main
+from eqx_vision.layers._linear import _bf16_linear_impl, _bf16_linear_p, dense
 from eqx_vision.precision import COMPUTE_DTYPES, Precision, cast_input, cast_output
 from zoo import ZOO, Entry, batched
 
@@ -56,23 +57,31 @@ def _run(entry: Entry, model: Any, state: Any, images: jax.Array, labels: jax.Ar
     return value, raw, grads
 
 
+def _equations(jaxpr: jex.core.Jaxpr) -> Iterator[jex.core.JaxprEqn]:
+    """Every equation of `jaxpr`, inner jaxprs (scan, checkpoint, jit) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(sub, jex.core.ClosedJaxpr):
+                    yield from _equations(sub.jaxpr)
+                elif isinstance(sub, jex.core.Jaxpr):
+                    yield from _equations(sub)
+
+
+def _dtype(var: Any) -> str:
+    return str(getattr(var.aval, "dtype", None))
+
+
 def _matmul_dtypes(entry: Entry, model: Any, state: Any, images: jax.Array) -> set[str]:
     """The operand dtypes of every matrix multiply and convolution of a forward pass."""
     closed = eqx.filter_make_jaxpr(lambda m, x: batched(entry, m, state, x))(model, images)[0]
     found = set()
-
-    def walk(jaxpr: jex.core.Jaxpr) -> None:
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
-                found.update(str(getattr(v.aval, "dtype", None)) for v in eqn.invars)
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, tuple | list) else (param,):
-                    if isinstance(sub, jex.core.ClosedJaxpr):
-                        walk(sub.jaxpr)
-                    elif isinstance(sub, jex.core.Jaxpr):
-                        walk(sub)
-
-    walk(closed.jaxpr)
+    for eqn in _equations(closed.jaxpr):
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            found.update(_dtype(v) for v in eqn.invars)
+        elif eqn.primitive is _bf16_linear_p:  # the weight is cast inside
+            found.add(_dtype(eqn.invars[0]))
     return found
 
 
@@ -120,6 +129,64 @@ def test_bfloat16_against_float32(name):
     assert m["grad_dtypes"] == {jnp.dtype(jnp.float32)}, "parameter gradients must be float32"
     assert m["logit_error"] < MAX_LOGIT_ERROR, m
     assert m["grad_cosine"] > MIN_GRAD_COSINE, m
+
+
+def _dot_dtypes(fn: Callable[..., Any], *args: Any) -> set[tuple[str, ...]]:
+    """The operand dtypes of every `dot_general` in the program of `fn(*args)`."""
+    eqns = _equations(jax.make_jaxpr(fn)(*args).jaxpr)
+    return {tuple(map(_dtype, e.invars)) for e in eqns if e.primitive.name == "dot_general"}
+
+
+def test_bfloat16_linear_matches_its_plain_form():
+    """A bfloat16 `Linear` is one primitive whose backward products also take bfloat16
+    operands with float32 accumulation; its values and gradients are those of the plain
+    `dot_general(..., preferred_element_type=float32)` form, under `vmap`, `jvp`, `scan`,
+    `checkpoint`, second derivatives and per-example weights."""
+    linear = ev.layers.Linear(12, 20, key=jr.key(0))
+    x = jr.normal(jr.key(1), (4, 7, 12))
+    scale = jnp.arange(20.0)
+
+    def loss(layer, x, plain=False):
+        def one(xi):
+            xi = xi.astype(jnp.bfloat16)
+            return _bf16_linear_impl(xi, layer.weight, layer.bias) if plain else layer(xi)
+
+        y = jax.vmap(one)(x).astype(jnp.float32)
+        return jnp.sum(y**2 * scale)
+
+    grads = [eqx.filter_grad(loss)(linear, x, plain) for plain in (False, True)]
+    for new, plain in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        assert new.dtype == jnp.float32
+        np.testing.assert_allclose(new, plain, rtol=2e-2, atol=2e-2 * float(jnp.abs(plain).max()))
+    dx = [jax.grad(lambda x, p=p: loss(linear, x, p))(x) for p in (False, True)]
+    np.testing.assert_allclose(dx[0], dx[1], rtol=1e-6)
+
+    # The backward products: bfloat16 x bfloat16 (the plain form gets a float32 cotangent).
+    assert _dot_dtypes(lambda m: eqx.filter_grad(loss)(m, x), linear) == {("bfloat16", "bfloat16")}
+    plain = _dot_dtypes(lambda m: eqx.filter_grad(lambda m: loss(m, x, True))(m), linear)
+    assert any("float32" in operands for operands in plain)
+
+    # Forward mode, under jit, scan and checkpoint, and second derivatives.
+    tangent = jax.tree.map(jnp.ones_like, linear)
+    outs = [jax.jvp(lambda m, p=p: loss(m, x, p), (linear,), (tangent,))[1] for p in (False, True)]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=2e-2)
+
+    def scanned(x):
+        def body(h, _):
+            return jax.checkpoint(lambda h: linear(h)[..., :12])(h), None
+
+        h = jax.lax.scan(body, x.astype(jnp.bfloat16), None, length=3)[0]
+        return jnp.sum(h.astype(jnp.float32))
+
+    assert jax.jit(jax.grad(scanned))(x).dtype == x.dtype
+    hessian = jax.jacfwd(jax.grad(lambda v: loss(linear, v)))(x[:1, :1])
+    assert hessian.shape == (1, 1, 12, 1, 1, 12) and bool(jnp.all(jnp.isfinite(hessian)))
+
+    # Per-example weights (a batched weight) take the plain form.
+    weights = jnp.stack([linear.weight] * 4)
+    batched_out = jax.vmap(lambda w, v: dense(v.astype(jnp.bfloat16), w))(weights, x)
+    expected = jax.vmap(lambda v: dense(v.astype(jnp.bfloat16), linear.weight))(x)
+    np.testing.assert_array_equal(batched_out, expected)
 
 
 def test_precision_policy():

@@ -1,11 +1,16 @@
 """Token-wise linear maps and normalisation over the feature axis."""
 
+import functools
 import math
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._init import full, uniform
@@ -51,6 +56,9 @@ class Linear(eqx.Module):
     def __call__(
         self, x: Float[Array, "*batch in_features"]
     ) -> Float[Array, "*batch out_features"]:
+        if x.dtype == jnp.bfloat16:
+            bias = () if self.bias is None else (self.bias,)
+            return _bf16_linear_p.bind(x, self.weight, *bias)
         y = dense(x, self.weight.astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias.astype(x.dtype)
@@ -60,14 +68,93 @@ class Linear(eqx.Module):
 def dense(
     x: Float[Array, "*batch in_features"], weight: Float[Array, "out_features in_features"]
 ) -> Float[Array, "*batch out_features"]:
-    """`x @ weight.T`. In bfloat16 the product accumulates in float32 and is rounded once:
-    the form XLA's CPU backend runs on its bfloat16 matrix units, several times faster
-    than a bfloat16-in, bfloat16-out product."""
+    """`x @ weight.T`, in the dtype of `x`. In bfloat16 the product accumulates in float32
+    and is rounded once, forward and backward (see `_bf16_linear_p`)."""
     if x.dtype == jnp.bfloat16:
-        dims = (((x.ndim - 1,), (1,)), ((), ()))
-        y = jax.lax.dot_general(x, weight, dims, preferred_element_type=jnp.float32)
-        return y.astype(x.dtype)
-    return x @ weight.T
+        return _bf16_linear_p.bind(x, weight)
+    return x @ weight.astype(x.dtype).T
+
+
+# A bfloat16 linear layer is one primitive, `round_bf16(x @ w.T + b)` with the product
+# accumulated in float32: the form XLA's CPU backend runs on its bfloat16 matrix units
+# (several times faster than float32; a bfloat16-out product is slower than float32).
+# Written as `dot_general(..., preferred_element_type=float32)` and a cast, the cotangent
+# would arrive in float32 and both backward products would run in float32. As a primitive
+# the cotangent stays bfloat16, and the backward products take the same fast form:
+# `dx = g @ w` and `dw = gᵀ x`, accumulated in float32; `dw` and the bias gradient come
+# out in the parameters' dtype, summed in float32. Under `vmap` the leading axes of `x`
+# are free, so a batch stays one matrix product.
+
+
+def _dot_f32(a: Array, b: Array, a_axes: tuple[int, ...], b_axes: tuple[int, ...]) -> Array:
+    """`a` and `b` (cast to `a`'s dtype) contracted over the given axes, in float32."""
+    dims = ((a_axes, b_axes), ((), ()))
+    return jax.lax.dot_general(a, b.astype(a.dtype), dims, preferred_element_type=jnp.float32)
+
+
+def _bf16_linear_impl(x: Array, weight: Array, *bias: Array) -> Array:
+    y = _dot_f32(x, weight, (x.ndim - 1,), (1,))
+    if bias:
+        y = y + bias[0].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _bf16_linear_abstract(x: Any, weight: Any, *bias: Any) -> ShapedArray:
+    return ShapedArray((*x.shape[:-1], weight.shape[0]), x.dtype)
+
+
+def _bf16_linear_jvp(primals: tuple, tangents: tuple) -> tuple[Array, Any]:
+    x, weight, *bias = primals
+    tx, tw, *tb = tangents
+    y = _bf16_linear_p.bind(x, weight, *bias)
+    terms = []
+    if type(tx) is not ad.Zero:
+        terms.append(_bf16_linear_p.bind(tx, weight))
+    if type(tw) is not ad.Zero:
+        terms.append(_bf16_linear_p.bind(x, tw))
+    if tb and type(tb[0]) is not ad.Zero:  # transposed to a float32 sum
+        terms.append(jnp.broadcast_to(tb[0].astype(jnp.float32), y.shape).astype(y.dtype))
+    if not terms:
+        return y, ad.Zero(ShapedArray(y.shape, y.dtype))
+    return y, functools.reduce(jnp.add, terms)
+
+
+def _bf16_linear_transpose(g: Any, x: Any, weight: Any, *bias: Any) -> tuple[Any, Any]:
+    # The tangent terms above are linear in exactly one of `x` and `weight`, without bias.
+    assert not bias
+    if ad.is_undefined_primal(x):
+        if type(g) is ad.Zero:
+            return ad.Zero(x.aval), None
+        return _dot_f32(g, weight, (g.ndim - 1,), (0,)).astype(x.aval.dtype), None
+    if type(g) is ad.Zero:
+        return None, ad.Zero(weight.aval)
+    lead = tuple(range(g.ndim - 1))
+    return None, _dot_f32(g, x, lead, lead).astype(weight.aval.dtype)
+
+
+def _bf16_linear_batch(args: tuple, dims: tuple) -> tuple[Array, int]:
+    x, weight, *bias = args
+    x_dim, *param_dims = dims
+    if x_dim is not None and all(d is None for d in param_dims):
+        return _bf16_linear_p.bind(jnp.moveaxis(x, x_dim, 0), weight, *bias), 0
+    # Per-example weights (rare): the plain form, batched.
+    return jax.vmap(_bf16_linear_impl, in_axes=tuple(dims))(*args), 0
+
+
+_bf16_linear_p = Primitive("eqx_vision_bf16_linear")
+_bf16_linear_p.def_impl(_bf16_linear_impl)
+_bf16_linear_p.def_abstract_eval(_bf16_linear_abstract)
+mlir.register_lowering(_bf16_linear_p, mlir.lower_fun(_bf16_linear_impl, multiple_results=False))
+ad.primitive_jvps[_bf16_linear_p] = _bf16_linear_jvp
+ad.primitive_transposes[_bf16_linear_p] = _bf16_linear_transpose
+batching.primitive_batchers[_bf16_linear_p] = _bf16_linear_batch
+
+
+def gelu(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+    """The exact (erf) GELU, as `torch.nn.GELU()`; `jax.nn.gelu` defaults to the tanh form.
+    Evaluated in float32 at least and rounded once (a bfloat16 erf rounds at every step)."""
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return jax.nn.gelu(wide, approximate=False).astype(x.dtype)
 
 
 class LayerNorm(eqx.Module):
@@ -115,8 +202,3 @@ def layer_norm(
     shape[axis] = -1
     y = y * weight.reshape(shape) + bias.reshape(shape)
     return y.astype(dtype)
-
-
-def gelu(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
-    """The exact (erf) GELU, as `torch.nn.GELU()`; `jax.nn.gelu` defaults to the tanh form."""
-    return jax.nn.gelu(x, approximate=False)

@@ -11,6 +11,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, PRNGKeyArray
 
 from . import _init as init
+from ._linear import _bf16_linear_p
 
 
 Block = TypeVar("Block", bound=eqx.Module)
@@ -19,6 +20,8 @@ Block = TypeVar("Block", bound=eqx.Module)
 def _linear_outputs(prim: Any, *_: Any, **params: Any) -> bool:
     """Save the outputs of weight products: matrix products without batch dimensions
     (token-wise linear layers, also under `vmap`) and convolutions."""
+    if prim is _bf16_linear_p:
+        return True
     if prim is jax.lax.dot_general_p:
         (_, _), (lhs_batch, rhs_batch) = params["dimension_numbers"]
         return not lhs_batch and not rhs_batch

@@ -24,6 +24,10 @@ class Linear(eqx.Module):
     matrix multiply. The weight has shape `(out_features, in_features)`, as in
     `torch.nn.Linear`, and is initialised the same way: uniform in
     $\\pm 1/\\sqrt{\\text{in\\_features}}$.
+
+    On a bfloat16 input the product accumulates in float32 and is rounded once, and so are
+    the two products of its backward pass; the weight and bias gradients are accumulated
+    in float32.
     """
 
     weight: Float[Array, "out_features in_features"]

@@ -60,23 +60,21 @@ class Linear(eqx.Module):
     def __call__(
         self, x: Float[Array, "*batch in_features"]
     ) -> Float[Array, "*batch out_features"]:
-        if x.dtype == jnp.bfloat16:
-            bias = () if self.bias is None else (self.bias,)
-            return _bf16_linear_p.bind(x, self.weight, *bias)
-        y = dense(x, self.weight.astype(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias.astype(x.dtype)
-        return y
+        return dense(x, self.weight, self.bias)
 
 
 def dense(
-    x: Float[Array, "*batch in_features"], weight: Float[Array, "out_features in_features"]
+    x: Float[Array, "*batch in_features"],
+    weight: Float[Array, "out_features in_features"],
+    bias: Float[Array, " out_features"] | None = None,
 ) -> Float[Array, "*batch out_features"]:
-    """`x @ weight.T`, in the dtype of `x`. In bfloat16 the product accumulates in float32
-    and is rounded once, forward and backward (see `_bf16_linear_p`)."""
+    """`x @ weight.T + bias` in the dtype of `x` (the parameters are cast at use). In
+    bfloat16 the product accumulates in float32 and is rounded once, forward and backward
+    (see `_bf16_linear_p`)."""
     if x.dtype == jnp.bfloat16:
-        return _bf16_linear_p.bind(x, weight)
-    return x @ weight.astype(x.dtype).T
+        return _bf16_linear_p.bind(x, weight, *(() if bias is None else (bias,)))
+    y = x @ weight.astype(x.dtype).T
+    return y if bias is None else y + bias.astype(x.dtype)
 
 
 # A bfloat16 linear layer is one primitive, `round_bf16(x @ w.T + b)` with the product

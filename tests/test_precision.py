@@ -189,6 +189,42 @@ def test_bfloat16_linear_matches_its_plain_form():
     np.testing.assert_array_equal(batched_out, expected)
 
 
+def test_bfloat16_stack_keeps_bit_patterns():
+    """XLA's CPU backend slices bfloat16 buffers through float32 copies of the whole buffer;
+    what a bfloat16 stack keeps per layer for its backward pass is the uint16 bit pattern
+    of its linear outputs, the block inputs aside."""
+    entry = ZOO["ViT"]
+    model, state = entry.build(jr.key(0))
+    model = eqx.nn.inference_mode(model)
+    images = jr.normal(jr.key(1), (2, *entry.input_shape)).astype(jnp.bfloat16)
+
+    def loss(model):
+        return jnp.sum(batched(entry, model, state, images).astype(jnp.float32))
+
+    closed = eqx.filter_make_jaxpr(eqx.filter_grad(loss))(model)[0]
+    scans = [e for e in _equations(closed.jaxpr) if e.primitive.name == "scan"]
+    forward = [e for e in scans if not e.params["reverse"] and e.params["length"] > 1]
+    assert len(forward) == 1
+    (scan,) = forward
+    carry = scan.outvars[0].aval
+    kept = [v.aval for v in scan.outvars[scan.params["num_carry"] :]]
+    bits = [a for a in kept if a.dtype == jnp.uint16]
+    assert len(bits) == 3  # qkv, the attention output and the hidden feed-forward layer
+    for aval in kept:
+        if aval.dtype == jnp.bfloat16:
+            assert aval.shape == (scan.params["length"], *carry.shape), aval
+        else:
+            assert aval.dtype in (jnp.uint16, jnp.float32) or aval.ndim <= 2, aval
+    # and the gradients are those of the plain bfloat16 computation
+    plain = ev.checkpoint_blocks(model, "all")
+    leaves = jax.tree.leaves(eqx.filter(eqx.filter_grad(loss)(model), eqx.is_inexact_array))
+    expected = jax.tree.leaves(eqx.filter(eqx.filter_grad(loss)(plain), eqx.is_inexact_array))
+    for got, want in zip(leaves, expected, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2
+        )
+
+
 def test_precision_policy():
     assert Precision().compute_dtype == "float32"
     assert Precision(jnp.bfloat16) == Precision("bfloat16") == Precision.of("bfloat16")

@@ -72,7 +72,7 @@ def dense(
     bfloat16 the product accumulates in float32 and is rounded once, forward and backward
     (see `_bf16_linear_p`)."""
     if x.dtype == jnp.bfloat16:
-        return _bf16_linear_p.bind(x, weight, *(() if bias is None else (bias,)))
+        return saved_as_bits(_bf16_linear_p.bind(x, weight, *(() if bias is None else (bias,))))
     y = x @ weight.astype(x.dtype).T
     return y if bias is None else y + bias.astype(x.dtype)
 
@@ -150,6 +150,27 @@ mlir.register_lowering(_bf16_linear_p, mlir.lower_fun(_bf16_linear_impl, multipl
 ad.primitive_jvps[_bf16_linear_p] = _bf16_linear_jvp
 ad.primitive_transposes[_bf16_linear_p] = _bf16_linear_transpose
 batching.primitive_batchers[_bf16_linear_p] = _bf16_linear_batch
+
+
+@jax.custom_jvp
+def saved_as_bits(x: Array) -> Array:
+    """`x` unchanged; a bfloat16 `x` passes through its 16-bit pattern (`uint16`).
+
+    XLA's CPU backend computes most bfloat16 operations, slicing and updating slices
+    included, by converting to float32 and back. A block stack's backward pass keeps what
+    its checkpointing policy saves in per-layer buffers, written and read with dynamic
+    slices: kept as bfloat16 these convert whole buffers. The policies save the `uint16`
+    pattern instead (see `_stack`), which is moved without conversion.
+    """
+    if x.dtype != jnp.bfloat16:
+        return x
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, jnp.uint16), x.dtype)
+
+
+@saved_as_bits.defjvp
+def _saved_as_bits_jvp(primals: tuple, tangents: tuple) -> tuple[Array, Array]:
+    (x,), (tx,) = primals, tangents
+    return saved_as_bits.fun(x), tx
 
 
 def gelu(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:

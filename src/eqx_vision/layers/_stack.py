@@ -22,6 +22,8 @@ def _linear_outputs(prim: Any, *_: Any, **params: Any) -> bool:
     (token-wise linear layers, also under `vmap`) and convolutions."""
     if prim is _bf16_linear_p:
         return True
+    if prim is jax.lax.bitcast_convert_type_p:
+        return params["new_dtype"] == jnp.uint16
     if prim is jax.lax.dot_general_p:
         (_, _), (lhs_batch, rhs_batch) = params["dimension_numbers"]
         return not lhs_batch and not rhs_batch

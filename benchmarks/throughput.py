@@ -60,6 +60,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import eqx_vision as ev  # noqa: E402
 from eqx_vision import training  # noqa: E402
+from eqx_vision.layers._random import active_rates  # noqa: E402
 from reference import reference  # noqa: E402  (vit_pytorch modules, without torchvision)
 
 
@@ -128,6 +129,8 @@ CONFIGS = [
             lg_enc_mlp_dim=2048,
             cross_attn_depth=2,
             cross_attn_heads=8,
+            dropout=0.0,
+            emb_dropout=0.0,
         ),  # fmt: skip
         description="README config, patches 16 and 32",
     ),
@@ -352,6 +355,8 @@ def build(config: Config, seed: int = 0) -> tuple[torch.nn.Module, Any, eqx.nn.S
     torch_model = getattr(reference(config.module), config.cls)(**config.kwargs)
     cls = getattr(ev, config.name)
     model, state = eqx.nn.make_with_state(cls)(**config.kwargs, key=jax.random.key(seed))
+    if rates := active_rates(model):
+        raise ValueError(f"{config.name}: dropout must be 0 in a benchmark; got rates {rates}.")
     if training.is_stateful(model):
         model, state = ev.from_vit_pytorch(model, torch_model.state_dict(), state=state)
     else:

@@ -9,7 +9,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._init import normal
-from ._linear import LayerNorm, Linear
+from ._linear import LayerNorm, Linear, saved_as_bits
 from ._random import split_key
 
 
@@ -28,7 +28,13 @@ def merge_heads(x: Float[Array, "heads seq head_dim"]) -> Float[Array, "seq inne
 def mix_heads(
     attn: Float[Array, "heads q_seq kv_seq"], weight: Float[Array, "heads heads2"]
 ) -> Float[Array, "heads2 q_seq kv_seq"]:
-    """`einsum('h i j, h g -> g i j')`: a learned linear map across the head axis."""
+    """`einsum('h i j, h g -> g i j')`: a learned linear map across the head axis.
+
+    In bfloat16 the (small) product runs in float32 and is rounded once; the stacks keep
+    its output as bits (`saved_as_bits`)."""
+    if attn.dtype == jnp.bfloat16:
+        wide = jnp.einsum("hij,hg->gij", attn.astype(jnp.float32), weight.astype(jnp.float32))
+        return saved_as_bits(wide.astype(attn.dtype))
     return jnp.einsum("hij,hg->gij", attn, weight.astype(attn.dtype))
 
 

@@ -19,7 +19,8 @@ Block = TypeVar("Block", bound=eqx.Module)
 
 def _linear_outputs(prim: Any, *_: Any, **params: Any) -> bool:
     """Save the outputs of weight products: matrix products without batch dimensions
-    (token-wise linear layers, also under `vmap`) and convolutions."""
+    (token-wise linear layers, also under `vmap`) and convolutions. A bfloat16 linear
+    layer's output is saved as its `uint16` bit pattern (`saved_as_bits`)."""
     if prim is _bf16_linear_p:
         return True
     if prim is jax.lax.bitcast_convert_type_p:

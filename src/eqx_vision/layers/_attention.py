@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._bits import saved_as_bits
 from ._init import normal
-from ._linear import LayerNorm, Linear, saved_as_bits
+from ._linear import LayerNorm, Linear
 from ._random import split_key
 
 
@@ -30,8 +31,8 @@ def mix_heads(
 ) -> Float[Array, "heads2 q_seq kv_seq"]:
     """`einsum('h i j, h g -> g i j')`: a learned linear map across the head axis.
 
-    In bfloat16 the (small) product runs in float32 and is rounded once; the stacks keep
-    its output as bits (`saved_as_bits`)."""
+    In bfloat16 this short product (over the few heads) runs in float32 and is rounded
+    once, and the stacks keep its output as bits (`saved_as_bits`)."""
     if attn.dtype == jnp.bfloat16:
         wide = jnp.einsum("hij,hg->gij", attn.astype(jnp.float32), weight.astype(jnp.float32))
         return saved_as_bits(wide.astype(attn.dtype))

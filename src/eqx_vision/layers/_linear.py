@@ -13,6 +13,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._bits import keeps_bits, saved_as_bits, through_bits
 from ._init import full, uniform
 
 
@@ -152,32 +153,37 @@ ad.primitive_transposes[_bf16_linear_p] = _bf16_linear_transpose
 batching.primitive_batchers[_bf16_linear_p] = _bf16_linear_batch
 
 
-@jax.custom_jvp
-def saved_as_bits(x: Array) -> Array:
-    """`x` unchanged; a bfloat16 `x` passes through its 16-bit pattern (`uint16`).
-
-    XLA's CPU backend computes most bfloat16 operations, slicing and updating slices
-    included, by converting to float32 and back. A block stack's backward pass keeps what
-    its checkpointing policy saves in per-layer buffers, written and read with dynamic
-    slices: kept as bfloat16 these convert whole buffers. The policies save the `uint16`
-    pattern instead (see `_stack`), which is moved without conversion.
-    """
-    if x.dtype != jnp.bfloat16:
-        return x
-    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, jnp.uint16), x.dtype)
-
-
-@saved_as_bits.defjvp
-def _saved_as_bits_jvp(primals: tuple, tangents: tuple) -> tuple[Array, Array]:
-    (x,), (tx,) = primals, tangents
-    return saved_as_bits.fun(x), tx
-
-
 def gelu(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
     """The exact (erf) GELU, as `torch.nn.GELU()`; `jax.nn.gelu` defaults to the tanh form.
     Evaluated in float32 at least and rounded once (a bfloat16 erf rounds at every step)."""
+    if x.dtype == jnp.bfloat16 and keeps_bits():
+        return _gelu_bf16(x)
     wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return jax.nn.gelu(wide, approximate=False).astype(x.dtype)
+
+
+def _gelu_and_slope(x: Array) -> tuple[Array, Array]:
+    """`gelu(x)` and `gelu'(x) = Φ(x) + x φ(x)`, in float32 from one `erf`."""
+    wide = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(wide * (1.0 / math.sqrt(2.0))))
+    density = jnp.exp(-0.5 * wide * wide) * (1.0 / math.sqrt(2.0 * math.pi))
+    return wide * cdf, cdf + wide * density
+
+
+@jax.custom_jvp
+def _gelu_bf16(x: Array) -> Array:
+    return _gelu_and_slope(x)[0].astype(x.dtype)
+
+
+@_gelu_bf16.defjvp
+def _gelu_bf16_jvp(primals: tuple, tangents: tuple) -> tuple[Array, Array]:
+    # Inside a stack that keeps bits: the slope is rounded to bfloat16 like the value, and
+    # the stack's backward pass keeps both (as bits) and evaluates no `erf`, which in
+    # float32 costs more than the bfloat16 products around it.
+    (x,), (tx,) = primals, tangents
+    value, slope = _gelu_and_slope(x)
+    slope = through_bits(slope.astype(x.dtype))
+    return through_bits(value.astype(x.dtype)), tx * slope
 
 
 class LayerNorm(eqx.Module):

@@ -11,6 +11,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, PRNGKeyArray
 
 from . import _init as init
+from ._bits import _to_bits_p, keeping_bits
 from ._linear import _bf16_linear_p
 
 
@@ -23,8 +24,8 @@ def _linear_outputs(prim: Any, *_: Any, **params: Any) -> bool:
     layer's output is saved as its `uint16` bit pattern (`saved_as_bits`)."""
     if prim is _bf16_linear_p:
         return True
-    if prim is jax.lax.bitcast_convert_type_p:
-        return params["new_dtype"] == jnp.uint16
+    if prim is _to_bits_p:
+        return True
     if prim is jax.lax.dot_general_p:
         (_, _), (lhs_batch, rhs_batch) = params["dimension_numbers"]
         return not lhs_batch and not rhs_batch
@@ -36,6 +37,17 @@ REMAT: dict[str, Callable[..., bool] | None] = {
     "inputs": jax.checkpoint_policies.nothing_saveable,
     "all": None,
 }
+
+
+def _keeping_bits(step: Callable) -> Callable:
+    """`step`, traced with bfloat16 linear outputs routed through their bit patterns, which
+    the `"linear"` policy keeps (see `_bits`)."""
+
+    def wrapped(*args: Any) -> Any:
+        with keeping_bits():
+            return step(*args)
+
+    return wrapped
 
 
 class LayerDrop(eqx.Module):
@@ -129,6 +141,8 @@ class Stack(eqx.Module, Generic[Block]):
         return new
 
     def _scan(self, step: Callable, init: Any, xs: Any) -> Any:
+        if self.remat == "linear":
+            step = _keeping_bits(step)
         if self.remat != "all":
             step = jax.checkpoint(step, policy=REMAT[self.remat], prevent_cse=False)
         return jax.lax.scan(step, init, xs, unroll=min(self.unroll, self.depth))

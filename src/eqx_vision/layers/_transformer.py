@@ -7,6 +7,7 @@ from typing import Any, Generic, TypeVar
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
@@ -122,12 +123,20 @@ class TransformerBlock(eqx.Module):
         attn_key, ff_key = split_key(key, 2)
         y = self.attn(x, context, key=attn_key)
         if self.attn_scale is not None:
-            y = y * self.attn_scale.astype(y.dtype)
+            y = _scale_channels(y, self.attn_scale)
         x = x + y
         y = self.ff(x, key=ff_key)
         if self.ff_scale is not None:
-            y = y * self.ff_scale.astype(y.dtype)
+            y = _scale_channels(y, self.ff_scale)
         return x + y
+
+
+def _scale_channels(y: Float[Array, "seq dim"], scale: Float[Array, " dim"]) -> Array:
+    """`y * scale` (LayerScale), evaluated in float32 at least and rounded once: the
+    scale's gradient is then a float32 sum (XLA's CPU backend sums bfloat16 in a slow
+    tree of partial sums)."""
+    wide = jnp.promote_types(y.dtype, jnp.float32)
+    return (y.astype(wide) * scale.astype(wide)).astype(y.dtype)
 
 
 class Transformer(eqx.Module):

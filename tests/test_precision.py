@@ -236,8 +236,8 @@ def test_bfloat16_stack_keeps_bit_patterns():
     forward = [e for e in scans if not e.params["reverse"] and e.params["length"] > 1]
     assert len(forward) == 1
     (scan,) = forward
-    carry = scan.outvars[0].aval
-    kept = [v.aval for v in scan.outvars[scan.params["num_carry"] :]]
+    carry: Any = scan.outvars[0].aval
+    kept: list[Any] = [v.aval for v in scan.outvars[scan.params["num_carry"] :]]
     bits = [a for a in kept if a.dtype == jnp.uint16]
     assert len(bits) == 4  # qkv, the attention output, GELU's value and its slope
     for aval in kept:
@@ -245,6 +245,7 @@ def test_bfloat16_stack_keeps_bit_patterns():
             assert aval.shape == (scan.params["length"], *carry.shape), aval
         else:
             assert aval.dtype in (jnp.uint16, jnp.float32) or aval.ndim <= 2, aval
+
     # A second derivative cannot go through a bit pattern: it fails loudly (a silent zero
     # otherwise); under another policy it is the plain one.
     def loss_of_images(model, images):

@@ -51,7 +51,7 @@ def _to_bits_jvp(primals: tuple, tangents: tuple) -> Any:
     raise NotImplementedError(
         "second derivatives of a bfloat16 block stack are not supported under its default "
         "checkpointing policy, which keeps bfloat16 values as bit patterns; differentiate "
-        "in float32, or use `eqx_vision.checkpoint_blocks(model, 'all')`."
+        "in float32, or use `eqx_vision.checkpoint_blocks(model, 'all')` (or 'inputs')."
     )
 
 

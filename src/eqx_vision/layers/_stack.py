@@ -270,7 +270,10 @@ def checkpoint_blocks(model: Any, remat: str = "inputs") -> Any:
       convolutions, recompute the rest (normalisation, activation functions, the attention
       softmax and its products). Costs no extra matrix products and keeps about a third of
       the activations; on a CPU it is also the fastest, since writing and reading the
-      per-layer buffers costs more than the elementwise work it saves.
+      per-layer buffers costs more than the elementwise work it saves. In bfloat16 the kept values
+      are stored as their 16-bit patterns (XLA's CPU backend would convert bfloat16
+      buffers to float32 and back), so a bfloat16 stack is differentiable once; a second
+      derivative raises an error, and works under `"inputs"` and `"all"`.
     - `"inputs"`: keep only each block's input and recompute the whole block: the least
       memory (one block's intermediates at a time), for about one more forward pass.
     - `"all"`: keep everything (plain reverse-mode differentiation of the scan): the most

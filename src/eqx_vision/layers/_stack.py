@@ -39,12 +39,13 @@ REMAT: dict[str, Callable[..., bool] | None] = {
 }
 
 
-def _keeping_bits(step: Callable) -> Callable:
-    """`step`, traced with bfloat16 linear outputs routed through their bit patterns, which
-    the `"linear"` policy keeps (see `_bits`)."""
+def _keeping_bits(step: Callable, enabled: bool) -> Callable:
+    """`step`, traced with bfloat16 linear outputs routed through their bit patterns (which
+    the `"linear"` policy keeps, see `_bits`) or, in a stack under another policy nested in
+    one that keeps them, not."""
 
     def wrapped(*args: Any) -> Any:
-        with keeping_bits():
+        with keeping_bits(enabled):
             return step(*args)
 
     return wrapped
@@ -141,8 +142,7 @@ class Stack(eqx.Module, Generic[Block]):
         return new
 
     def _scan(self, step: Callable, init: Any, xs: Any) -> Any:
-        if self.remat == "linear":
-            step = _keeping_bits(step)
+        step = _keeping_bits(step, self.remat == "linear")
         if self.remat != "all":
             step = jax.checkpoint(step, policy=REMAT[self.remat], prevent_cse=False)
         return jax.lax.scan(step, init, xs, unroll=min(self.unroll, self.depth))
@@ -270,10 +270,10 @@ def checkpoint_blocks(model: Any, remat: str = "inputs") -> Any:
       convolutions, recompute the rest (normalisation, activation functions, the attention
       softmax and its products). Costs no extra matrix products and keeps about a third of
       the activations; on a CPU it is also the fastest, since writing and reading the
-      per-layer buffers costs more than the elementwise work it saves. In bfloat16 the kept values
-      are stored as their 16-bit patterns (XLA's CPU backend would convert bfloat16
-      buffers to float32 and back), so a bfloat16 stack is differentiable once; a second
-      derivative raises an error, and works under `"inputs"` and `"all"`.
+      per-layer buffers costs more than the elementwise work it saves. In bfloat16 the
+      kept values are stored as their 16-bit patterns (XLA's CPU backend would convert
+      bfloat16 buffers to float32 and back), so a bfloat16 stack is differentiable once:
+      a second derivative raises an error, and works under `"inputs"` and `"all"`.
     - `"inputs"`: keep only each block's input and recompute the whole block: the least
       memory (one block's intermediates at a time), for about one more forward pass.
     - `"all"`: keep everything (plain reverse-mode differentiation of the scan): the most

@@ -57,22 +57,6 @@ def _run(entry: Entry, model: Any, state: Any, images: jax.Array, labels: jax.Ar
     return value, raw, grads
 
 
-def _equations(jaxpr: jex.core.Jaxpr) -> Iterator[jex.core.JaxprEqn]:
-    """Every equation of `jaxpr`, inner jaxprs (scan, checkpoint, jit) included."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, tuple | list) else (param,):
-                if isinstance(sub, jex.core.ClosedJaxpr):
-                    yield from _equations(sub.jaxpr)
-                elif isinstance(sub, jex.core.Jaxpr):
-                    yield from _equations(sub)
-
-
-def _dtype(var: Any) -> str:
-    return str(getattr(var.aval, "dtype", None))
-
-
 def _jaxprs(jaxpr: jex.core.Jaxpr) -> Iterator[jex.core.Jaxpr]:
     """`jaxpr` and every jaxpr inside it."""
     yield jaxpr
@@ -83,6 +67,16 @@ def _jaxprs(jaxpr: jex.core.Jaxpr) -> Iterator[jex.core.Jaxpr]:
                     yield from _jaxprs(sub.jaxpr)
                 elif isinstance(sub, jex.core.Jaxpr):
                     yield from _jaxprs(sub)
+
+
+def _equations(jaxpr: jex.core.Jaxpr) -> Iterator[jex.core.JaxprEqn]:
+    """Every equation of `jaxpr`, inner jaxprs (scan, checkpoint, jit) included."""
+    for sub in _jaxprs(jaxpr):
+        yield from sub.eqns
+
+
+def _dtype(var: Any) -> str:
+    return str(getattr(var.aval, "dtype", None))
 
 
 def _matmul_dtypes(entry: Entry, model: Any, state: Any, images: jax.Array) -> set[str]:
@@ -259,13 +253,15 @@ def test_bfloat16_stack_keeps_bit_patterns():
         hvp(model)
     plain = ev.checkpoint_blocks(model, "all")
     assert bool(jnp.all(jnp.isfinite(hvp(plain).astype(jnp.float32))))
-    # First derivatives are those of the plain bfloat16 computation.
-    leaves = jax.tree.leaves(eqx.filter(eqx.filter_grad(loss)(model), eqx.is_inexact_array))
-    expected = jax.tree.leaves(eqx.filter(eqx.filter_grad(loss)(plain), eqx.is_inexact_array))
-    for got, want in zip(leaves, expected, strict=True):
-        np.testing.assert_allclose(
-            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2
-        )
+
+    # First derivatives are those of the plain bfloat16 computation, up to GELU's slope
+    # being rounded to bfloat16 (measured: 1.3e-3 relative).
+    def flat(grads):
+        leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
+        return np.concatenate([np.ravel(np.asarray(leaf, np.float32)) for leaf in leaves])
+
+    got, want = flat(eqx.filter_grad(loss)(model)), flat(eqx.filter_grad(loss)(plain))
+    assert np.linalg.norm(got - want) < 5e-3 * np.linalg.norm(want)
 
 
 def test_precision_policy():

@@ -22,9 +22,7 @@ def _linear_outputs(prim: Any, *_: Any, **params: Any) -> bool:
     """Save the outputs of weight products: matrix products without batch dimensions
     (token-wise linear layers, also under `vmap`) and convolutions. A bfloat16 linear
     layer's output is saved as its `uint16` bit pattern (`saved_as_bits`)."""
-    if prim is _bf16_linear_p:
-        return True
-    if prim is _to_bits_p:
+    if prim is _bf16_linear_p or prim is _to_bits_p:
         return True
     if prim is jax.lax.dot_general_p:
         (_, _), (lhs_batch, rhs_batch) = params["dimension_numbers"]

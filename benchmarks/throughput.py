@@ -22,7 +22,7 @@ eqx_vision is faster.
     python benchmarks/throughput.py --json results.json   # also write the numbers
     python benchmarks/throughput.py --remat inputs        # another checkpointing policy
     python benchmarks/throughput.py --memory              # memory of a training step only
-    python benchmarks/throughput.py --table results.json  # the table of a saved run
+    python benchmarks/throughput.py --table a.json b.json # one table of saved runs
 
 `--remat` sets the gradient-checkpointing policy of the eqx_vision block stacks
 (`ev.checkpoint_blocks`: "linear", the default, keeps the outputs of the linear layers;
@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -346,6 +347,70 @@ def matmul_rates(n: int = 2048, reps: int = 5) -> dict[str, float]:
     return {name: 2 * n**3 / s / 1e9 for name, s in secs.items()}
 
 
+# Instruction-set extensions that decide which kernels the frameworks run (AVX-512 float32
+# GEMMs; bfloat16 dot products; AMX bfloat16 tiles).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU the numbers were measured on: its model, logical cores and the ISA flags
+    above that it has (from `/proc/cpuinfo` on Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+            if model and flags:
+                break
+    return {"model": model, "cores": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags]}
+
+
+def describe(saved: dict[str, Any]) -> str:
+    """One line: the CPU and the matrix-product rates of a run (as saved by `--json`)."""
+    cpu = saved.get("cpu") or {"model": saved.get("machine", "unknown CPU"), "cores": "?"}
+    isa = ", ".join(cpu.get("isa", [])) or "no ISA flags recorded"
+    rates = saved.get("matmul_gflops", {})
+    rate = ", ".join(f"{name} {value:.0f}" for name, value in rates.items())
+    return (
+        f"{cpu['model']}, {cpu['cores']} cores ({isa}); float32 2048x2048 matmul GFLOP/s: "
+        f"{rate}; batch {saved.get('batch', BATCH)}, images/s, median of {saved.get('reps', '?')}"
+    )
+
+
+def write_json(path: str | Path, result: dict[str, Any]) -> None:
+    """Write `result` to `path` atomically: a reader sees the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+
+
+def merge_saved(paths: list[str]) -> tuple[str, list[str], list[dict[str, Any]]]:
+    """The precision, the description lines and the rows of runs saved by `--json`.
+
+    Raises `ValueError` if a file is not such a run or the runs mix precisions."""
+    precisions, lines, rows = set(), [], []
+    for path in paths:
+        try:
+            saved = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read results from {path}: {e}") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("rows"), list):
+            raise ValueError(
+                f"{path} holds no results of this benchmark (expected the JSON written by "
+                "--json, with a 'rows' list)."
+            )
+        precisions.add(saved.get("precision", "float32"))
+        lines.append(describe(saved))
+        rows += saved["rows"]
+    if len(precisions) > 1:
+        raise ValueError(f"the runs mix precisions {sorted(precisions)}; give runs of one.")
+    return precisions.pop(), lines, rows
+
+
 # ---------------------------------------------------------------------------- models
 
 
@@ -553,14 +618,20 @@ def main() -> None:
     )
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument(
-        "--table", metavar="JSON", help="print the table of earlier results (from --json) and exit"
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="print one table of earlier results (files written by --json, one precision) and exit",
     )
     args = parser.parse_args()
     if args.table:
-        saved = json.loads(Path(args.table).read_text())
-        precision = saved.get("precision", "float32")
+        try:
+            precision, lines, rows = merge_saved(args.table)
+        except ValueError as e:
+            parser.error(str(e))
+        print("\n".join(lines))
         print(header(precision))
-        for row in saved["rows"]:
+        for row in rows:
             print(format_row(row, precision))
         return
     by_name = {c.name.lower(): c for c in CONFIGS}
@@ -587,36 +658,31 @@ def main() -> None:
             saved = f"{values[0] / values[1]:>9.2f}x | {values[0] / values[2]:>9.2f}x"
             print(f"{config.name:<19} | {cells} | {saved}", flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps({"batch": BATCH, "rows": rows}, indent=2))
+            write_json(args.json, {"batch": BATCH, "cpu": cpu_description(), "rows": rows})
         return
 
-    rates = matmul_rates()
-    print(
-        f"float32 2048x2048 matmul: torch {rates['torch']:.0f} GFLOP/s, "
-        f"jax {rates['jax']:.0f} GFLOP/s; batch {BATCH}, images/s, median of {args.reps}"
-    )
+    result: dict[str, Any] = {
+        "cpu": cpu_description(),
+        "versions": {
+            "jax": jax.__version__,
+            "equinox": eqx.__version__,
+            "torch": torch.__version__,
+        },
+        "batch": BATCH,
+        "reps": args.reps,
+        "remat": args.remat,
+        "precision": args.precision,
+        "matmul_gflops": matmul_rates(),
+        "rows": [],
+    }
+    print(describe(result))
     print(header(args.precision))
-    rows = []
     for config in selected:
         row = bench_config(config, args.reps, args.min_time, args.remat, args.precision)
-        rows.append(row)
+        result["rows"].append(row)
         print(format_row(row, args.precision), flush=True)
-    if args.json:
-        result = {
-            "machine": platform.processor() or platform.machine(),
-            "versions": {
-                "jax": jax.__version__,
-                "equinox": eqx.__version__,
-                "torch": torch.__version__,
-            },
-            "batch": BATCH,
-            "reps": args.reps,
-            "remat": args.remat,
-            "precision": args.precision,
-            "matmul_gflops": rates,
-            "rows": rows,
-        }
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        if args.json:  # after every row: an interrupted run keeps what it measured
+            write_json(args.json, result)
 
 
 if __name__ == "__main__":

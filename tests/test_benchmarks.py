@@ -1,0 +1,74 @@
+"""The throughput benchmark's saved results: written atomically, merged into one table."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks/throughput.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["throughput"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(precision: str, systems: list[str], cpu: str = "Test CPU") -> dict:
+    rows = [{"system": s, "params": 1e6, "infer_ratio": 1.0, "train_ratio": 0.5} for s in systems]
+    return {
+        "cpu": {"model": cpu, "cores": 2, "isa": ["avx512f"]},
+        "batch": 16,
+        "reps": 5,
+        "precision": precision,
+        "matmul_gflops": {"torch": 150.0, "jax": 160.0},
+        "rows": rows,
+    }
+
+
+def test_cpu_description_names_the_cpu(throughput):
+    cpu = throughput.cpu_description()
+    assert cpu["model"] and cpu["cores"] >= 1
+    assert set(cpu["isa"]) <= set(throughput.ISA_FLAGS)
+
+
+def test_write_json_replaces_whole_files(throughput, tmp_path):
+    path = tmp_path / "out.json"
+    throughput.write_json(path, _run("float32", ["ViT"]))
+    throughput.write_json(path, _run("float32", ["ViT", "CaiT"]))
+    assert [r["system"] for r in json.loads(path.read_text())["rows"]] == ["ViT", "CaiT"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    with pytest.raises(TypeError):  # not serialisable: the saved file is untouched
+        throughput.write_json(path, {"rows": [object()]})
+    assert len(json.loads(path.read_text())["rows"]) == 2
+
+
+def test_merge_saved_joins_runs_of_one_precision(throughput, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_run("float32", ["ViT", "CaiT"], cpu="CPU A")))
+    b.write_text(json.dumps(_run("float32", ["CvT"], cpu="CPU B")))
+    precision, lines, rows = throughput.merge_saved([str(a), str(b)])
+    assert precision == "float32"
+    assert [r["system"] for r in rows] == ["ViT", "CaiT", "CvT"]
+    assert "CPU A, 2 cores (avx512f)" in lines[0] and "CPU B" in lines[1]
+    assert "torch 150, jax 160" in lines[0]
+
+
+def test_merge_saved_rejects_mixed_or_foreign_files(throughput, tmp_path):
+    a, b, other = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "other.json"
+    a.write_text(json.dumps(_run("float32", ["ViT"])))
+    b.write_text(json.dumps(_run("bfloat16", ["ViT"])))
+    other.write_text(json.dumps([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"mix precisions \['bfloat16', 'float32'\]"):
+        throughput.merge_saved([str(a), str(b)])
+    with pytest.raises(ValueError, match="holds no results of this benchmark"):
+        throughput.merge_saved([str(other)])
+    with pytest.raises(ValueError, match="cannot read results from"):
+        throughput.merge_saved([str(tmp_path / "missing.json")])

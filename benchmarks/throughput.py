@@ -13,8 +13,9 @@ builds the vit-pytorch module, loads its weights into the eqx_vision model with
 After a warm-up, repetitions of the two frameworks alternate, so that both see the same
 machine load; each repetition runs enough iterations to last about `--min-time` seconds,
 and the reported time is the median over `--reps` repetitions. Compile time (trace, lower,
-compile) is reported separately. The float32 matrix-multiply rate of each framework
-(2048 x 2048) is printed first, for scale. "ratio" is torch time / eqx_vision time: above 1,
+compile) is reported separately. The CPU (model, cores, and the ISA extensions that decide
+which kernels run) and the float32 matrix-multiply rate of each framework (2048 x 2048) are
+printed first, for scale: the ratios depend on the CPU. "ratio" is torch time / eqx_vision time: above 1,
 eqx_vision is faster.
 
     python benchmarks/throughput.py                       # all 17 systems

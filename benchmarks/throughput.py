@@ -15,8 +15,8 @@ machine load; each repetition runs enough iterations to last about `--min-time` 
 and the reported time is the median over `--reps` repetitions. Compile time (trace, lower,
 compile) is reported separately. The CPU (model, cores, and the ISA extensions that decide
 which kernels run) and the float32 matrix-multiply rate of each framework (2048 x 2048) are
-printed first, for scale: the ratios depend on the CPU. "ratio" is torch time / eqx_vision time: above 1,
-eqx_vision is faster.
+printed first, for scale: the ratios depend on the CPU. "ratio" is torch time / eqx_vision
+time: above 1, eqx_vision is faster.
 
     python benchmarks/throughput.py                       # all 17 systems
     python benchmarks/throughput.py --models vit cvt      # some of them
@@ -443,12 +443,12 @@ def train_step_memory(config: Config, modes: list[str]) -> dict[str, Any]:
     cls = getattr(ev, config.name)
     model, state = eqx.nn.make_with_state(cls)(**config.kwargs, key=jax.random.key(0))
     optimizer = optax.adamw(1e-4, weight_decay=0.05)
-    opt_state = training.init_optimizer(optimizer, model)
     images = jnp.zeros((BATCH, 3, *config.image_size))
     labels = jnp.zeros((BATCH,), jnp.int32)
     row: dict[str, Any] = {"system": config.name, "params": training.count_params(model)}
     for mode in modes:
         m = with_checkpointing(model, mode)
+        opt_state = training.init_optimizer(optimizer, m)  # its structure holds the policy
         compiled = training.train_step.lower(  # pyright: ignore[reportFunctionMemberAccess]
             m, state, opt_state, images, labels, jax.random.key(1), optimizer=optimizer
         ).compile()

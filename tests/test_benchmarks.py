@@ -72,3 +72,14 @@ def test_merge_saved_rejects_mixed_or_foreign_files(throughput, tmp_path):
         throughput.merge_saved([str(other)])
     with pytest.raises(ValueError, match="cannot read results from"):
         throughput.merge_saved([str(tmp_path / "missing.json")])
+
+
+def test_train_step_memory_under_each_policy(throughput):
+    tiny = dict(
+        image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=2, mlp_dim=64,
+        dim_head=16,
+    )  # fmt: skip
+    config = throughput.Config("ViT", "vit", "ViT", tiny, image_size=(32, 32))
+    row = throughput.train_step_memory(config, throughput.REMAT)
+    mib = {mode: row[f"temp_mib_{mode}"] for mode in throughput.REMAT}
+    assert mib["all"] > mib["linear"] > mib["inputs"] > 0

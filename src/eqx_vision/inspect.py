@@ -27,9 +27,7 @@ from .layers import (
     Transformer,
     TransformerBlock,
     check_image,
-    mix_heads,
     sincos_2d,
-    split_heads,
 )
 from .models import DeepViT, SimpleViT, SmallDatasetViT, ViT
 
@@ -69,35 +67,7 @@ def attention_probabilities(
     **Returns:** `(heads, seq, kv_seq)`, where `kv_seq` is `seq`, or `seq + ctx_seq` with a
     context (keys ordered `[x; context]`).
     """
-    if attn.norm is not None:
-        x = attn.norm(x)
-    if attn.to_qkv is not None:
-        if context is not None:
-            raise ValueError("an Attention with fused_qkv=True cannot attend to a context.")
-        q, k, _ = jnp.split(attn.to_qkv(x), 3, axis=-1)
-    else:
-        assert attn.to_q is not None and attn.to_kv is not None
-        kv_input = x if context is None else jnp.concatenate([x, context], axis=0)
-        q = attn.to_q(x)
-        k, _ = jnp.split(attn.to_kv(kv_input), 2, axis=-1)
-    q, k = split_heads(q, attn.heads), split_heads(k, attn.heads)
-    scale = attn.scale if attn.temperature is None else jnp.exp(attn.temperature)
-    dots = jnp.einsum("hid,hjd->hij", q, k) * scale
-    if bias is not None:
-        dots = dots + bias.astype(dots.dtype)
-    if attn.temperature is not None:
-        diagonal = jnp.eye(dots.shape[-2], dots.shape[-1], dtype=bool)
-        dots = jnp.where(diagonal, -jnp.finfo(dots.dtype).max, dots)
-    if attn.mix_pre is not None:
-        dots = mix_heads(dots, attn.mix_pre)
-    probs = jax.nn.softmax(dots.astype(jnp.promote_types(dots.dtype, jnp.float32)), axis=-1)
-    if attn.mix_post is not None:
-        probs = mix_heads(probs, attn.mix_post)
-    if attn.reattn_weights is not None:
-        assert attn.reattn_norm is not None
-        probs = mix_heads(probs, attn.reattn_weights)
-        probs = jnp.moveaxis(attn.reattn_norm(jnp.moveaxis(probs, 0, -1)), -1, 0)
-    return probs
+    return attn.probabilities(x, context, bias=bias)
 
 
 def transformer_attention_maps(

@@ -189,6 +189,31 @@ class Attention(eqx.Module):
         **Returns:** `(seq, dim)`.
         """
         attn_key, out_key = split_key(key, 2)
+        q, k, v = self._heads(x, context)
+        attn = self._weights(q, k, bias, dropout_key=attn_key, dropout=True)
+        out = merge_heads(jnp.einsum("hij,hjd->hid", attn, v))
+        if self.to_out is None:
+            return out
+        return self.out_dropout(self.to_out(out), key=out_key)
+
+    def probabilities(
+        self,
+        x: Float[Array, "seq dim"],
+        context: Float[Array, "ctx_seq dim"] | None = None,
+        *,
+        bias: Float[Array, "heads q_seq kv_seq"] | None = None,
+    ) -> Float[Array, "heads seq kv_seq"]:
+        """The weights that multiply the values in `self(x, context, bias=bias)`, without
+        dropout: the softmax of the scaled scores, after the head mixes of the variants and
+        with the diagonal masked for locality. `(heads, seq, kv_seq)`, keys ordered
+        `[x; context]`."""
+        q, k, _ = self._heads(x, context)
+        return self._weights(q, k, bias, dropout_key=None, dropout=False)
+
+    def _heads(
+        self, x: Float[Array, "seq dim"], context: Float[Array, "ctx_seq dim"] | None
+    ) -> tuple[Array, Array, Array]:
+        """Queries, keys and values, `(heads, seq, dim_head)` each."""
         if self.norm is not None:
             x = self.norm(x)
         if self.to_qkv is not None:
@@ -200,8 +225,18 @@ class Attention(eqx.Module):
             kv_input = x if context is None else jnp.concatenate([x, context], axis=0)
             q = self.to_q(x)
             k, v = jnp.split(self.to_kv(kv_input), 2, axis=-1)
-        q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
+        return split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
 
+    def _weights(
+        self,
+        q: Float[Array, "heads q_seq head_dim"],
+        k: Float[Array, "heads kv_seq head_dim"],
+        bias: Float[Array, "heads q_seq kv_seq"] | None,
+        *,
+        dropout_key: PRNGKeyArray | None,
+        dropout: bool,
+    ) -> Float[Array, "heads q_seq kv_seq"]:
+        """The attention weights from queries and keys, in the dtype of `q`."""
         if self.temperature is None:
             scale = self.scale
         else:  # a float32 parameter: cast, or it would promote bfloat16 scores to float32
@@ -210,20 +245,18 @@ class Attention(eqx.Module):
         if bias is not None:
             dots = dots + bias.astype(dots.dtype)
         if self.temperature is not None:
-            n = dots.shape[-1]
-            diagonal = jnp.eye(dots.shape[-2], n, dtype=bool)
+            diagonal = jnp.eye(dots.shape[-2], dots.shape[-1], dtype=bool)
             dots = jnp.where(diagonal, -jnp.finfo(dots.dtype).max, dots)
         if self.mix_pre is not None:
             dots = mix_heads(dots, self.mix_pre)
         attn = jax.nn.softmax(dots.astype(jnp.promote_types(dots.dtype, jnp.float32)), axis=-1)
-        attn = self.attn_dropout(attn.astype(v.dtype), key=attn_key)
+        attn = attn.astype(q.dtype)
+        if dropout:
+            attn = self.attn_dropout(attn, key=dropout_key)
         if self.mix_post is not None:
             attn = mix_heads(attn, self.mix_post)
         if self.reattn_weights is not None:
             assert self.reattn_norm is not None
             attn = mix_heads(attn, self.reattn_weights)
             attn = jnp.moveaxis(self.reattn_norm(jnp.moveaxis(attn, 0, -1)), -1, 0)
-        out = merge_heads(jnp.einsum("hij,hjd->hid", attn, v))
-        if self.to_out is None:
-            return out
-        return self.out_dropout(self.to_out(out), key=out_key)
+        return attn

@@ -356,16 +356,13 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 def cpu_description() -> dict[str, Any]:
     """The CPU the numbers were measured on: its model, logical cores and the ISA flags
     above that it has (from `/proc/cpuinfo` on Linux)."""
-    model, flags = platform.processor() or platform.machine(), set()
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-            if model and flags:
-                break
+            fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
     return {"model": model, "cores": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags]}
 
 

@@ -1,9 +1,12 @@
 import gc
 import os
 
+from compilation import suite_flags
 
-# Four CPU devices for the data-parallel tests; set before JAX initialises its backend.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+# Four CPU devices for the data-parallel tests and fast compilation (see compilation.py);
+# set before JAX initialises its backend.
+os.environ["XLA_FLAGS"] = suite_flags(os.environ.get("XLA_FLAGS", ""))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -44,13 +44,13 @@ def test_training_mode_needs_a_key_and_uses_it(name):
     model, state = entry.build(jax.random.key(0))
     x = image(entry, batch=2) if entry.stateful else image(entry)
 
-    def run(key):
+    @eqx.filter_jit
+    def run(model, state, key):  # each run starts from the initial state
         if not entry.stateful:
             return call(entry, model, state, x, key=key)
         keys = None if key is None else jax.random.split(key, x.shape[0])
-        fresh = jax.tree.map(lambda a: a, state)  # each run starts from the initial state
         out, _ = jax.vmap(
-            lambda x, k: model(x, fresh, key=k),
+            lambda x, k: model(x, state, key=k),
             axis_name="batch",
             in_axes=(0, None if keys is None else 0),
             out_axes=(0, None),
@@ -58,10 +58,10 @@ def test_training_mode_needs_a_key_and_uses_it(name):
         return out[0] if isinstance(out, tuple) else out
 
     with pytest.raises(ValueError, match="key"):
-        run(None)
-    a, b = run(jax.random.key(1)), run(jax.random.key(2))
+        run(model, state, None)
+    a, b = run(model, state, jax.random.key(1)), run(model, state, jax.random.key(2))
     assert not np.allclose(a, b), "different dropout keys gave the same output"
-    np.testing.assert_array_equal(a, run(jax.random.key(1)))
+    np.testing.assert_array_equal(a, run(model, state, jax.random.key(1)))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -71,11 +71,10 @@ def test_jit_vmap_grad(name):
     infer = eqx.nn.inference_mode(model)
     x = image(entry, batch=2)
 
-    @eqx.filter_jit
     def loss(model, x):
         return jnp.sum(batched(entry, model, state, x) ** 2)
 
-    grads = eqx.filter_grad(loss)(infer, x)
+    grads = eqx.filter_jit(eqx.filter_grad(loss))(infer, x)
     leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
     assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)

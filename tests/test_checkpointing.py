@@ -24,11 +24,10 @@ def stacks(model):
 
 
 def grads(entry, model, state, x):
-    @eqx.filter_jit
     def loss(model, x):
         return jnp.sum(batched(entry, model, state, x) ** 2)
 
-    return eqx.filter_grad(loss)(model, x)
+    return eqx.filter_jit(eqx.filter_grad(loss))(model, x)
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from eqx_vision.layers import (
     Attention,
@@ -176,3 +176,54 @@ def test_attention_shapes(heads, dim_head, seq, ctx, variant):
     out = attn(x, context)
     assert out.shape == (seq, dim)
     assert bool(jnp.all(jnp.isfinite(out))) or (variant == "locality" and seq == 1 and ctx == 0)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    heads=st.integers(1, 3),
+    n=st.integers(2, 23),
+    m=st.integers(1, 9),
+    max_scores=st.integers(1, 40),
+    with_bias=st.booleans(),
+)
+@example(heads=2, n=7, m=3, max_scores=10, with_bias=True)  # 3 chunks of 2, then 1 query
+def test_attend_in_chunks_equals_attend_at_once(heads, n, m, max_scores, with_bias):
+    """Long sequences are attended in chunks of queries (the last one shorter when the
+    chunks do not divide them): the same values and gradients as all at once."""
+    from eqx_vision.layers import _attention
+
+    q, k, v, bias = (
+        jax.random.normal(jax.random.key(i), shape)
+        for i, shape in enumerate([(heads, n, 4), (heads, m, 4), (heads, m, 3), (heads, n, m)])
+    )
+    bias = bias if with_bias else None
+
+    def loss(fn, q, k, v):
+        out = fn(q, k, v, scale=0.5, bias=bias, dropout=None, key=None)
+        return jnp.sum(jnp.sin(out)), out
+
+    grad = jax.grad(loss, argnums=(1, 2, 3), has_aux=True)
+    saved = _attention.MAX_SCORES
+    try:
+        _attention.MAX_SCORES = max_scores
+        program = str(jax.make_jaxpr(lambda *a: grad(_attention.attend, *a))(q, k, v))
+        chunked, out = jax.jit(lambda *a: grad(_attention.attend, *a))(q, k, v)
+    finally:
+        _attention.MAX_SCORES = saved
+    assert ("remat" in program) == (heads * n * m > max_scores), program
+    whole, expected = jax.jit(lambda *a: grad(_attention._attend, *a))(q, k, v)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    for a, b in zip(chunked, whole, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_in_chunks_keeps_dropout_random_and_reproducible(monkeypatch):
+    from eqx_vision.layers import _attention
+
+    monkeypatch.setattr(_attention, "MAX_SCORES", 10)
+    q = jax.random.normal(jax.random.key(0), (2, 7, 4))
+    dropout = eqx.nn.Dropout(0.5)
+    run = jax.jit(lambda key: _attention.attend(q, q, q, scale=1.0, dropout=dropout, key=key))
+    a, b = run(jax.random.key(1)), run(jax.random.key(2))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(a, run(jax.random.key(1)))

@@ -96,6 +96,19 @@ def test_parity(config, shape):
     check_parity(model, torch_model, shape, call=jitted)
 
 
+def test_parity_with_attention_in_chunks(monkeypatch):
+    """Attention over long sequences runs in chunks of queries (`MAX_SCORES`, lowered
+    here so that the tiny model's windows and whole-map attention are chunked): still the
+    reference's values and gradients."""
+    from eqx_vision.layers import _attention
+
+    monkeypatch.setattr(_attention, "MAX_SCORES", 50)
+    config, shape = CONFIGS[0]
+    torch_model = reference("scalable_vit").ScalableViT(**config)
+    model = ev.ScalableViT(**config, key=jax.random.key(0))
+    check_parity(model, torch_model, shape, call=eqx.filter_jit(lambda m, x: jax.vmap(m)(x)))
+
+
 @pytest.mark.parametrize("config, shape", CONFIGS)
 def test_accepted_sizes_match_reference(config, shape):
     """The sides the model accepts are exactly those the reference runs on."""

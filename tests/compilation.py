@@ -4,9 +4,10 @@ Almost every program the tests compile is a tiny model run on one or two images:
 seconds compiling it and microseconds running it. The suite therefore compiles with LLVM's
 optimisations off and XLA:CPU's older elemental emitters instead of its fusion emitters,
 which makes compilation 2-3x faster (a tiny Twins-SVT gradient: 8.7 s -> 2.5 s) and gives
-the same numbers within the tests' tolerances. The few tests whose programs do real work
-(the full-size reference snippets, the default training run) compile those programs fully
-optimised, through `compile_optimized` or `optimized_env`.
+the same numbers within the tests' tolerances. The tests whose programs do real work
+compile them fully optimised: the default training run (in a subprocess, `optimized_env`)
+and the full-size Twins-SVT snippet (`compile_optimized`), the only ones that ran markedly
+slower unoptimised (the other full-size snippets ran within a few seconds of their time).
 """
 
 import os

@@ -17,6 +17,7 @@ from eqx_vision.layers import (
     LayerNorm,
     Linear,
     Stack,
+    gelu,
     max_pool2d,
     sincos_2d,
     unfold,
@@ -92,6 +93,24 @@ def test_norms_and_linear_match_torch():
     lin = torch.nn.Linear(3, 7)
     ours = _set(Linear(3, 7, key=jax.random.key(0)), weight=lin.weight, bias=lin.bias)
     assert rel_err(ours(jnp.asarray(x.numpy())), lin(x).detach().numpy()) < 1e-6
+
+
+def test_gelu_and_its_derivatives_match_torch():
+    x = torch.linspace(-12.0, 12.0, 2001).requires_grad_()
+    y = torch.nn.functional.gelu(x)
+    (slope,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    (curvature,) = torch.autograd.grad(slope.sum(), x)
+    xj = jnp.asarray(x.detach().numpy())
+    value = gelu(xj)
+    ours_slope = jax.vmap(jax.grad(gelu))(xj)
+    ours_curvature = jax.vmap(jax.grad(jax.grad(gelu)))(xj)
+    assert value.dtype == jnp.float32
+    for ours, ref in [(value, y), (ours_slope, slope), (ours_curvature, curvature)]:
+        np.testing.assert_allclose(ours, ref.detach().numpy(), rtol=1e-6, atol=1e-6)
+    # bfloat16 in, bfloat16 out, evaluated in float32 and rounded once.
+    low = xj.astype(jnp.bfloat16)
+    assert gelu(low).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(gelu(low), gelu(low.astype(jnp.float32)).astype(jnp.bfloat16))
 
 
 def test_batchnorm_matches_torch_train_and_eval():

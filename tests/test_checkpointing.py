@@ -72,6 +72,31 @@ def test_stack_options_keep_outputs_and_gradients(options):
     assert_trees_close(grads(entry, changed, None, x), grads(entry, model, None, x))
 
 
+def test_stacks_within_stacks_run_unrolled_with_the_same_numbers():
+    entry = ZOO["CrossViT"]
+    model, _ = entry.build(jax.random.key(0))
+    model = eqx.nn.inference_mode(model)
+    (outer,) = stacks(model)
+    inner = stacks(outer.blocks)
+    assert outer.unroll == 1
+    assert len(inner) == 3 and all(s.unroll == s.depth for s in inner)
+    # The same model with its inner stacks as loops of their own.
+    looped = eqx.tree_at(
+        lambda m: stacks(m.multi_scale_encoder.blocks),
+        model,
+        [s.with_options(unroll=1) for s in inner],
+    )
+    assert all(s.unroll == 1 for s in stacks(looped.multi_scale_encoder.blocks))
+    x = jax.random.normal(jax.random.key(1), (2, *entry.input_shape))
+    np.testing.assert_allclose(jax.vmap(model)(x), jax.vmap(looped)(x), rtol=1e-6, atol=1e-6)
+    assert_trees_close(grads(entry, model, None, x), grads(entry, looped, None, x))
+    # A new policy keeps the unrolling.
+    changed = ev.checkpoint_blocks(model, "inputs")
+    assert [s.unroll for s in stacks(changed.multi_scale_encoder.blocks)] == [
+        s.depth for s in inner
+    ]
+
+
 def test_checkpointing_reduces_training_memory():
     model = ev.ViT(image_size=32, patch_size=4, num_classes=10, dim=64, depth=8, heads=4,
                    mlp_dim=256, key=jax.random.key(0))  # fmt: skip

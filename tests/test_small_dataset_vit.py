@@ -86,6 +86,19 @@ def test_parity(config):
     check_parity(model, torch_model, (config.get("channels", 3), h, w))
 
 
+def test_parity_with_attention_in_chunks(monkeypatch):
+    """Long sequences are attended in chunks of queries (`MAX_SCORES`, lowered here so
+    that 4 heads x 17 tokens are taken in chunks of 5 queries and a last one of 2, the
+    locality mask offset in each): still the reference's values and gradients."""
+    from eqx_vision.layers import _attention
+
+    monkeypatch.setattr(_attention, "MAX_SCORES", 300)
+    config = CONFIGS[0]
+    torch_model = small_dataset().ViT(**config)
+    h, w = ev.layers.pair(config["image_size"], "image_size")
+    check_parity(build(0), torch_model, (config.get("channels", 3), h, w))
+
+
 @pytest.mark.parametrize(
     "config",
     [dict(dim=16, patch_size=4), dict(dim=24, patch_size=2, channels=2)],

@@ -1,6 +1,8 @@
 """Multi-head self- and cross-attention, with the variants of the ViT family as options."""
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -39,8 +41,8 @@ def mix_heads(
     return jnp.einsum("hij,hg->gij", attn, weight.astype(attn.dtype))
 
 
-# The most attention scores (heads x queries x keys) that `attend` computes at once for one
-# call (one image, one window); beyond it the queries are taken in chunks.
+# The most attention scores (heads x queries x keys) that `attend` and `Attention` compute at
+# once for one call (one image, one window); beyond it the queries are taken in chunks.
 MAX_SCORES = 2**19
 
 
@@ -68,20 +70,41 @@ def attend(
     a training step no longer holds whole score and probability matrices (ScalableViT at
     128 px attends within one window of 1024 tokens: 2.2 -> 1.3 GiB).
     """
-    heads, n, _ = q.shape
-    m = k.shape[1]
-    chunks = -(-heads * n * m // MAX_SCORES)
-    if chunks <= 1:
+
+    def compute(q: Array, bias: Array | None, offset: Any, key: PRNGKeyArray | None) -> Array:
+        del offset
         return _attend(q, k, v, scale=scale, bias=bias, dropout=dropout, key=key)
+
+    return in_query_chunks(compute, q, k.shape[1], bias=bias, key=key)
+
+
+def in_query_chunks(
+    compute: Callable[..., Array],
+    q: Float[Array, "heads q_seq head_dim"],
+    kv_len: int,
+    *,
+    bias: Float[Array, "heads q_seq kv_seq"] | None = None,
+    key: PRNGKeyArray | None = None,
+) -> Float[Array, "heads q_seq v_dim"]:
+    """`compute(q, bias, offset, key)`, the attention output of queries `q` (with their rows
+    of `bias`, the index `offset` of their first query, and a dropout key), evaluated in
+    chunks of queries when `heads x q_seq x kv_len` exceeds `MAX_SCORES`.
+
+    The queries are split into the fewest chunks under that size (the last one shorter
+    when they do not divide), computed in turn (`lax.map`) and recomputed in the backward
+    pass (`jax.checkpoint`); each chunk gets its own dropout key. Below the threshold,
+    `compute(q, bias, 0, key)` is called once. Inside `lax.map` the offset is traced.
+    """
+    heads, n, _ = q.shape
+    chunks = -(-heads * n * kv_len // MAX_SCORES)
+    if chunks <= 1:
+        return compute(q, bias, 0, key)
     if bias is not None:
-        bias = jnp.broadcast_to(bias, (heads, n, m))
+        bias = jnp.broadcast_to(bias, (heads, n, kv_len))
     size = -(-n // chunks)
     full = n // size  # chunks of `size` queries, then the `n - full * size` left over
     keys = None if key is None else jr.split(key, full + 1)
-
-    @jax.checkpoint
-    def chunk(q, bias, key):
-        return _attend(q, k, v, scale=scale, bias=bias, dropout=dropout, key=key)
+    chunk = jax.checkpoint(compute)
 
     def split(x: Array) -> Array:  # (heads, full * size, ...) -> (full, heads, size, ...)
         x = x[:, : full * size].reshape(heads, full, size, *x.shape[2:])
@@ -89,13 +112,19 @@ def attend(
 
     outs = jax.lax.map(
         lambda args: chunk(*args),
-        (split(q), None if bias is None else split(bias), None if keys is None else keys[:full]),
+        (
+            split(q),
+            None if bias is None else split(bias),
+            jnp.arange(full) * size,
+            None if keys is None else keys[:full],
+        ),
     )
     out = jnp.moveaxis(outs, 0, 1).reshape(heads, full * size, -1)
     if full * size < n:
         rest = chunk(
             q[:, full * size :],
             None if bias is None else bias[:, full * size :],
+            full * size,
             None if keys is None else keys[full],
         )
         out = jnp.concatenate([out, rest], axis=1)
@@ -248,8 +277,13 @@ class Attention(eqx.Module):
         """
         attn_key, out_key = split_key(key, 2)
         q, k, v = self._heads(x, context)
-        attn = self._weights(q, k, bias, dropout_key=attn_key, dropout=True)
-        out = merge_heads(jnp.einsum("hij,hjd->hid", attn, v))
+
+        def compute(q: Array, bias: Array | None, offset: Any, key: Any) -> Array:
+            attn = self._weights(q, k, bias, offset=offset, dropout_key=key, dropout=True)
+            return jnp.einsum("hij,hjd->hid", attn, v)
+
+        # Long sequences in chunks of queries, as `attend`: same values, less memory.
+        out = merge_heads(in_query_chunks(compute, q, k.shape[1], bias=bias, key=attn_key))
         if self.to_out is None:
             return out
         return self.out_dropout(self.to_out(out), key=out_key)
@@ -291,10 +325,12 @@ class Attention(eqx.Module):
         k: Float[Array, "heads kv_seq head_dim"],
         bias: Float[Array, "heads q_seq kv_seq"] | None,
         *,
+        offset: Any = 0,
         dropout_key: PRNGKeyArray | None,
         dropout: bool,
     ) -> Float[Array, "heads q_seq kv_seq"]:
-        """The attention weights from queries and keys, in the dtype of `q`."""
+        """The attention weights from queries and keys, in the dtype of `q`; `offset` is
+        the position of the first query among the keys (for locality's diagonal mask)."""
         if self.temperature is None:
             scale = self.scale
         else:  # a float32 parameter: cast, or it would promote bfloat16 scores to float32
@@ -303,7 +339,8 @@ class Attention(eqx.Module):
         if bias is not None:
             dots = dots + bias.astype(dots.dtype)
         if self.temperature is not None:
-            diagonal = jnp.eye(dots.shape[-2], dots.shape[-1], dtype=bool)
+            rows = jax.lax.broadcasted_iota(jnp.int32, dots.shape[-2:], 0) + offset
+            diagonal = rows == jax.lax.broadcasted_iota(jnp.int32, dots.shape[-2:], 1)
             dots = jnp.where(diagonal, -jnp.finfo(dots.dtype).max, dots)
         if self.mix_pre is not None:
             dots = mix_heads(dots, self.mix_pre)

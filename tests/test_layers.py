@@ -280,3 +280,12 @@ def test_attend_in_chunks_keeps_dropout_random_and_reproducible(monkeypatch):
     a, b = run(jax.random.key(1)), run(jax.random.key(2))
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(a, run(jax.random.key(1)))
+    # Seven identical queries, one per chunk: without dropout every output row is the
+    # same, so rows that differ show that each chunk draws its own mask.
+    kv = jax.random.normal(jax.random.key(3), (2, 7, 4))
+    same = jnp.broadcast_to(kv[:, :1], kv.shape)
+    plain = _attention.attend(same, kv, kv, scale=1.0)
+    np.testing.assert_allclose(plain, jnp.broadcast_to(plain[:, :1], plain.shape), rtol=1e-6)
+    rows = jax.jit(lambda key: _attention.attend(same, kv, kv, scale=1.0, dropout=dropout, key=key))
+    dropped = rows(jax.random.key(1))
+    assert not np.allclose(dropped[:, 1:], dropped[:, :1])

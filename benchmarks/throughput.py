@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import eqx_vision as ev  # noqa: E402
 from eqx_vision import training  # noqa: E402
 from eqx_vision.layers._random import active_rates  # noqa: E402
+from eqx_vision.presets import PRESETS  # noqa: E402
 from reference import reference  # noqa: E402  (vit_pytorch modules, without torchvision)
 
 
@@ -85,6 +86,15 @@ class Config:
     kwargs: dict[str, Any]
     image_size: tuple[int, int] = (128, 128)
     description: str = ""
+
+
+def readme(preset: str, **changes: Any) -> dict[str, Any]:
+    """The reference README's configuration of an architecture (the preset `preset` of
+    `eqx_vision.presets`) with 1000 classes, every dropout rate 0, and `changes`: the
+    128 px image and the sizes that scale with it."""
+    kwargs: dict[str, Any] = {**PRESETS[preset].kwargs, "num_classes": 1000}
+    kwargs.update({name: 0.0 for name in kwargs if name.endswith("dropout")})
+    return {**kwargs, **changes}
 
 
 CONFIGS = [
@@ -115,189 +125,74 @@ CONFIGS = [
         "CrossViT",
         "cross_vit",
         "CrossViT",
-        dict(
-            image_size=128,
-            num_classes=1000,
-            depth=4,
-            sm_dim=192,
-            sm_patch_size=16,
-            sm_enc_depth=2,
-            sm_enc_heads=8,
-            sm_enc_mlp_dim=2048,
-            lg_dim=384,
-            lg_patch_size=32,
-            lg_enc_depth=3,
-            lg_enc_heads=8,
-            lg_enc_mlp_dim=2048,
-            cross_attn_depth=2,
-            cross_attn_heads=8,
-            dropout=0.0,
-            emb_dropout=0.0,
-        ),  # fmt: skip
+        readme("cross-vit-reference", image_size=128, lg_patch_size=32),
         description="README config, patches 16 and 32",
     ),
     Config(
         "T2TViT",
         "t2t",
         "T2TViT",
-        dict(
-            image_size=128,
-            num_classes=1000,
-            dim=512,
-            depth=5,
-            heads=8,
-            mlp_dim=512,
-            t2t_layers=((7, 4), (3, 2), (3, 2)),
-        ),  # fmt: skip
+        readme("t2t-vit-reference", image_size=128),
         description="README config",
     ),
     Config(
         "PiT",
         "pit",
         "PiT",
-        dict(
-            image_size=128,
-            patch_size=16,
-            num_classes=1000,
-            dim=256,
-            depth=(3, 3, 3),
-            heads=16,
-            mlp_dim=2048,
-        ),  # fmt: skip
+        readme("pit-reference", image_size=128, patch_size=16),
         description="README config, patch 16",
     ),
-    Config(
-        "CvT",
-        "cvt",
-        "CvT",
-        dict(
-            num_classes=1000,
-            s1_emb_dim=64,
-            s1_emb_kernel=7,
-            s1_emb_stride=4,
-            s1_proj_kernel=3,
-            s1_kv_proj_stride=2,
-            s1_heads=1,
-            s1_depth=1,
-            s1_mlp_mult=4,
-            s2_emb_dim=192,
-            s2_emb_kernel=3,
-            s2_emb_stride=2,
-            s2_proj_kernel=3,
-            s2_kv_proj_stride=2,
-            s2_heads=3,
-            s2_depth=2,
-            s2_mlp_mult=4,
-            s3_emb_dim=384,
-            s3_emb_kernel=3,
-            s3_emb_stride=2,
-            s3_proj_kernel=3,
-            s3_kv_proj_stride=2,
-            s3_heads=4,
-            s3_depth=10,
-            s3_mlp_mult=4,
-        ),  # fmt: skip
-        description="README config",
-    ),
+    Config("CvT", "cvt", "CvT", readme("cvt-reference"), description="README config"),
     Config(
         "LeViT",
         "levit",
         "LeViT",
-        dict(
-            image_size=128,
-            num_classes=1000,
-            stages=3,
-            dim=(256, 384, 512),
-            depth=4,
-            heads=(4, 6, 8),
-            mlp_mult=2,
-        ),  # fmt: skip
+        readme("levit-reference", image_size=128),
         description="README config",
     ),
     Config(
         "NesT",
         "nest",
         "NesT",
-        dict(
-            image_size=128,
-            patch_size=4,
-            num_classes=1000,
-            dim=96,
-            heads=3,
-            num_hierarchies=3,
-            block_repeats=(2, 2, 8),
-        ),  # fmt: skip
+        readme("nest-reference", image_size=128),
         description="README config",
     ),
     Config(
         "CrossFormer",
         "crossformer",
         "CrossFormer",
-        dict(
-            num_classes=1000,
-            dim=(64, 128, 256, 512),
-            depth=(2, 2, 8, 2),
-            global_window_size=(8, 4, 2, 1),
-            local_window_size=4,
-        ),  # fmt: skip
+        readme("crossformer-reference", local_window_size=4),
         description="README config, local windows 4",
     ),
     Config(
         "RegionViT",
         "regionvit",
         "RegionViT",
-        dict(
-            num_classes=1000,
-            dim=(64, 128, 256, 512),
-            depth=(2, 2, 8, 2),
-            window_size=8,
-            tokenize_local_3_conv=False,
-            use_peg=False,
-        ),  # fmt: skip
+        readme("regionvit-reference", window_size=8),
         description="README config, windows 8",
     ),
     Config(
         "ScalableViT",
         "scalable_vit",
         "ScalableViT",
-        dict(
-            num_classes=1000,
-            dim=64,
-            heads=(2, 4, 8, 16),
-            depth=(2, 2, 20, 2),
-            ssa_dim_key=(40, 40, 40, 32),
-            reduction_factor=(8, 4, 2, 1),
-            window_size=(32, 16, None, None),
-        ),  # fmt: skip
+        readme("scalable-vit-reference", window_size=(32, 16, None, None)),
         description="README config, windows 32 and 16",
     ),
     Config(
         "TwinsSVT",
         "twins_svt",
         "TwinsSVT",
-        dict(
-            num_classes=1000,
-            s1_emb_dim=64,
-            s1_patch_size=4,
+        readme(
+            "twins-svt-reference",
             s1_local_patch_size=8,
             s1_global_k=8,
-            s1_depth=1,
-            s2_emb_dim=128,
-            s2_patch_size=2,
             s2_local_patch_size=8,
             s2_global_k=4,
-            s2_depth=1,
-            s3_emb_dim=256,
-            s3_patch_size=2,
             s3_local_patch_size=8,
             s3_global_k=2,
-            s3_depth=5,
-            s4_emb_dim=512,
-            s4_patch_size=2,
             s4_local_patch_size=4,
             s4_global_k=1,
-            s4_depth=4,
-        ),  # fmt: skip
+        ),
         description="README config, local windows 8 (4 last)",
     ),
 ]

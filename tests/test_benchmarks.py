@@ -5,7 +5,13 @@ import json
 import sys
 from pathlib import Path
 
+import equinox as eqx
+import jax
 import pytest
+
+import eqx_vision as ev
+from eqx_vision.layers import pair
+from eqx_vision.layers._random import active_rates
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,3 +89,21 @@ def test_train_step_memory_under_each_policy(throughput):
     row = throughput.train_step_memory(config, throughput.REMAT)
     mib = {mode: row[f"temp_mib_{mode}"] for mode in throughput.REMAT}
     assert mib["all"] > mib["linear"] > mib["inputs"] > 0
+
+
+def test_every_configuration_builds_without_dropout(throughput):
+    # The README configurations come from the presets, at 128 px and without dropout.
+    assert len({config.name for config in throughput.CONFIGS}) == 17
+    for config in throughput.CONFIGS:
+        cls = getattr(ev, config.name)
+        model, _ = eqx.filter_eval_shape(
+            lambda cls=cls, config=config: eqx.nn.make_with_state(cls)(
+                **config.kwargs, key=jax.random.key(0)
+            )
+        )
+        assert not active_rates(model), config.name
+        if "image_size" in config.kwargs:
+            assert pair(config.kwargs["image_size"], "image_size") == config.image_size
+    readme = throughput.readme("cross-vit-reference", image_size=128)
+    assert readme["image_size"] == 128 and readme["num_classes"] == 1000
+    assert readme["dropout"] == readme["emb_dropout"] == 0.0

@@ -19,8 +19,10 @@ from eqx_vision.layers import (
     Stack,
     gelu,
     max_pool2d,
+    pool_tokens,
     sincos_2d,
     unfold,
+    with_class_tokens,
 )
 from reference import rel_err
 
@@ -289,3 +291,18 @@ def test_attend_in_chunks_keeps_dropout_random_and_reproducible(monkeypatch):
     rows = jax.jit(lambda key: _attention.attend(same, kv, kv, scale=1.0, dropout=dropout, key=key))
     dropped = rows(jax.random.key(1))
     assert not np.allclose(dropped[:, 1:], dropped[:, :1])
+
+
+@pytest.mark.parametrize("num_cls", [0, 1, 2])
+def test_class_tokens_positions_and_pooling(num_cls):
+    tokens = jnp.arange(12.0).reshape(4, 3).astype(jnp.bfloat16)
+    cls_token = jnp.full((num_cls, 3), -1.0)
+    pos = jnp.arange(3.0 * (4 + num_cls)).reshape(4 + num_cls, 3) / 10
+    out = with_class_tokens(tokens, cls_token, pos)
+    assert out.dtype == jnp.bfloat16 and out.shape == (4 + num_cls, 3)
+    expected = jnp.concatenate([cls_token, tokens.astype(jnp.float32)]) + pos
+    np.testing.assert_array_equal(out, expected.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(pool_tokens(out, "cls"), out[0])
+    np.testing.assert_allclose(pool_tokens(out, "mean"), out.astype(jnp.float32).mean(0), rtol=1e-2)
+    with pytest.raises(ValueError, match="pool must be 'cls' or 'mean'; got 'max'"):
+        pool_tokens(out, "max")

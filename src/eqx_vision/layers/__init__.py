@@ -40,6 +40,11 @@ from ._stack import (
     checkpoint_blocks as checkpoint_blocks,
     stack_modules as stack_modules,
 )
+from ._tokens import (
+    check_pool as check_pool,
+    pool_tokens as pool_tokens,
+    with_class_tokens as with_class_tokens,
+)
 from ._transformer import (
     Parallel as Parallel,
     Transformer as Transformer,

@@ -32,6 +32,7 @@ from ..layers import (
     check_key,
     pair,
     split_key,
+    with_class_tokens,
 )
 from ..layers._init import normal
 
@@ -68,8 +69,7 @@ class ImageEmbedder(eqx.Module):
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "seq dim"]:
         tokens = self.to_patch_embedding(x)
-        tokens = jnp.concatenate([self.cls_token.astype(tokens.dtype), tokens], axis=0)
-        tokens = tokens + self.pos_embedding.astype(tokens.dtype)
+        tokens = with_class_tokens(tokens, self.cls_token, self.pos_embedding)
         return self.dropout(tokens, key=key)
 
 

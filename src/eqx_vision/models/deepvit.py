@@ -6,7 +6,6 @@ Zhou et al., 2021, https://arxiv.org/abs/2103.11886.
 from typing import Literal
 
 import equinox as eqx
-import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
@@ -25,11 +24,13 @@ from ..layers import (
     check_divisible,
     check_image,
     check_key,
+    check_pool,
     pair,
+    pool_tokens,
     split_key,
+    with_class_tokens,
 )
 from ..layers._init import normal
-from .vit import check_pool
 
 
 def _square_size(value: int, name: str) -> int:
@@ -163,11 +164,10 @@ class DeepViT(eqx.Module):
         check_key(self, key)
         emb_key, tf_key = split_key(key, 2)
         tokens = self.to_patch_embedding(x)
-        tokens = jnp.concatenate([self.cls_token.astype(tokens.dtype), tokens], axis=0)
-        tokens = tokens + self.pos_embedding.astype(tokens.dtype)
+        tokens = with_class_tokens(tokens, self.cls_token, self.pos_embedding)
         tokens = self.dropout(tokens, key=emb_key)
         tokens = self.transformer(tokens, key=tf_key)
-        pooled = tokens.mean(axis=0) if self.pool == "mean" else tokens[0]
+        pooled = pool_tokens(tokens, self.pool)
         return self.mlp_head(self.head_norm(pooled))
 
 

@@ -27,6 +27,7 @@ from ..layers import (
     split_key,
     tokens_to_grid,
     unfold,
+    with_class_tokens,
 )
 from ..layers._checks import check_int, check_rate
 from ..layers._init import normal
@@ -223,8 +224,7 @@ class PiT(eqx.Module):
         check_key(self, key)
         emb_key, *stage_keys = split_key(key, 1 + len(self.stages))
         tokens = self.to_patch_embedding(unfold(x, self.patch_size, self.patch_size // 2))
-        tokens = jnp.concatenate([self.cls_token.astype(tokens.dtype), tokens], axis=0)
-        tokens = tokens + self.pos_embedding.astype(tokens.dtype)
+        tokens = with_class_tokens(tokens, self.cls_token, self.pos_embedding)
         tokens = self.dropout(tokens, key=emb_key)
         for i, stage in enumerate(self.stages):
             tokens = stage(tokens, key=stage_keys[i])

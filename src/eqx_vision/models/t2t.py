@@ -19,9 +19,12 @@ from ..layers import (
     Transformer,
     check_image,
     check_key,
+    check_pool,
+    pool_tokens,
     split_key,
     tokens_to_grid,
     unfold,
+    with_class_tokens,
 )
 from ..layers._checks import check_int, check_rate
 from ..layers._init import normal
@@ -133,8 +136,7 @@ class T2TViT(eqx.Module):
         check_int(num_classes, "num_classes")
         check_int(dim, "dim")
         check_int(channels, "channels")
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean'; got {pool!r}.")
+        check_pool(pool)
         check_rate(dropout, "dropout")
         check_rate(emb_dropout, "emb_dropout")
         layers = _check_t2t_layers(t2t_layers)
@@ -220,11 +222,10 @@ class T2TViT(eqx.Module):
             if i < len(self.t2t_transformers):
                 tokens = self.t2t_transformers[i](tokens, key=t2t_keys[i])
         tokens = self.to_patch_embedding(tokens)
-        tokens = jnp.concatenate([self.cls_token.astype(tokens.dtype), tokens], axis=0)
-        tokens = tokens + self.pos_embedding.astype(tokens.dtype)
+        tokens = with_class_tokens(tokens, self.cls_token, self.pos_embedding)
         tokens = self.dropout(tokens, key=emb_key)
         tokens = self.transformer(tokens, key=tf_key)
-        pooled = tokens.mean(axis=0) if self.pool == "mean" else tokens[0]
+        pooled = pool_tokens(tokens, self.pool)
         return self.mlp_head(pooled)
 
 

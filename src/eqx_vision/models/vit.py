@@ -6,7 +6,6 @@ Dosovitskiy et al., 2020, https://arxiv.org/abs/2010.11929.
 from typing import Literal
 
 import equinox as eqx
-import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
@@ -23,15 +22,13 @@ from ..layers import (
     check_divisible,
     check_image,
     check_key,
+    check_pool,
     pair,
+    pool_tokens,
     split_key,
+    with_class_tokens,
 )
 from ..layers._init import normal
-
-
-def check_pool(pool: str) -> None:
-    if pool not in ("cls", "mean"):
-        raise ValueError(f"pool must be 'cls' or 'mean'; got {pool!r}.")
 
 
 class ViT(eqx.Module):
@@ -128,13 +125,12 @@ class ViT(eqx.Module):
         check_key(self, key)
         emb_key, tf_key = split_key(key, 2)
         tokens = self.to_patch_embedding(x)
-        tokens = jnp.concatenate([self.cls_token.astype(tokens.dtype), tokens], axis=0)
-        tokens = tokens + self.pos_embedding.astype(tokens.dtype)
+        tokens = with_class_tokens(tokens, self.cls_token, self.pos_embedding)
         tokens = self.dropout(tokens, key=emb_key)
         tokens = self.transformer(tokens, key=tf_key)
         if self.mlp_head is None:
             return tokens
-        pooled = tokens.mean(axis=0) if self.pool == "mean" else tokens[0]
+        pooled = pool_tokens(tokens, self.pool)
         return self.mlp_head(pooled)
 
 

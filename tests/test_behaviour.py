@@ -12,7 +12,7 @@ import jaxtyping
 import numpy as np
 import pytest
 
-from zoo import ZOO, batched, call
+from zoo import ZOO, bad_arguments, batched, call
 
 
 NAMES = sorted(ZOO)
@@ -142,3 +142,44 @@ def test_bad_input_without_the_type_checking_hook():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == f"ok {len(ZOO)}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_arguments_are_clear_errors(name):
+    entry = ZOO[name]
+    cases = bad_arguments(entry)
+    assert len(cases) >= 4
+    for argument, value in cases:
+        with pytest.raises(BAD_INPUT) as info:
+            entry.build(jax.random.key(0), **{argument: value})
+        assert argument in str(info.value), (argument, value, str(info.value))
+
+
+def test_bad_arguments_without_the_type_checking_hook():
+    """Without the jaxtyping hook, the constructors check their arguments themselves: a
+    ValueError naming the model, the argument and the value."""
+    script = textwrap.dedent(
+        """
+        import sys, jax
+        sys.path.insert(0, "tests")
+        from zoo import ZOO, bad_arguments
+        count = 0
+        for name, entry in sorted(ZOO.items()):
+            for argument, value in bad_arguments(entry):
+                try:
+                    entry.build(jax.random.key(0), **{argument: value})
+                except ValueError as e:
+                    expected = f"{entry.cls.__name__}: {argument} must be "
+                    assert str(e).startswith(expected), (name, argument, str(e))
+                    assert repr(value) in str(e), (name, argument, str(e))
+                    count += 1
+                else:
+                    raise AssertionError(f"{name} accepted {argument}={value!r}")
+        print("ok", count)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("ok ")

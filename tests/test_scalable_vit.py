@@ -217,7 +217,7 @@ def test_config_errors(change, name):
 
 
 def test_depth_must_be_a_sequence(no_typecheck):
-    with pytest.raises(ValueError, match="depth must be a non-empty tuple"):
+    with pytest.raises(ValueError, match="depth must be a sequence of ints; got 2"):
         ev.ScalableViT(**{**SMALL, "depth": 2}, key=jax.random.key(0))
 
 

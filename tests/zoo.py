@@ -1,5 +1,6 @@
 """Tiny configurations of every public model, for the tests that run across all of them."""
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -244,3 +245,20 @@ def batched(entry: Entry, model: Any, state: Any, x: jax.Array) -> jax.Array:
     else:
         out = jax.vmap(model)(x)
     return out[0] if isinstance(out, tuple) else out
+
+
+def bad_arguments(entry: Entry) -> list[tuple[str, Any]]:
+    """Arguments the constructor must reject, each with the others of `entry.config`: a
+    float and a bool for every int, a float inside every tuple of ints, rates outside
+    [0, 1) for every dropout rate, and an unknown pooling."""
+    bad: list[tuple[str, Any]] = []
+    for name, value in entry.config.items():
+        if "dropout" in name:
+            bad += [(name, 1.0), (name, -0.1)]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            bad += [(name, value + 0.5), (name, True)]
+        elif isinstance(value, tuple) and value and all(type(v) is int for v in value):
+            bad += [(name, (*value[:-1], value[-1] + 0.5))]
+    if "pool" in inspect.signature(entry.cls).parameters:
+        bad += [("pool", "max")]
+    return bad

@@ -30,7 +30,7 @@ from ..layers import (
     pair,
     split_key,
 )
-from ..layers._checks import check_int, check_rate
+from ..layers._checks import check_int, check_rate, checked_arguments
 from ..layers._init import normal
 
 
@@ -80,6 +80,7 @@ class CaiT(eqx.Module):
     mlp_head: Linear
     image_size: int = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

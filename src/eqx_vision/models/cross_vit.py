@@ -34,6 +34,7 @@ from ..layers import (
     split_key,
     with_class_tokens,
 )
+from ..layers._checks import checked_arguments
 from ..layers._init import normal
 
 
@@ -253,6 +254,7 @@ class CrossViT(eqx.Module):
     image_size: int = eqx.field(static=True)
     channels: int = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

@@ -34,6 +34,7 @@ from ..layers import (
     size_multiple as find_size_multiple,
     split_key,
 )
+from ..layers._checks import checked_arguments
 
 
 NUM_STAGES = 4
@@ -262,6 +263,7 @@ class CrossFormer(eqx.Module):
     size_multiple: int | None = eqx.field(static=True)
     smallest_size: int = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

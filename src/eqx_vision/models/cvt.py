@@ -33,6 +33,7 @@ from ..layers import (
     split_key,
     tokens_to_grid,
 )
+from ..layers._checks import checked_arguments
 
 
 DIM_HEAD = 64  # fixed in the reference, not a constructor argument
@@ -288,6 +289,7 @@ class CvT(eqx.Module):
     channels: int = eqx.field(static=True)
     min_image_size: tuple[int, int] = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

@@ -30,6 +30,7 @@ from ..layers import (
     split_key,
     with_class_tokens,
 )
+from ..layers._checks import checked_arguments
 from ..layers._init import normal
 
 
@@ -83,6 +84,7 @@ class DeepViT(eqx.Module):
     channels: int = eqx.field(static=True)
     pool: str = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

@@ -36,6 +36,7 @@ from ..layers import (
     split_key,
     tokens_to_grid,
 )
+from ..layers._checks import checked_arguments
 from ..layers._init import full, normal
 
 
@@ -274,6 +275,7 @@ class LeViT(eqx.Module):
     distill_head: Linear | None
     image_size: int = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

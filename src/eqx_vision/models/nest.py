@@ -35,6 +35,7 @@ from ..layers import (
     split_key,
     tokens_to_grid,
 )
+from ..layers._checks import checked_arguments
 from ..layers._init import normal
 
 
@@ -164,6 +165,7 @@ class NesT(eqx.Module):
     patch_size: int = eqx.field(static=True)
     channels: int = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

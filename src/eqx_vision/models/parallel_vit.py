@@ -37,6 +37,7 @@ from ..layers import (
     split_key,
     with_class_tokens,
 )
+from ..layers._checks import checked_arguments
 from ..layers._init import normal
 
 
@@ -78,6 +79,7 @@ class ParallelViT(eqx.Module):
     channels: int = eqx.field(static=True)
     pool: str = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

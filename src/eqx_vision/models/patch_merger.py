@@ -28,6 +28,7 @@ from ..layers import (
     pair,
     split_key,
 )
+from ..layers._checks import checked_arguments
 from ..layers._init import normal
 
 
@@ -122,6 +123,7 @@ class ViTWithPatchMerger(eqx.Module):
     channels: int = eqx.field(static=True)
     patch_merge_layer: int = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

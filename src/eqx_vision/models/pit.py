@@ -29,7 +29,7 @@ from ..layers import (
     unfold,
     with_class_tokens,
 )
-from ..layers._checks import check_int, check_rate
+from ..layers._checks import check_int, check_rate, checked_arguments
 from ..layers._init import normal
 
 
@@ -109,6 +109,7 @@ class PiT(eqx.Module):
     channels: int = eqx.field(static=True)
     grid_sizes: tuple[int, ...] = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

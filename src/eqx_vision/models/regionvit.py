@@ -37,6 +37,7 @@ from ..layers import (
     window_merge,
     window_partition,
 )
+from ..layers._checks import checked_arguments
 from ..layers._init import normal
 
 
@@ -360,6 +361,7 @@ class RegionViT(eqx.Module):
     side_multiple: int | None = eqx.field(static=True)
     extra_sides: tuple[int, ...] = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

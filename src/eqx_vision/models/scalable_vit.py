@@ -34,6 +34,7 @@ from ..layers import (
     size_multiple as find_size_multiple,
     split_key,
 )
+from ..layers._checks import checked_arguments
 
 
 def _per_stage(value: object, num_stages: int, name: str) -> tuple:
@@ -198,6 +199,7 @@ class ScalableViT(eqx.Module):
     size_multiple: int | None = eqx.field(static=True)
     smallest_size: int = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

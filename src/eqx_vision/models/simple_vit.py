@@ -28,6 +28,7 @@ from ..layers import (
     pair,
     sincos_2d,
 )
+from ..layers._checks import checked_arguments
 
 
 class SimpleViT(eqx.Module):
@@ -59,6 +60,7 @@ class SimpleViT(eqx.Module):
     channels: int = eqx.field(static=True)
     dim: int = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

@@ -39,6 +39,7 @@ from ..layers import (
     split_key,
     with_class_tokens,
 )
+from ..layers._checks import checked_arguments
 from ..layers._init import normal
 
 
@@ -183,6 +184,7 @@ class SmallDatasetViT(eqx.Module):
     channels: int = eqx.field(static=True)
     pool: str = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

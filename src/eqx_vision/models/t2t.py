@@ -26,7 +26,7 @@ from ..layers import (
     unfold,
     with_class_tokens,
 )
-from ..layers._checks import check_int, check_rate
+from ..layers._checks import check_int, check_rate, checked_arguments
 from ..layers._init import normal
 
 
@@ -89,6 +89,7 @@ class T2TViT(eqx.Module):
     t2t_layers: tuple[tuple[int, int], ...] = eqx.field(static=True)
     grid_sizes: tuple[int, ...] = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

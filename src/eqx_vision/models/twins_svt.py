@@ -30,6 +30,7 @@ from ..layers import (
     split_key,
     tokens_to_grid,
 )
+from ..layers._checks import checked_arguments
 
 
 HEADS = 8
@@ -191,6 +192,7 @@ class TwinsSVT(eqx.Module):
     size_multiple: int = eqx.field(static=True)
     min_size: int = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

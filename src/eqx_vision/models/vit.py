@@ -28,6 +28,7 @@ from ..layers import (
     split_key,
     with_class_tokens,
 )
+from ..layers._checks import checked_arguments
 from ..layers._init import normal
 
 
@@ -55,6 +56,7 @@ class ViT(eqx.Module):
     channels: int = eqx.field(static=True)
     pool: str = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         *,

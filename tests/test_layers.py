@@ -3,6 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 import torch
@@ -306,3 +307,30 @@ def test_class_tokens_positions_and_pooling(num_cls):
     np.testing.assert_allclose(pool_tokens(out, "mean"), out.astype(jnp.float32).mean(0), rtol=1e-2)
     with pytest.raises(ValueError, match="pool must be 'cls' or 'mean'; got 'max'"):
         pool_tokens(out, "max")
+
+
+@pytest.mark.parametrize(
+    "build, argument, value",
+    [
+        (lambda **a: Linear(**{"in_features": 3, "out_features": 4, **a}), "in_features", 2.5),
+        (lambda **a: Linear(**{"in_features": 3, "out_features": 4, **a}), "use_bias", 1),
+        (lambda **a: Attention(**{"dim": 8, "heads": 2, **a}), "heads", 2.0),
+        (lambda **a: Attention(**{"dim": 8, "heads": 2, **a}), "dropout", 1.0),
+        (
+            lambda **a: Conv2d(**{"in_channels": 3, "out_channels": 4, "kernel_size": 3, **a}),
+            "kernel_size",
+            (3, 3, 3),
+        ),  # fmt: skip
+        (lambda key, **a: LayerNorm(**{"dim": 4, **a}), "dim", True),
+        (lambda **a: Stack(**{"make_block": lambda key: None, "depth": 2, **a}), "depth", 2.0),
+        (
+            lambda **a: Stack(**{"make_block": lambda key: None, "depth": 2, **a}),
+            "layer_dropout",
+            1.5,
+        ),
+    ],
+)
+def test_layers_check_their_arguments(build, argument, value):
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError)) as info:
+        build(**{argument: value}, key=jax.random.key(0))
+    assert argument in str(info.value)

@@ -11,6 +11,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._bits import saved_as_bits
+from ._checks import checked_arguments
 from ._init import normal
 from ._linear import LayerNorm, Linear
 from ._random import split_key
@@ -188,6 +189,7 @@ class Attention(eqx.Module):
     dim_head: int = eqx.field(static=True)
     scale: float = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         dim: int,

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._checks import checked_arguments
 from ._conv import Conv2d, DepthwiseConv2d
 from ._init import full
 
@@ -38,6 +39,7 @@ class BatchNorm(eqx.Module):
     momentum: float = eqx.field(static=True)
     axis_name: str = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         channels: int,
@@ -126,6 +128,7 @@ class ConvBN(eqx.Module):
     conv: Conv2d | DepthwiseConv2d
     bn: BatchNorm
 
+    @checked_arguments
     def __init__(
         self,
         in_channels: int,

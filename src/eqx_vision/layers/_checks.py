@@ -86,17 +86,21 @@ def _describe(hint: Any) -> str:
 
 
 def checked_arguments(init: Callable[..., None]) -> Callable[..., None]:
-    """Decorate a model's `__init__`: every argument is checked against its annotation (an
-    `int` is an int, not a float or a bool; a tuple has the annotated length; a literal is
-    one of its values) and every `*dropout` rate is in `[0, 1)`, before anything is built.
-    A wrong argument is a `ValueError` that names the model, the argument, the type expected
-    and the value given."""
+    """Decorate the `__init__` of a model or layer: every argument is checked against its
+    annotation (an `int` is an int, not a float or a bool; a tuple has the annotated length;
+    a literal is one of its values) and every `*dropout` rate (a float) is in `[0, 1)`,
+    before anything is built. A wrong argument is a `ValueError` that names the class, the
+    argument, the type expected and the value given."""
     signature = inspect.signature(init)
     hints = typing.get_type_hints(init)
 
     @functools.wraps(init)
     def checked(self: Any, *args: Any, **kwargs: Any) -> None:
-        bound = signature.bind(self, *args, **kwargs)
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:  # a missing or unknown argument: Python's own message says which
+            init(self, *args, **kwargs)
+            raise
         for name, value in list(bound.arguments.items())[1:]:
             hint = hints.get(name)
             if name == "key" or hint is None:
@@ -106,7 +110,7 @@ def checked_arguments(init: Callable[..., None]) -> Callable[..., None]:
                     f"{type(self).__name__}: {name} must be {_describe(hint)}; "
                     f"got {value!r} ({type(value).__name__})."
                 )
-            if name.endswith("dropout") and value is not None:
+            if name.endswith("dropout") and hint is float:
                 check_rate(value, f"{type(self).__name__}: {name}")
         init(self, *args, **kwargs)
 

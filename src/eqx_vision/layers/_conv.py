@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._checks import checked_arguments
 from ._init import full, uniform
 from ._linear import layer_norm
 
@@ -29,6 +30,7 @@ class Conv2d(eqx.Module):
     stride: tuple[int, int] = eqx.field(static=True)
     padding: tuple[int, int] = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         in_channels: int,
@@ -102,6 +104,7 @@ class DepthwiseConv2d(eqx.Module):
     stride: int = eqx.field(static=True)
     padding: int = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         channels: int,
@@ -176,6 +179,7 @@ class ChannelLayerNorm(eqx.Module):
     bias: Float[Array, " channels"]
     eps: float = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(self, channels: int, *, eps: float = 1e-5):
         """**Arguments:**
 

@@ -16,6 +16,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._attention import attend, merge_heads, split_heads
+from ._checks import checked_arguments
 from ._conv import Conv2d
 from ._feedforward import FeedForward
 from ._linear import LayerNorm, Linear, gelu
@@ -72,6 +73,7 @@ class MapAttention(eqx.Module):
     window: tuple[int, int] | None = eqx.field(static=True)
     dilated: bool = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         dim: int,
@@ -226,6 +228,7 @@ class MapFeedForward(eqx.Module):
 
     ff: FeedForward
 
+    @checked_arguments
     def __init__(
         self,
         dim: int,

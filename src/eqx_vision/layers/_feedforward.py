@@ -5,6 +5,7 @@ from collections.abc import Callable
 import equinox as eqx
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._checks import checked_arguments
 from ._linear import LayerNorm, Linear, gelu
 from ._random import split_key
 
@@ -23,6 +24,7 @@ class FeedForward(eqx.Module):
     out_dropout: eqx.nn.Dropout
     activation: Callable[[Array], Array] = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         dim: int,

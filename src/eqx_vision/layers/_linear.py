@@ -14,6 +14,7 @@ from jax.interpreters import ad, batching, mlir
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._bits import keeps_bits, saved_as_bits, through_bits
+from ._checks import checked_arguments
 from ._init import full, uniform
 
 
@@ -36,6 +37,7 @@ class Linear(eqx.Module):
     in_features: int = eqx.field(static=True)
     out_features: int = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self, in_features: int, out_features: int, *, use_bias: bool = True, key: PRNGKeyArray
     ):
@@ -214,6 +216,7 @@ class LayerNorm(eqx.Module):
     bias: Float[Array, " dim"]
     eps: float = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(self, dim: int, *, eps: float = 1e-5):
         """**Arguments:**
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._checks import checked_arguments
 from ._linear import LayerNorm, Linear
 
 
@@ -95,6 +96,7 @@ class PatchEmbedding(eqx.Module):
     patch_size: tuple[int, int] = eqx.field(static=True)
     channels_first: bool = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         channels: int,

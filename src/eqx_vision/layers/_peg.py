@@ -3,6 +3,7 @@
 import equinox as eqx
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._checks import checked_arguments
 from ._conv import DepthwiseConv2d
 
 
@@ -16,6 +17,7 @@ class PEG(eqx.Module):
 
     proj: DepthwiseConv2d
 
+    @checked_arguments
     def __init__(self, dim: int, kernel_size: int = 3, *, key: PRNGKeyArray):
         """**Arguments:**
 

@@ -12,6 +12,7 @@ from jaxtyping import Array, Bool, PRNGKeyArray
 
 from . import _init as init
 from ._bits import _to_bits_p, keeping_bits
+from ._checks import checked_arguments
 from ._linear import _bf16_linear_p
 
 
@@ -59,6 +60,7 @@ class LayerDrop(eqx.Module):
     p: float
     inference: bool
 
+    @checked_arguments
     def __init__(self, p: float = 0.0, *, inference: bool = False):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"layer dropout must be in [0, 1); got {p}.")
@@ -91,6 +93,7 @@ class Stack(eqx.Module, Generic[Block]):
     remat: str = eqx.field(static=True)
     unroll: int = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(
         self,
         make_block: Callable[..., Block],

@@ -12,6 +12,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._attention import Attention
+from ._checks import checked_arguments
 from ._feedforward import FeedForward
 from ._init import full, keys
 from ._linear import LayerNorm
@@ -34,6 +35,7 @@ class Parallel(eqx.Module, Generic[Branch]):
     branches: Branch
     num_branches: int = eqx.field(static=True)
 
+    @checked_arguments
     def __init__(self, make_branch: Callable[..., Branch], num_branches: int, *, key: PRNGKeyArray):
         """**Arguments:**
 
@@ -82,6 +84,7 @@ class TransformerBlock(eqx.Module):
     attn_scale: Float[Array, " dim"] | None
     ff_scale: Float[Array, " dim"] | None
 
+    @checked_arguments
     def __init__(
         self,
         attn: Attention | Parallel[Attention],
@@ -150,6 +153,7 @@ class Transformer(eqx.Module):
     layers: Stack[TransformerBlock]
     norm: LayerNorm | None
 
+    @checked_arguments
     def __init__(
         self,
         dim: int,

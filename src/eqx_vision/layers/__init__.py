@@ -41,7 +41,6 @@ from ._stack import (
     stack_modules as stack_modules,
 )
 from ._tokens import (
-    check_pool as check_pool,
     pool_tokens as pool_tokens,
     with_class_tokens as with_class_tokens,
 )

@@ -3,11 +3,7 @@
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-
-def check_pool(pool: str) -> None:
-    """Raise a `ValueError` unless `pool` is `"cls"` or `"mean"`."""
-    if pool not in ("cls", "mean"):
-        raise ValueError(f"pool must be 'cls' or 'mean'; got {pool!r}.")
+from ._checks import check_choice
 
 
 def with_class_tokens(
@@ -24,5 +20,5 @@ def with_class_tokens(
 def pool_tokens(tokens: Float[Array, "seq dim"], pool: str) -> Float[Array, " dim"]:
     """The mean of all the tokens for `pool="mean"` (a class token included), else the
     first token, the class token."""
-    check_pool(pool)
+    check_choice(pool, "pool", ("cls", "mean"))
     return tokens.mean(axis=0) if pool == "mean" else tokens[0]

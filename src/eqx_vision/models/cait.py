@@ -30,7 +30,7 @@ from ..layers import (
     pair,
     split_key,
 )
-from ..layers._checks import check_int, check_rate, checked_arguments
+from ..layers._checks import check_int, checked_arguments
 from ..layers._init import normal
 
 
@@ -126,9 +126,6 @@ class CaiT(eqx.Module):
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1; got {value}.")
-        check_rate(dropout, "dropout")
-        check_rate(emb_dropout, "emb_dropout")
-        check_rate(layer_dropout, "layer_dropout")
         embed_key, pos_key, cls_key, patch_key, cls_tf_key, head_key = jr.split(key, 6)
 
         def encoder(stack_depth: int, stack_key: PRNGKeyArray) -> Transformer:

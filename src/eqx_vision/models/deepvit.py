@@ -24,7 +24,6 @@ from ..layers import (
     check_divisible,
     check_image,
     check_key,
-    check_pool,
     pair,
     pool_tokens,
     split_key,
@@ -123,7 +122,6 @@ class DeepViT(eqx.Module):
         image = _square_size(image_size, "image_size")
         patch = _square_size(patch_size, "patch_size")
         grid = check_divisible(pair(image, "image_size"), pair(patch, "patch_size"))
-        check_pool(pool)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
         if channels <= 0:

@@ -31,7 +31,6 @@ from ..layers import (
     check_divisible,
     check_image,
     check_key,
-    check_pool,
     pair,
     pool_tokens,
     split_key,
@@ -120,7 +119,6 @@ class ParallelViT(eqx.Module):
         image_hw = pair(image_size, "image_size")
         patch_hw = pair(patch_size, "patch_size")
         grid = check_divisible(image_hw, patch_hw)
-        check_pool(pool)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
         if channels <= 0:

@@ -29,7 +29,7 @@ from ..layers import (
     unfold,
     with_class_tokens,
 )
-from ..layers._checks import check_int, check_rate, checked_arguments
+from ..layers._checks import check_int, checked_arguments
 from ..layers._init import normal
 
 
@@ -169,8 +169,6 @@ class PiT(eqx.Module):
             stage_heads = tuple(check_int(h, "heads") for h in heads)
         else:
             stage_heads = (check_int(heads, "heads"),) * len(depths)
-        check_rate(dropout, "dropout")
-        check_rate(emb_dropout, "emb_dropout")
 
         grid = (size - patch) // (patch // 2) + 1
         grid_sizes = [grid]

@@ -33,7 +33,6 @@ from ..layers import (
     check_divisible,
     check_image,
     check_key,
-    check_pool,
     pair,
     pool_tokens,
     split_key,
@@ -222,7 +221,6 @@ class SmallDatasetViT(eqx.Module):
         image_hw = pair(image_size, "image_size")
         patch = _square_patch(patch_size)
         grid = check_divisible(image_hw, (patch, patch))
-        check_pool(pool)
         _check_positive(
             num_classes=num_classes,
             dim=dim,

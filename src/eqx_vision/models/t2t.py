@@ -19,14 +19,13 @@ from ..layers import (
     Transformer,
     check_image,
     check_key,
-    check_pool,
     pool_tokens,
     split_key,
     tokens_to_grid,
     unfold,
     with_class_tokens,
 )
-from ..layers._checks import check_int, check_rate, checked_arguments
+from ..layers._checks import check_int, checked_arguments
 from ..layers._init import normal
 
 
@@ -137,9 +136,6 @@ class T2TViT(eqx.Module):
         check_int(num_classes, "num_classes")
         check_int(dim, "dim")
         check_int(channels, "channels")
-        check_pool(pool)
-        check_rate(dropout, "dropout")
-        check_rate(emb_dropout, "emb_dropout")
         layers = _check_t2t_layers(t2t_layers)
         if transformer is None:
             missing = [

@@ -83,6 +83,30 @@ def test_train_step_learns_and_updates_state(preset):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.parametrize("preset", ["vit-tiny", "cvt-tiny"])
+def test_train_step_with_donated_buffers(preset):
+    """`eqx.filter_jit(train_step, donate="all")`, as the training guide suggests for loops
+    that rebind everything: the same steps, and the donated inputs are consumed."""
+    config = _config(preset)
+    optimizer = training.make_optimizer(3e-3, weight_decay=0.0, warmup_steps=0, total_steps=30)
+    donating = eqx.filter_jit(training.train_step, donate="all")
+    runs = {}
+    for name, step in (("plain", training.train_step), ("donated", donating)):
+        model, state = config.build(jr.key(0))
+        opt_state = training.init_optimizer(optimizer, model)
+        losses = []
+        for i in range(3):
+            x, y = _batch(config, seed=i)  # a fresh batch every step
+            old_weight = jax.tree.leaves(eqx.filter(model, eqx.is_array))[0]
+            model, state, opt_state, loss = step(
+                model, state, opt_state, x, y, jr.key(i), optimizer=optimizer
+            )
+            losses.append(float(loss))
+            assert old_weight.is_deleted() == (name == "donated")
+        runs[name] = losses
+    np.testing.assert_allclose(runs["donated"], runs["plain"], rtol=1e-6)
+
+
 def test_eval_step_mask():
     config = _config("vit-tiny")
     model, state = config.build(jr.key(0))

@@ -9,7 +9,9 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
+import eqx_vision as ev
 from eqx_vision.layers import (
+    AbstractClassTokenViT,
     Attention,
     BatchNorm,
     ChannelLayerNorm,
@@ -17,7 +19,9 @@ from eqx_vision.layers import (
     DepthwiseConv2d,
     LayerNorm,
     Linear,
+    PatchEmbedding,
     Stack,
+    Transformer,
     gelu,
     max_pool2d,
     pool_tokens,
@@ -307,6 +311,70 @@ def test_class_tokens_positions_and_pooling(num_cls):
     np.testing.assert_allclose(pool_tokens(out, "mean"), out.astype(jnp.float32).mean(0), rtol=1e-2)
     with pytest.raises(ValueError, match="pool must be 'cls' or 'mean'; got 'max'"):
         pool_tokens(out, "max")
+
+
+class _TinyViT(AbstractClassTokenViT):
+    """A variant of the form written from the abstract base: fields and `__init__` only."""
+
+    to_patch_embedding: PatchEmbedding
+    cls_token: jax.Array
+    pos_embedding: jax.Array
+    dropout: eqx.nn.Dropout
+    transformer: Transformer
+    head_norm: LayerNorm
+    mlp_head: Linear
+    image_size: tuple[int, int] = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
+    pool: str = eqx.field(static=True)
+
+    def __init__(self, *, pool, dropout=0.0, key):
+        keys = jax.random.split(key, 5)
+        self.to_patch_embedding = PatchEmbedding(2, (4, 2), 16, key=keys[0])
+        self.cls_token = jax.random.normal(keys[1], (1, 16))
+        self.pos_embedding = jax.random.normal(keys[2], (2 * 4 + 1, 16))
+        self.dropout = eqx.nn.Dropout(dropout)
+        self.transformer = Transformer(16, 2, 2, 8, 32, dropout=dropout, key=keys[3])
+        self.head_norm = LayerNorm(16)
+        self.mlp_head = Linear(16, 5, key=keys[4])
+        self.image_size = (8, 8)
+        self.channels = 2
+        self.pool = pool
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_class_token_vit_base_composes_its_fields(pool):
+    model = _TinyViT(pool=pool, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8))
+    tokens = model.transformer(
+        with_class_tokens(model.to_patch_embedding(x), model.cls_token, model.pos_embedding)
+    )
+    expected = model.mlp_head(model.head_norm(pool_tokens(tokens, pool)))
+    np.testing.assert_allclose(model(x), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"_TinyViT.*\(2, 8, 8\).*\(2, 8, 6\)"):
+        model(x[:, :, :6])
+    stochastic = _TinyViT(pool=pool, dropout=0.5, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="key"):
+        stochastic(x)
+    a, b = (stochastic(x, key=jax.random.key(k)) for k in (2, 3))
+    assert a.shape == (5,) and not np.allclose(a, b)
+
+
+def test_class_token_vit_base_needs_every_field():
+    class Headless(AbstractClassTokenViT):
+        to_patch_embedding: PatchEmbedding
+        cls_token: jax.Array
+        pos_embedding: jax.Array
+        dropout: eqx.nn.Dropout
+        transformer: Transformer
+        head_norm: LayerNorm
+        image_size: int
+        channels: int
+        pool: str
+
+    with pytest.raises(TypeError, match="mlp_head"):
+        Headless(None, None, None, None, None, None, 8, 3, "cls")  # pyright: ignore
+    for cls in (ev.DeepViT, ev.ParallelViT, ev.SmallDatasetViT):
+        assert issubclass(cls, AbstractClassTokenViT)
 
 
 @pytest.mark.parametrize(

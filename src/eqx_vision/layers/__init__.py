@@ -41,6 +41,7 @@ from ._stack import (
     stack_modules as stack_modules,
 )
 from ._tokens import (
+    AbstractClassTokenViT as AbstractClassTokenViT,
     pool_tokens as pool_tokens,
     with_class_tokens as with_class_tokens,
 )

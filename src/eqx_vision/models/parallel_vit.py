@@ -22,6 +22,7 @@ from ..interop._vit_pytorch import (
     convert_transformer,
 )
 from ..layers import (
+    AbstractClassTokenViT,
     LayerNorm,
     Linear,
     Parallel,
@@ -29,18 +30,13 @@ from ..layers import (
     Transformer,
     TransformerBlock,
     check_divisible,
-    check_image,
-    check_key,
     pair,
-    pool_tokens,
-    split_key,
-    with_class_tokens,
 )
 from ..layers._checks import checked_arguments
 from ..layers._init import normal
 
 
-class ParallelViT(eqx.Module):
+class ParallelViT(AbstractClassTokenViT):
     """The Vision Transformer with parallel residual branches.
 
     Each layer sums `num_parallel_branches` independent attention blocks applied to the same
@@ -148,26 +144,6 @@ class ParallelViT(eqx.Module):
         self.image_size = image_hw
         self.channels = channels
         self.pool = pool
-
-    def __call__(
-        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " num_classes"]:
-        """**Arguments:**
-
-        - `x`: one image, `(channels, height, width)`.
-        - `key`: a `jax.random.key`, needed only for dropout in training mode.
-
-        **Returns:** the logits, `(num_classes,)`.
-        """
-        check_image(x, (self.channels, *self.image_size), type(self).__name__)
-        check_key(self, key)
-        emb_key, tf_key = split_key(key, 2)
-        tokens = self.to_patch_embedding(x)
-        tokens = with_class_tokens(tokens, self.cls_token, self.pos_embedding)
-        tokens = self.dropout(tokens, key=emb_key)
-        tokens = self.transformer(tokens, key=tf_key)
-        pooled = pool_tokens(tokens, self.pool)
-        return self.mlp_head(self.head_norm(pooled))
 
 
 B = TypeVar("B", bound=eqx.Module)

@@ -25,6 +25,7 @@ from ..interop._vit_pytorch import (
     convert_transformer,
 )
 from ..layers import (
+    AbstractClassTokenViT,
     Attention,
     LayerNorm,
     Linear,
@@ -32,11 +33,7 @@ from ..layers import (
     Transformer,
     check_divisible,
     check_image,
-    check_key,
     pair,
-    pool_tokens,
-    split_key,
-    with_class_tokens,
 )
 from ..layers._checks import checked_arguments
 from ..layers._init import normal
@@ -156,7 +153,7 @@ class SPT(eqx.Module):
         return self.to_patch_tokens(x)
 
 
-class SmallDatasetViT(eqx.Module):
+class SmallDatasetViT(AbstractClassTokenViT):
     """The Vision Transformer for small datasets: ViT with SPT and LSA.
 
     The image is embedded by `SPT`; a class token is prepended, learned position
@@ -251,26 +248,6 @@ class SmallDatasetViT(eqx.Module):
         self.image_size = image_hw
         self.channels = channels
         self.pool = pool
-
-    def __call__(
-        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " num_classes"]:
-        """**Arguments:**
-
-        - `x`: one image, `(channels, height, width)`.
-        - `key`: a `jax.random.key`, needed only for dropout in training mode.
-
-        **Returns:** the logits `(num_classes,)`.
-        """
-        check_image(x, (self.channels, *self.image_size), type(self).__name__)
-        check_key(self, key)
-        emb_key, tf_key = split_key(key, 2)
-        tokens = self.to_patch_embedding(x)
-        tokens = with_class_tokens(tokens, self.cls_token, self.pos_embedding)
-        tokens = self.dropout(tokens, key=emb_key)
-        tokens = self.transformer(tokens, key=tf_key)
-        pooled = pool_tokens(tokens, self.pool)
-        return self.mlp_head(self.head_norm(pooled))
 
 
 def convert_spt(m: SPT, sd: StateDict, prefix: str) -> SPT:

@@ -499,6 +499,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args, settings, config, raw, parallel, out: str, resume: bool) -> int:
+    import equinox as eqx
     import jax
     import jax.random as jr
     import numpy as np
@@ -506,7 +507,11 @@ def _train(args, settings, config, raw, parallel, out: str, resume: bool) -> int
 
     from . import checkpoint, data as data_mod, training
     from .layers import checkpoint_blocks
-    from .training import train_step
+
+    # The loop rebinds the model, its state and the optimizer state at every step and passes
+    # a fresh batch and key, so all of them are donated: XLA writes the new parameters and
+    # optimizer state over the old ones instead of into fresh memory.
+    train_step = eqx.filter_jit(training.train_step, donate="all")
 
     precision = _precision(settings["precision"])
     ds = data_mod.prepare(raw, channels=config.channels, image_size=config.image_size)

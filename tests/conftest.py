@@ -17,6 +17,16 @@ def key():
     return jax.random.key(0)
 
 
+@pytest.fixture
+def no_typecheck():
+    """Switch the jaxtyping hook off, to see the errors a user without it gets."""
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", False)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drop JAX's compiled programs after each test module.

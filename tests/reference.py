@@ -15,7 +15,9 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
+import pytest
 import torch
 
 import eqx_vision as ev
@@ -37,6 +39,16 @@ def reference(module: str) -> types.ModuleType:
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["vit_pytorch"] = package
     return importlib.import_module(f"vit_pytorch.{module}")
+
+
+def raises_value_error(fn: Callable[[], Any], match: str, monkeypatch: Any) -> None:
+    """`fn()` fails with the type checks on (jaxtyping's error or ours), and without them
+    with our ValueError naming what is wrong (`match`)."""
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):
+        fn()
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
+    with pytest.raises(ValueError, match=match):
+        fn()
 
 
 def perturb_(torch_model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> None:

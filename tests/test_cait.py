@@ -58,14 +58,6 @@ SMALL: dict[str, Any] = dict(
 )
 
 
-@pytest.fixture
-def no_typecheck():
-    """Switch the jaxtyping hook off, to see the errors a user without it gets."""
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", False)
-
-
 @pytest.mark.parametrize("config", CONFIGS)
 def test_parity(config):
     torch_model = reference("cait").CaiT(**config)  # layer_dropout=0: deterministic in eval

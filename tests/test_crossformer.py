@@ -70,14 +70,6 @@ SMALL: dict[str, Any] = CONFIGS[0][0]
 jitted = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
 
 
-@pytest.fixture
-def no_typecheck():
-    """Switch the jaxtyping hook off, to see the errors a user without it gets."""
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", False)
-
-
 @pytest.fixture(scope="module")
 def small_model():
     return ev.CrossFormer(**SMALL, attn_dropout=0.1, key=jax.random.key(0))

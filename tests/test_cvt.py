@@ -3,7 +3,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
 import torch
@@ -85,14 +84,6 @@ CONFIGS: list[tuple[dict[str, Any], tuple[int, int, int]]] = [
 
 def make(config: dict[str, Any]) -> tuple[ev.CvT, eqx.nn.State]:
     return eqx.nn.make_with_state(ev.CvT)(**config, key=jax.random.key(0))
-
-
-@pytest.fixture
-def no_typecheck():
-    """Switch the jaxtyping hook off, to see the errors a user without it gets."""
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", False)
 
 
 @pytest.mark.parametrize("config, shape", CONFIGS)

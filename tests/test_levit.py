@@ -3,7 +3,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
 import torch
@@ -72,14 +71,6 @@ def both_heads(m: Any, x: Any, state: Any) -> Any:
 def torch_both_heads(m: Any, x: Any) -> Any:
     out = m(x)
     return torch.cat(out, dim=-1) if isinstance(out, tuple) else out
-
-
-@pytest.fixture
-def no_typecheck():
-    """Switch the jaxtyping hook off, to see the errors a user without it gets."""
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", False)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -76,14 +76,6 @@ SMALL: dict[str, Any] = dict(
 )
 
 
-@pytest.fixture
-def no_typecheck():
-    """Switch the jaxtyping hook off, to see the errors a user without it gets."""
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", False)
-
-
 def image_shape(config: dict[str, Any]) -> tuple[int, int, int]:
     h, w = ev.layers.pair(config["image_size"], "image_size")
     return config.get("channels", 3), h, w

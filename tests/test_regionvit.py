@@ -51,14 +51,6 @@ CONFIGS: list[tuple[dict[str, Any], tuple[int, int, int]]] = [
 SMALL: dict[str, Any] = dict(dim=8, depth=1, window_size=2, num_classes=3)
 
 
-@pytest.fixture
-def no_typecheck():
-    """Switch the jaxtyping hook off, to see the errors a user without it gets."""
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", False)
-
-
 @pytest.mark.parametrize("config, shape", CONFIGS)
 def test_parity(config, shape):
     torch_model = reference("regionvit").RegionViT(**config)

@@ -7,24 +7,19 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import eqx_vision as ev
-from reference import check_parity, count_params, reference, torch_param_count
-
-
-def raises_value_error(fn, match, monkeypatch):
-    """`fn()` fails with the type checks on (jaxtyping's error or ours), and without them
-    with our ValueError naming what is wrong."""
-    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):
-        fn()
-    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
-    with pytest.raises(ValueError, match=match):
-        fn()
+from reference import (
+    check_parity,
+    count_params,
+    raises_value_error,
+    reference,
+    torch_param_count,
+)
 
 
 CONFIGS: list[dict[str, Any]] = [

@@ -3,7 +3,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
 import torch
@@ -56,14 +55,6 @@ SMALL: dict[str, Any] = CONFIGS[0][0]
 
 # One compilation for the forward pass and one for its gradient.
 jitted = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
-
-
-@pytest.fixture
-def no_typecheck():
-    """Switch the jaxtyping hook off, to see the errors a user without it gets."""
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", False)
 
 
 @pytest.mark.parametrize("config, size", CONFIGS)

@@ -23,6 +23,7 @@ time: above 1, eqx_vision is faster.
     python benchmarks/throughput.py --json results.json   # also write the numbers
     python benchmarks/throughput.py --remat inputs        # another checkpointing policy
     python benchmarks/throughput.py --memory              # memory of a training step only
+    python benchmarks/throughput.py --donate              # the training step as a loop runs it
     python benchmarks/throughput.py --table a.json b.json # one table of saved runs
 
 `--remat` sets the gradient-checkpointing policy of the eqx_vision block stacks
@@ -30,7 +31,11 @@ time: above 1, eqx_vision is faster.
 "inputs" only each block's input; "all" every intermediate). `--memory` compiles each
 training step under the three policies and reports the working memory XLA allocates for
 one step (its temporary buffers, from the compiled program's memory analysis:
-deterministic, no timing).
+deterministic, no timing). `--donate` donates the model, its state and the optimizer state
+to the eqx_vision training step, as a loop that rebinds them can (the loop of
+`eqx-vision train` does): XLA then writes the new parameters and optimizer state over the
+old ones, as torch's optimizer updates its tensors in place. Without it (the default) the
+step allocates them afresh each time.
 
 Needs the test extra and vit-pytorch (`pip install -e ".[test]"` and
 `pip install --no-deps vit-pytorch==1.26.11`). Dropout, layer dropout and stochastic
@@ -270,6 +275,7 @@ def describe(saved: dict[str, Any]) -> str:
     return (
         f"{cpu['model']}, {cpu['cores']} cores ({isa}); float32 2048x2048 matmul GFLOP/s: "
         f"{rate}; batch {saved.get('batch', BATCH)}, images/s, median of {saved.get('reps', '?')}"
+        + ("; eqx_vision training step donated" if saved.get("donate") else "")
     )
 
 
@@ -353,18 +359,25 @@ def first(out: Any) -> Any:
 
 
 def bench_config(
-    config: Config, reps: int, min_time: float, remat: str, precision: str
+    config: Config,
+    reps: int,
+    min_time: float,
+    remat: str,
+    precision: str,
+    donate: bool = False,
 ) -> dict[str, Any]:
     """One row of the table: inference and training-step throughput of both frameworks.
 
     With `precision="bfloat16"`, eqx_vision runs in bfloat16 (`ev.Precision`) and torch
-    both in float32 and under `torch.autocast("cpu", dtype=torch.bfloat16)`.
+    both in float32 and under `torch.autocast("cpu", dtype=torch.bfloat16)`. With `donate`,
+    the eqx_vision training step consumes the model, its state and the optimizer state it
+    is given (the batch and the key, used again at every call, are kept).
     """
     torch_model, model, state = build(config)
     model = with_checkpointing(model, remat)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((BATCH, 3, *config.image_size), dtype=np.float32)
-    labels = rng.integers(0, 1000, BATCH)
+    labels = rng.integers(0, config.kwargs.get("num_classes", 1000), BATCH)
     t_images, t_labels = torch.from_numpy(images), torch.from_numpy(labels)
     j_images, j_labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
     row: dict[str, Any] = {
@@ -422,17 +435,30 @@ def bench_config(
     optimizer = optax.adamw(1e-4, weight_decay=0.05)
     opt_state = training.init_optimizer(optimizer, model)
     key = jax.random.key(1)
-    options = dict(optimizer=optimizer, precision=precision)
+
+    def loop_step(kept, model, state, opt_state):
+        """`train_step` with what is used again (batch and key) first, out of the donation."""
+        images, labels, key = kept
+        return training.train_step(
+            model, state, opt_state, images, labels, key, optimizer=optimizer, precision=precision
+        )
+
+    jitted = eqx.filter_jit(loop_step, donate="all-except-first" if donate else "none")
+    kept = (j_images, j_labels, key)
+    if donate:  # the donated arrays are consumed: give the step copies of its own
+        fresh = (model, state, opt_state)
+        model, state, opt_state = jax.tree.map(
+            lambda x: jnp.copy(x) if eqx.is_array(x) else x, fresh
+        )
     start = time.perf_counter()
-    step = training.train_step.lower(  # pyright: ignore[reportFunctionMemberAccess]
-        model, state, opt_state, j_images, j_labels, key, **options
-    ).compile()
+    step = jitted.lower(kept, model, state, opt_state).compile()  # pyright: ignore[reportFunctionMemberAccess]
     row["compile_train_s"] = time.perf_counter() - start
     row["train_temp_mib"] = step.compiled.memory_analysis().temp_size_in_bytes / 2**20
+    row["donated"] = donate
     carry = [model, state, opt_state]
 
     def eqx_step():
-        carry[0], carry[1], carry[2], loss = step(*carry, j_images, j_labels, key, **options)
+        carry[0], carry[1], carry[2], loss = step(kept, *carry)
         return loss.block_until_ready()
 
     fns = {name: torch_step(mode) for name, mode in torch_modes.items()}
@@ -509,6 +535,12 @@ def main() -> None:
         help="compute dtype of eqx_vision (default: float32); with bfloat16, torch runs both "
         "in float32 and under bfloat16 autocast",
     )
+    parser.add_argument(
+        "--donate",
+        action="store_true",
+        help="donate the model, its state and the optimizer state to the eqx_vision training "
+        "step, as a training loop that rebinds them can (default: allocate them afresh)",
+    )
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument(
         "--table",
@@ -564,6 +596,7 @@ def main() -> None:
         "batch": BATCH,
         "reps": args.reps,
         "remat": args.remat,
+        "donate": args.donate,
         "precision": args.precision,
         "matmul_gflops": matmul_rates(),
         "rows": [],
@@ -571,7 +604,9 @@ def main() -> None:
     print(describe(result))
     print(header(args.precision))
     for config in selected:
-        row = bench_config(config, args.reps, args.min_time, args.remat, args.precision)
+        row = bench_config(
+            config, args.reps, args.min_time, args.remat, args.precision, args.donate
+        )
         result["rows"].append(row)
         print(format_row(row, args.precision), flush=True)
         if args.json:  # after every row: an interrupted run keeps what it measured

@@ -80,12 +80,14 @@ def test_merge_saved_rejects_mixed_or_foreign_files(throughput, tmp_path):
         throughput.merge_saved([str(tmp_path / "missing.json")])
 
 
+TINY = dict(
+    image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=2, mlp_dim=64,
+    dim_head=16,
+)  # fmt: skip
+
+
 def test_train_step_memory_under_each_policy(throughput):
-    tiny = dict(
-        image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=2, mlp_dim=64,
-        dim_head=16,
-    )  # fmt: skip
-    config = throughput.Config("ViT", "vit", "ViT", tiny, image_size=(32, 32))
+    config = throughput.Config("ViT", "vit", "ViT", TINY, image_size=(32, 32))
     row = throughput.train_step_memory(config, throughput.REMAT)
     mib = {mode: row[f"temp_mib_{mode}"] for mode in throughput.REMAT}
     assert mib["all"] > mib["linear"] > mib["inputs"] > 0
@@ -107,3 +109,15 @@ def test_every_configuration_builds_without_dropout(throughput):
     readme = throughput.readme("cross-vit-reference", image_size=128)
     assert readme["image_size"] == 128 and readme["num_classes"] == 1000
     assert readme["dropout"] == readme["emb_dropout"] == 0.0
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_one_row_with_and_without_donation(throughput, donate):
+    config = throughput.Config("ViT", "vit", "ViT", TINY, image_size=(32, 32))
+    row = throughput.bench_config(config, 1, 0.0, "linear", "float32", donate)
+    assert row["donated"] is donate and row["rel_err"] < 1e-5
+    for task in ("infer", "train"):
+        assert row[f"{task}_eqx"] > 0 and row[f"{task}_torch"] > 0
+        assert row[f"{task}_ratio"] == pytest.approx(row[f"{task}_eqx"] / row[f"{task}_torch"])
+    run = {**_run("float32", ["ViT"]), "donate": donate}
+    assert ("training step donated" in throughput.describe(run)) is donate

@@ -22,6 +22,23 @@ def with_class_tokens(
     return tokens + pos_embedding.astype(tokens.dtype)
 
 
+def encode_with_class_tokens(
+    tokens: Float[Array, "seq dim"],
+    cls_token: Float[Array, "num_cls dim"],
+    pos_embedding: Float[Array, "num_cls+seq dim"],
+    dropout: eqx.nn.Dropout,
+    encoder: "_Encoder",
+    *,
+    key: PRNGKeyArray | None,
+) -> Float[Array, "num_cls+seq dim"]:
+    """`encoder(dropout(with_class_tokens(tokens, cls_token, pos_embedding)))`: the stage
+    between the patch embedding and the head of the ViT family, `key` split in two for the
+    dropout and the encoder."""
+    emb_key, enc_key = split_key(key, 2)
+    tokens = dropout(with_class_tokens(tokens, cls_token, pos_embedding), key=emb_key)
+    return encoder(tokens, key=enc_key)
+
+
 def pool_tokens(tokens: Float[Array, "seq dim"], pool: str) -> Float[Array, " dim"]:
     """The mean of all the tokens for `pool="mean"` (a class token included), else the
     first token, the class token."""
@@ -74,9 +91,12 @@ class AbstractClassTokenViT(eqx.Module):
         """
         check_image(x, (self.channels, *pair(self.image_size, "image_size")), type(self).__name__)
         check_key(self, key)
-        emb_key, tf_key = split_key(key, 2)
-        tokens = self.to_patch_embedding(x)
-        tokens = with_class_tokens(tokens, self.cls_token, self.pos_embedding)
-        tokens = self.dropout(tokens, key=emb_key)
-        tokens = self.transformer(tokens, key=tf_key)
+        tokens = encode_with_class_tokens(
+            self.to_patch_embedding(x),
+            self.cls_token,
+            self.pos_embedding,
+            self.dropout,
+            self.transformer,
+            key=key,
+        )
         return self.mlp_head(self.head_norm(pool_tokens(tokens, self.pool)))

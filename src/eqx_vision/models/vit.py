@@ -24,11 +24,10 @@ from ..layers import (
     check_key,
     pair,
     pool_tokens,
-    split_key,
-    with_class_tokens,
 )
 from ..layers._checks import checked_arguments
 from ..layers._init import normal
+from ..layers._tokens import encode_with_class_tokens
 
 
 class ViT(eqx.Module):
@@ -123,11 +122,14 @@ class ViT(eqx.Module):
         """
         check_image(x, (self.channels, *self.image_size), type(self).__name__)
         check_key(self, key)
-        emb_key, tf_key = split_key(key, 2)
-        tokens = self.to_patch_embedding(x)
-        tokens = with_class_tokens(tokens, self.cls_token, self.pos_embedding)
-        tokens = self.dropout(tokens, key=emb_key)
-        tokens = self.transformer(tokens, key=tf_key)
+        tokens = encode_with_class_tokens(
+            self.to_patch_embedding(x),
+            self.cls_token,
+            self.pos_embedding,
+            self.dropout,
+            self.transformer,
+            key=key,
+        )
         if self.mlp_head is None:
             return tokens
         pooled = pool_tokens(tokens, self.pool)

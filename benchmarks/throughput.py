@@ -27,7 +27,7 @@ time: above 1, eqx_vision is faster.
     python benchmarks/throughput.py --table a.json b.json # one table of saved runs
 
 `--remat` sets the gradient-checkpointing policy of the eqx_vision block stacks
-(`ev.checkpoint_blocks`: "linear", the default, keeps the outputs of the linear layers;
+(`ev.remat`: "linear", the default, keeps the outputs of the linear layers;
 "inputs" only each block's input; "all" every intermediate). `--memory` compiles each
 training step under the three policies and reports the working memory XLA allocates for
 one step (its temporary buffers, from the compiled program's memory analysis:
@@ -328,12 +328,12 @@ def build(config: Config, seed: int = 0) -> tuple[torch.nn.Module, Any, eqx.nn.S
     return torch_model, model, state
 
 
-REMAT = ["all", "linear", "inputs"]
+REMAT = list(ev.layers.REMAT)
 
 
 def with_checkpointing(model: Any, remat: str) -> Any:
     """`model` with gradient-checkpointing policy `remat` in every stack of blocks."""
-    return ev.checkpoint_blocks(model, remat)
+    return ev.remat(model, remat)
 
 
 def train_step_memory(config: Config, modes: list[str]) -> dict[str, Any]:

@@ -9,13 +9,15 @@ import pytest
 
 import eqx_vision as ev
 from eqx_vision.layers import Stack
-from zoo import ZOO, batched
+from tiny import batched, build, input_shape
 
 
 # One architecture per way of running a stack: plain blocks (ViT), blocks with layer dropout
 # and a second stack with a context (CaiT), blocks with BatchNorm state (CvT), blocks over
 # two token sets in hierarchical stages (RegionViT). The option is the same code for all.
 NAMES = ["ViT", "CaiT", "CvT", "RegionViT"]
+# Their tiny presets, with stacks of two blocks where the preset has one.
+OVERRIDES = {"ViT": dict(depth=2), "CaiT": dict(depth=2, layer_dropout=0.1)}
 
 
 def stacks(model):
@@ -23,9 +25,9 @@ def stacks(model):
             if isinstance(n, Stack)]  # fmt: skip
 
 
-def grads(entry, model, state, x):
+def grads(model, state, x):
     def loss(model, x):
-        return jnp.sum(batched(entry, model, state, x) ** 2)
+        return jnp.sum(batched(model, state, x) ** 2)
 
     return eqx.filter_jit(eqx.filter_grad(loss))(model, x)
 
@@ -40,16 +42,15 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_checkpointing_keeps_gradients(name):
-    entry = ZOO[name]
-    model, state = entry.build(jax.random.key(0))
+    model, state = build(name, jax.random.key(0), **OVERRIDES.get(name, {}))
     model = eqx.nn.inference_mode(model)
-    x = jax.random.normal(jax.random.key(1), (2, *entry.input_shape))
+    x = jax.random.normal(jax.random.key(1), (2, *input_shape(name)))
     assert all(s.remat == "linear" for s in stacks(model)), "the default policy"
-    expected = grads(entry, model, state, x)
+    expected = grads(model, state, x)
     for remat in ("inputs", "all"):
-        changed = ev.checkpoint_blocks(model, remat)
+        changed = ev.remat(model, remat)
         assert all(s.remat == remat for s in stacks(changed))
-        assert_trees_close(grads(entry, changed, state, x), expected)
+        assert_trees_close(grads(changed, state, x), expected)
 
 
 @pytest.mark.parametrize(
@@ -62,19 +63,17 @@ def test_checkpointing_keeps_gradients(name):
     ids=["unroll-2", "unroll-more-than-depth", "keep-all-unroll-2"],
 )  # fmt: skip
 def test_stack_options_keep_outputs_and_gradients(options):
-    entry = ZOO["ViT"]
-    model, _ = entry.build(jax.random.key(0), depth=3)
+    model, _ = build("ViT", jax.random.key(0), depth=3)
     model = eqx.nn.inference_mode(model)
-    x = jax.random.normal(jax.random.key(1), (2, *entry.input_shape))
+    x = jax.random.normal(jax.random.key(1), (2, *input_shape("ViT")))
     changed = eqx.tree_at(lambda m: m.transformer.layers, model,
                           model.transformer.layers.with_options(**options))  # fmt: skip
     np.testing.assert_allclose(jax.vmap(changed)(x), jax.vmap(model)(x), rtol=1e-6, atol=1e-6)
-    assert_trees_close(grads(entry, changed, None, x), grads(entry, model, None, x))
+    assert_trees_close(grads(changed, None, x), grads(model, None, x))
 
 
 def test_stacks_within_stacks_run_unrolled_with_the_same_numbers():
-    entry = ZOO["CrossViT"]
-    model, _ = entry.build(jax.random.key(0))
+    model, _ = build("CrossViT", jax.random.key(0))
     model = eqx.nn.inference_mode(model)
     (outer,) = stacks(model)
     inner = stacks(outer.blocks)
@@ -87,11 +86,11 @@ def test_stacks_within_stacks_run_unrolled_with_the_same_numbers():
         [s.with_options(unroll=1) for s in inner],
     )
     assert all(s.unroll == 1 for s in stacks(looped.multi_scale_encoder.blocks))
-    x = jax.random.normal(jax.random.key(1), (2, *entry.input_shape))
+    x = jax.random.normal(jax.random.key(1), (2, *input_shape("CrossViT")))
     np.testing.assert_allclose(jax.vmap(model)(x), jax.vmap(looped)(x), rtol=1e-6, atol=1e-6)
-    assert_trees_close(grads(entry, model, None, x), grads(entry, looped, None, x))
+    assert_trees_close(grads(model, None, x), grads(looped, None, x))
     # A new policy keeps the unrolling.
-    changed = ev.checkpoint_blocks(model, "inputs")
+    changed = ev.remat(model, "inputs")
     assert [s.unroll for s in stacks(changed.multi_scale_encoder.blocks)] == [
         s.depth for s in inner
     ]
@@ -108,17 +107,45 @@ def test_checkpointing_reduces_training_memory():
         compiled = grad.lower(model, x).compile()  # pyright: ignore[reportFunctionMemberAccess]
         return compiled.compiled.memory_analysis().temp_size_in_bytes
 
-    everything = temp_bytes(ev.checkpoint_blocks(model, "all"))
+    everything = temp_bytes(ev.remat(model, "all"))
     linear = temp_bytes(model)
-    inputs = temp_bytes(ev.checkpoint_blocks(model, "inputs"))
+    inputs = temp_bytes(ev.remat(model, "inputs"))
     assert inputs < linear < 0.6 * everything, (everything, linear, inputs)
 
 
 def test_bad_options_are_refused():
-    model = ZOO["ViT"].build(jax.random.key(0))[0]
+    model = build("ViT", jax.random.key(0))[0]
     with pytest.raises(ValueError, match="unroll must be at least 1; got 0"):
         model.transformer.layers.with_options(unroll=0)
     with pytest.raises(
         ValueError, match=r"remat must be one of \['all', 'inputs', 'linear'\]; got 'dots'"
     ):
-        ev.checkpoint_blocks(model, "dots")
+        ev.remat(model, "dots")
+
+
+def test_checkpoint_blocks_is_a_deprecated_alias_of_remat():
+    model = build("ViT", jax.random.key(0))[0]
+    with pytest.warns(DeprecationWarning, match=r"use eqx_vision\.remat"):
+        changed = ev.checkpoint_blocks(model, "inputs")
+    assert eqx.tree_equal(changed, ev.remat(model, "inputs"))
+    assert ev.layers.remat is ev.remat
+
+
+def test_policy_is_an_ordinary_field_outside_the_optimizer_state():
+    """The policy and the layers' `keep_bits` are Python values in the model's leaves: an
+    optimizer state (of the array leaves) is the same whatever the policy, and `remat`
+    leaves such a tree alone."""
+    from eqx_vision import training
+
+    model = build("ViT", jax.random.key(0))[0]
+    optimizer = training.make_optimizer(1e-3, total_steps=10)
+    opt_state = training.init_optimizer(optimizer, model)
+    other = training.init_optimizer(optimizer, ev.remat(model, "inputs"))
+    assert jax.tree.structure(opt_state) == jax.tree.structure(other)
+    assert ev.remat(opt_state, "inputs") is opt_state
+    (stack,) = stacks(model)
+    assert stack.blocks.attn.keep_bits and stack.blocks.ff.keep_bits
+    (plain,) = stacks(ev.remat(model, "all"))
+    assert not plain.blocks.attn.keep_bits and not plain.blocks.ff.keep_bits
+    (again,) = stacks(ev.remat(ev.remat(model, "all"), "linear"))
+    assert again.blocks.attn.keep_bits and again.blocks.ff.fc1.keep_bits

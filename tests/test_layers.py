@@ -174,6 +174,43 @@ def test_stack_scan_equals_a_loop_over_its_blocks():
         stack[3]
 
 
+def test_stacked_stateful_blocks_get_stacked_state():
+    """Blocks with BatchNorm, stacked: one `StateIndex` per position, holding the stacked
+    initial values; restacking the blocks keeps the indices the state was made for."""
+    norms = [BatchNorm(4, axis_name="batch") for _ in range(3)]
+    stacked = ev.layers.stack_modules(norms)
+    indices = [n for n in jax.tree.leaves(stacked, is_leaf=ev.layers.is_state_index)
+               if ev.layers.is_state_index(n)]  # fmt: skip
+    firsts = [n for n in jax.tree.leaves(norms[0], is_leaf=ev.layers.is_state_index)
+              if ev.layers.is_state_index(n)]  # fmt: skip
+    assert len(indices) == len(firsts) > 0
+    for index, first in zip(indices, firsts, strict=True):
+        for new, old in zip(jax.tree.leaves(index.init), jax.tree.leaves(first.init), strict=True):
+            assert new.shape == (3, *old.shape)
+    state = eqx.nn.State(stacked)
+    assert jax.tree.leaves(state.get(indices[0]))[0].shape[0] == 3
+    blocks = [eqx.combine(jax.tree.map(lambda a, i=i: a[i], eqx.filter(stacked, eqx.is_array)),
+                          stacked) for i in range(3)]  # fmt: skip
+    restacked = ev.layers.stack_modules(blocks)  # e.g. after converting each block
+    assert jax.tree.structure(state.substate(restacked)) == jax.tree.structure(
+        state.substate(stacked)
+    )
+    assert ev.layers.is_stateful(stacked) and not ev.layers.is_stateful(norms[0].weight)
+
+
+def test_pair_and_its_config_error():
+    from eqx_vision import presets
+
+    assert ev.layers.pair(3, "size") == (3, 3) and ev.layers.pair((2, 5), "size") == (2, 5)
+    for bad in ("3", (1, 2, 3), (1.0, 2), True):
+        with pytest.raises(ValueError, match="size must be an int or a pair of ints"):
+            ev.layers.pair(bad, "size")
+    with pytest.raises(ValueError, match="size must be positive"):
+        ev.layers.pair((0, 2), "size")
+    with pytest.raises(presets.ConfigError, match=r"ints; got 'x'$"):
+        presets._pair("x", "--image-size")
+
+
 def test_sincos_matches_reference():
     from reference import reference
 

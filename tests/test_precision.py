@@ -22,12 +22,12 @@ import pytest
 import eqx_vision as ev
 from eqx_vision import data, training
 from eqx_vision.cli import main
-from eqx_vision.layers._linear import _bf16_linear_impl, _bf16_linear_p, dense
+from eqx_vision.layers._linear import dense
 from eqx_vision.precision import COMPUTE_DTYPES, Precision, cast_input, cast_output
-from zoo import ZOO, Entry, batched
+from eqx_vision.precision._bfloat16 import _linear_impl, _linear_p
+from tiny import NAMES, NUM_CLASSES, batched, build, input_shape
 
 
-NAMES = sorted(ZOO)
 BATCH = 2
 # Bounds on the bfloat16 run against the float32 run of the same model and input (the
 # measured values are in docs/precision.md): the largest logit error relative to the
@@ -36,11 +36,11 @@ MAX_LOGIT_ERROR = 0.05
 MIN_GRAD_COSINE = 0.99
 
 
-def _run(entry: Entry, model: Any, state: Any, images: jax.Array, labels: jax.Array, policy):
+def _run(model: Any, state: Any, images: jax.Array, labels: jax.Array, policy):
     """Raw logits, their float32 loss and its parameter gradients, under `policy`."""
 
     def loss(model):
-        raw = batched(entry, model, state, policy.cast_input(images))
+        raw = batched(model, state, policy.cast_input(images))
         logits = policy.cast_output(raw)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), raw
 
@@ -70,11 +70,11 @@ def _dtype(var: Any) -> str:
     return str(getattr(var.aval, "dtype", None))
 
 
-def _matmul_dtypes(entry: Entry, model: Any, state: Any, images: jax.Array) -> set[str]:
+def _matmul_dtypes(model: Any, state: Any, images: jax.Array) -> set[str]:
     """The operand dtypes of every matrix multiply and convolution of a forward pass. A
     float32 product whose result is only rounded to bfloat16 (a short product evaluated
     wide on purpose, as the head mixing of CaiT and DeepViT) counts as bfloat16."""
-    closed = eqx.filter_make_jaxpr(lambda m, x: batched(entry, m, state, x))(model, images)[0]
+    closed = eqx.filter_make_jaxpr(lambda m, x: batched(m, state, x))(model, images)[0]
     found = set()
     for jaxpr in _jaxprs(closed.jaxpr):
         rounded = {
@@ -95,24 +95,23 @@ def _matmul_dtypes(entry: Entry, model: Any, state: Any, images: jax.Array) -> s
                     found.add("bfloat16")
                 else:
                     found.update(_dtype(v) for v in eqn.invars)
-            elif eqn.primitive is _bf16_linear_p:  # the weight is cast inside
+            elif eqn.primitive is _linear_p:  # the weight is cast inside
                 found.add(_dtype(eqn.invars[0]))
     return found
 
 
 def measure(name: str) -> dict[str, Any]:
-    """Run one zoo model in float32 and in bfloat16 (inference mode, a batch of 2 images)
-    and compare logits and gradients."""
-    entry = ZOO[name]
-    model, state = entry.build(jr.key(0))
+    """Run the tiny preset of `name` in float32 and in bfloat16 (inference mode, a batch of
+    2 images) and compare logits and gradients."""
+    model, state = build(name, jr.key(0))
     model = eqx.nn.inference_mode(model)
-    images = jr.normal(jr.key(1), (BATCH, *entry.input_shape))
-    labels = jnp.arange(BATCH) % entry.config["num_classes"]
+    images = jr.normal(jr.key(1), (BATCH, *input_shape(name)))
+    labels = jnp.arange(BATCH) % NUM_CLASSES
 
     def both(model, state, images, labels):
-        return [_run(entry, model, state, images, labels, Precision(p)) for p in COMPUTE_DTYPES]
+        return [_run(model, state, images, labels, Precision(p)) for p in COMPUTE_DTYPES]
 
-    # One program for both runs (`entry`, not hashable, is closed over).
+    # One program for both runs.
     runs = eqx.filter_jit(both)(model, state, images, labels)
     (loss32, logits32, grads32), (loss16, logits16, grads16) = runs
     g32 = jax.tree.leaves(eqx.filter(grads32, eqx.is_inexact_array))
@@ -122,7 +121,7 @@ def measure(name: str) -> dict[str, Any]:
     l32, l16 = np.asarray(logits32, np.float32), np.asarray(logits16, np.float32)
     return {
         "logits_dtype": logits16.dtype,
-        "matmul_dtypes": _matmul_dtypes(entry, model, state, cast_input(images, jnp.bfloat16)),
+        "matmul_dtypes": _matmul_dtypes(model, state, cast_input(images, jnp.bfloat16)),
         "logits_finite": bool(np.all(np.isfinite(l16))),
         "grad_dtypes": {g.dtype for g in g16},
         "grads_finite": bool(jnp.all(jnp.isfinite(flat16))),
@@ -164,7 +163,7 @@ def test_bfloat16_linear_matches_its_plain_form():
     def loss(layer, x, plain=False):
         def one(xi):
             xi = xi.astype(jnp.bfloat16)
-            return _bf16_linear_impl(xi, layer.weight, layer.bias) if plain else layer(xi)
+            return _linear_impl(xi, layer.weight, layer.bias) if plain else layer(xi)
 
         y = jax.vmap(one)(x).astype(jnp.float32)
         return jnp.sum(y**2 * scale)
@@ -208,13 +207,12 @@ def test_bfloat16_stack_keeps_bit_patterns():
     """XLA's CPU backend slices bfloat16 buffers through float32 copies of the whole buffer;
     what a bfloat16 stack keeps per layer for its backward pass is the uint16 bit pattern
     of its linear outputs, the block inputs aside."""
-    entry = ZOO["ViT"]
-    model, state = entry.build(jr.key(0))
+    model, state = build("ViT", jr.key(0), depth=2)  # a stack of two blocks
     model = eqx.nn.inference_mode(model)
-    images = jr.normal(jr.key(1), (2, *entry.input_shape)).astype(jnp.bfloat16)
+    images = jr.normal(jr.key(1), (2, *input_shape("ViT"))).astype(jnp.bfloat16)
 
     def loss(model):
-        return jnp.sum(batched(entry, model, state, images).astype(jnp.float32))
+        return jnp.sum(batched(model, state, images).astype(jnp.float32))
 
     closed = eqx.filter_make_jaxpr(eqx.filter_grad(loss))(model)[0]
     scans = [e for e in _equations(closed.jaxpr) if e.primitive.name == "scan"]
@@ -234,7 +232,7 @@ def test_bfloat16_stack_keeps_bit_patterns():
     # A second derivative cannot go through a bit pattern: it fails loudly (a silent zero
     # otherwise); under another policy it is the plain one.
     def loss_of_images(model, images):
-        return jnp.sum(batched(entry, model, state, images).astype(jnp.float32) ** 2)
+        return jnp.sum(batched(model, state, images).astype(jnp.float32) ** 2)
 
     def hvp(model):
         grad = jax.grad(lambda v: loss_of_images(model, v))
@@ -242,7 +240,7 @@ def test_bfloat16_stack_keeps_bit_patterns():
 
     with pytest.raises(NotImplementedError, match="second derivatives of a bfloat16 block"):
         hvp(model)
-    plain = ev.checkpoint_blocks(model, "all")
+    plain = ev.remat(model, "all")
     assert bool(jnp.all(jnp.isfinite(hvp(plain).astype(jnp.float32))))
 
     # First derivatives are those of the plain bfloat16 computation, up to GELU's slope
@@ -272,12 +270,12 @@ def test_precision_policy():
 
 
 def test_train_step_in_bfloat16():
-    entry = ZOO["CvT"]  # BatchNorm: statistics of a bfloat16 batch, float32 running ones
-    model, state = entry.build(jr.key(0))
+    # BatchNorm: statistics of a bfloat16 batch, float32 running ones
+    model, state = build("CvT", jr.key(0), dropout=0.1)
     optimizer = training.make_optimizer(1e-3, total_steps=10)
     opt_state = training.init_optimizer(optimizer, model)
-    images = jr.normal(jr.key(1), (4, *entry.input_shape))
-    labels = jnp.arange(4) % entry.config["num_classes"]
+    images = jr.normal(jr.key(1), (4, *input_shape("CvT")))
+    labels = jnp.arange(4) % NUM_CLASSES
     new_model, new_state, new_opt, loss = training.train_step(
         model, state, opt_state, images, labels, jr.key(2),
         optimizer=optimizer, precision="bfloat16",
@@ -333,6 +331,7 @@ def test_cli_precision(tmp_path, tiny_npz, capsys):
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
     del config["settings"]["precision"]
+    del config["train_config"]  # written since the training loop moved into the library
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f)
     assert main(["train", "--out", out, "--resume", "--no-progress"]) == 0

@@ -2,7 +2,7 @@
 
 from . import layers as layers
 from .interop import CheckpointError as CheckpointError, from_vit_pytorch as from_vit_pytorch
-from .layers import checkpoint_blocks as checkpoint_blocks
+from .layers import checkpoint_blocks as checkpoint_blocks, remat as remat
 from .models import (
     LSA as LSA,
     SPT as SPT,

@@ -15,7 +15,12 @@ from ._conv import (
     max_pool2d as max_pool2d,
     unfold as unfold,
 )
-from ._feature_map import MapAttention as MapAttention, MapFeedForward as MapFeedForward
+from ._feature_map import (
+    ConvProjection as ConvProjection,
+    MapAttention as MapAttention,
+    MapFeedForward as MapFeedForward,
+    attention_bias_indices as attention_bias_indices,
+)
 from ._feedforward import FeedForward as FeedForward
 from ._grid import grid_to_tokens as grid_to_tokens, tokens_to_grid as tokens_to_grid
 from ._linear import (
@@ -35,11 +40,14 @@ from ._patch import (
 from ._peg import PEG as PEG
 from ._random import check_key as check_key, split_key as split_key
 from ._stack import (
+    REMAT as REMAT,
     LayerDrop as LayerDrop,
     Stack as Stack,
     checkpoint_blocks as checkpoint_blocks,
+    remat as remat,
     stack_modules as stack_modules,
 )
+from ._state import is_state_index as is_state_index, is_stateful as is_stateful
 from ._tokens import (
     AbstractClassTokenViT as AbstractClassTokenViT,
     pool_tokens as pool_tokens,

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._bits import saved_as_bits
+from ..precision import _bfloat16 as bfloat16
 from ._checks import checked_arguments
 from ._init import normal
 from ._linear import LayerNorm, Linear
@@ -30,15 +30,18 @@ def merge_heads(x: Float[Array, "heads seq head_dim"]) -> Float[Array, "seq inne
 
 
 def mix_heads(
-    attn: Float[Array, "heads q_seq kv_seq"], weight: Float[Array, "heads heads2"]
+    attn: Float[Array, "heads q_seq kv_seq"],
+    weight: Float[Array, "heads heads2"],
+    *,
+    keep_bits: bool = False,
 ) -> Float[Array, "heads2 q_seq kv_seq"]:
     """`einsum('h i j, h g -> g i j')`: a learned linear map across the head axis.
 
     In bfloat16 this short product (over the few heads) runs in float32 and is rounded
-    once, and the stacks keep its output as bits (`saved_as_bits`)."""
+    once; `keep_bits` keeps its bfloat16 output for a stack's backward pass as bits (see
+    [`Linear`][eqx_vision.layers.Linear])."""
     if attn.dtype == jnp.bfloat16:
-        wide = jnp.einsum("hij,hg->gij", attn.astype(jnp.float32), weight.astype(jnp.float32))
-        return saved_as_bits(wide.astype(attn.dtype))
+        return bfloat16.mix_heads(attn, weight, keep_bits=keep_bits)
     return jnp.einsum("hij,hg->gij", attn, weight.astype(attn.dtype))
 
 
@@ -68,8 +71,8 @@ def attend(
     the fewest chunks under that size, each chunk is computed in turn (`lax.map`) and
     recomputed in the backward pass (`jax.checkpoint`) rather than stored. The results are
     those of the whole computation (the softmax is over the keys); the working memory of
-    a training step no longer holds whole score and probability matrices (ScalableViT at
-    128 px attends within one window of 1024 tokens: 2.2 -> 1.3 GiB).
+    a training step no longer holds whole score and probability matrices (measured in the
+    [performance notes](../performance.md), "Long attention runs in chunks of queries").
     """
 
     def compute(q: Array, bias: Array | None, offset: Any, key: PRNGKeyArray | None) -> Array:
@@ -185,6 +188,7 @@ class Attention(eqx.Module):
     temperature: Float[Array, ""] | None
     attn_dropout: eqx.nn.Dropout
     out_dropout: eqx.nn.Dropout
+    keep_bits: bool | None
     heads: int = eqx.field(static=True)
     dim_head: int = eqx.field(static=True)
     scale: float = eqx.field(static=True)
@@ -224,6 +228,11 @@ class Attention(eqx.Module):
         - `scale`: the score scale; defaults to `dim_head ** -0.5`.
         - `talking_heads`, `reattention`, `locality`: the variants described above.
         - `key`: a `jax.random.key` for the initialisation.
+
+        `keep_bits`, an ordinary field, is `None` until a
+        [`Stack`][eqx_vision.layers.Stack] that runs this layer sets it, as it does
+        [`Linear`][eqx_vision.layers.Linear]'s: with `True` the bfloat16 head mixes keep
+        their outputs for the backward pass as 16-bit patterns.
         """
         if dim <= 0 or heads <= 0 or dim_head <= 0:
             raise ValueError(
@@ -255,6 +264,7 @@ class Attention(eqx.Module):
         self.temperature = jnp.asarray(math.log(dim_head**-0.5)) if locality else None
         self.attn_dropout = eqx.nn.Dropout(dropout)
         self.out_dropout = eqx.nn.Dropout(dropout)
+        self.keep_bits = None
         self.heads = heads
         self.dim_head = dim_head
         self.scale = dim_head**-0.5 if scale is None else scale
@@ -345,15 +355,15 @@ class Attention(eqx.Module):
             diagonal = rows == jax.lax.broadcasted_iota(jnp.int32, dots.shape[-2:], 1)
             dots = jnp.where(diagonal, -jnp.finfo(dots.dtype).max, dots)
         if self.mix_pre is not None:
-            dots = mix_heads(dots, self.mix_pre)
+            dots = mix_heads(dots, self.mix_pre, keep_bits=bool(self.keep_bits))
         attn = jax.nn.softmax(dots.astype(jnp.promote_types(dots.dtype, jnp.float32)), axis=-1)
         attn = attn.astype(q.dtype)
         if dropout:
             attn = self.attn_dropout(attn, key=dropout_key)
         if self.mix_post is not None:
-            attn = mix_heads(attn, self.mix_post)
+            attn = mix_heads(attn, self.mix_post, keep_bits=bool(self.keep_bits))
         if self.reattn_weights is not None:
             assert self.reattn_norm is not None
-            attn = mix_heads(attn, self.reattn_weights)
+            attn = mix_heads(attn, self.reattn_weights, keep_bits=bool(self.keep_bits))
             attn = jnp.moveaxis(self.reattn_norm(jnp.moveaxis(attn, 0, -1)), -1, 0)
         return attn

@@ -22,6 +22,7 @@ class FeedForward(eqx.Module):
     fc2: Linear
     hidden_dropout: eqx.nn.Dropout
     out_dropout: eqx.nn.Dropout
+    keep_bits: bool | None
     activation: Callable[[Array], Array] = eqx.field(static=True)
 
     @checked_arguments
@@ -45,6 +46,12 @@ class FeedForward(eqx.Module):
         - `out_dropout`: whether to apply dropout after the output layer too.
         - `activation`: the hidden activation, exact GELU by default.
         - `key`: a `jax.random.key` for the initialisation.
+
+        `keep_bits`, an ordinary field, is `None` until a
+        [`Stack`][eqx_vision.layers.Stack] that runs this block sets it, as it does
+        [`Linear`][eqx_vision.layers.Linear]'s: with `True` a bfloat16
+        [`gelu`][eqx_vision.layers.gelu] (the default activation) keeps its value and
+        slope for the backward pass as 16-bit patterns.
         """
         if dim <= 0 or hidden_dim <= 0:
             raise ValueError(
@@ -58,6 +65,7 @@ class FeedForward(eqx.Module):
         self.fc2 = Linear(hidden_dim, dim, key=key2)
         self.hidden_dropout = eqx.nn.Dropout(dropout)
         self.out_dropout = eqx.nn.Dropout(dropout if out_dropout else 0.0)
+        self.keep_bits = None
         self.activation = activation
 
     def __call__(
@@ -73,5 +81,10 @@ class FeedForward(eqx.Module):
         key1, key2 = split_key(key, 2)
         if self.norm is not None:
             x = self.norm(x)
-        x = self.hidden_dropout(self.activation(self.fc1(x)), key=key1)
+        hidden = self.fc1(x)
+        if self.activation is gelu:
+            hidden = gelu(hidden, keep_bits=bool(self.keep_bits))
+        else:
+            hidden = self.activation(hidden)
+        x = self.hidden_dropout(hidden, key=key1)
         return self.out_dropout(self.fc2(x), key=key2)

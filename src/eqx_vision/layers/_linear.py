@@ -1,19 +1,14 @@
 """Token-wise linear maps and normalisation over the feature axis."""
 
-import functools
 import math
-from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jax.core import ShapedArray
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._bits import keeps_bits, saved_as_bits, through_bits
+from ..precision import _bfloat16 as bfloat16
 from ._checks import checked_arguments
 from ._init import full, uniform
 
@@ -29,11 +24,12 @@ class Linear(eqx.Module):
 
     On a bfloat16 input the product accumulates in float32 and is rounded once, and so are
     the two products of its backward pass; the weight and bias gradients are accumulated
-    in float32.
+    in float32 (see the [mixed precision guide](../precision.md)).
     """
 
     weight: Float[Array, "out_features in_features"]
     bias: Float[Array, " out_features"] | None
+    keep_bits: bool | None
     in_features: int = eqx.field(static=True)
     out_features: int = eqx.field(static=True)
 
@@ -47,6 +43,11 @@ class Linear(eqx.Module):
         - `out_features`: size of the last axis of the output.
         - `use_bias`: whether to add a learned bias.
         - `key`: a `jax.random.key` for the initialisation.
+
+        `keep_bits`, an ordinary field, is `None` (no leaf: a layer on its own holds arrays
+        only) until a [`Stack`][eqx_vision.layers.Stack] that runs this layer sets it: to
+        `True` under its `"linear"` policy, when a bfloat16 output is kept for the
+        backward pass as its 16-bit pattern (see [`remat`][eqx_vision.remat]).
         """
         if in_features <= 0 or out_features <= 0:
             raise ValueError(
@@ -57,12 +58,15 @@ class Linear(eqx.Module):
         bound = 1.0 / math.sqrt(in_features)
         self.weight = uniform(wkey, (out_features, in_features), -bound, bound)
         self.bias = uniform(bkey, (out_features,), -bound, bound) if use_bias else None
+        self.keep_bits = None
         self.in_features = in_features
         self.out_features = out_features
 
     def __call__(
         self, x: Float[Array, "*batch in_features"]
     ) -> Float[Array, "*batch out_features"]:
+        if x.dtype == jnp.bfloat16:
+            return bfloat16.linear(x, self.weight, self.bias, keep_bits=bool(self.keep_bits))
         return dense(x, self.weight, self.bias)
 
 
@@ -71,95 +75,22 @@ def dense(
     weight: Float[Array, "out_features in_features"],
     bias: Float[Array, " out_features"] | None = None,
 ) -> Float[Array, "*batch out_features"]:
-    """`x @ weight.T + bias` in the dtype of `x` (the parameters are cast at use). In
-    bfloat16 the product accumulates in float32 and is rounded once, forward and backward
-    (see `_bf16_linear_p`)."""
+    """`x @ weight.T + bias` in the dtype of `x` (the parameters are cast at use)."""
     if x.dtype == jnp.bfloat16:
-        return saved_as_bits(_bf16_linear_p.bind(x, weight, *(() if bias is None else (bias,))))
+        return bfloat16.linear(x, weight, bias, keep_bits=False)
     y = x @ weight.astype(x.dtype).T
     return y if bias is None else y + bias.astype(x.dtype)
 
 
-# A bfloat16 linear layer is one primitive, `round_bf16(x @ w.T + b)` with the product
-# accumulated in float32: the form XLA's CPU backend runs on its bfloat16 matrix units
-# (several times faster than float32; a bfloat16-out product is slower than float32).
-# Written as `dot_general(..., preferred_element_type=float32)` and a cast, the cotangent
-# would arrive in float32 and both backward products would run in float32. As a primitive
-# the cotangent stays bfloat16, and the backward products take the same fast form:
-# `dx = g @ w` and `dw = gᵀ x`, accumulated in float32; `dw` and the bias gradient come
-# out in the parameters' dtype, summed in float32. Under `vmap` the leading axes of `x`
-# are free, so a batch stays one matrix product.
-
-
-def _dot_f32(a: Array, b: Array, a_axes: tuple[int, ...], b_axes: tuple[int, ...]) -> Array:
-    """`a` and `b` (cast to `a`'s dtype) contracted over the given axes, in float32."""
-    dims = ((a_axes, b_axes), ((), ()))
-    return jax.lax.dot_general(a, b.astype(a.dtype), dims, preferred_element_type=jnp.float32)
-
-
-def _bf16_linear_impl(x: Array, weight: Array, *bias: Array) -> Array:
-    y = _dot_f32(x, weight, (x.ndim - 1,), (1,))
-    if bias:
-        y = y + bias[0].astype(jnp.float32)
-    return y.astype(x.dtype)
-
-
-def _bf16_linear_abstract(x: Any, weight: Any, *bias: Any) -> ShapedArray:
-    return ShapedArray((*x.shape[:-1], weight.shape[0]), x.dtype)
-
-
-def _bf16_linear_jvp(primals: tuple, tangents: tuple) -> tuple[Array, Any]:
-    x, weight, *bias = primals
-    tx, tw, *tb = tangents
-    y = _bf16_linear_p.bind(x, weight, *bias)
-    terms = []
-    if type(tx) is not ad.Zero:
-        terms.append(_bf16_linear_p.bind(tx, weight))
-    if type(tw) is not ad.Zero:
-        terms.append(_bf16_linear_p.bind(x, tw))
-    if tb and type(tb[0]) is not ad.Zero:  # transposed to a float32 sum
-        terms.append(jnp.broadcast_to(tb[0].astype(jnp.float32), y.shape).astype(y.dtype))
-    if not terms:
-        return y, ad.Zero(ShapedArray(y.shape, y.dtype))
-    return y, functools.reduce(jnp.add, terms)
-
-
-def _bf16_linear_transpose(g: Any, x: Any, weight: Any, *bias: Any) -> tuple[Any, Any]:
-    # The tangent terms above are linear in exactly one of `x` and `weight`, without bias.
-    assert not bias
-    if ad.is_undefined_primal(x):
-        if type(g) is ad.Zero:
-            return ad.Zero(x.aval), None
-        return _dot_f32(g, weight, (g.ndim - 1,), (0,)).astype(x.aval.dtype), None
-    if type(g) is ad.Zero:
-        return None, ad.Zero(weight.aval)
-    lead = tuple(range(g.ndim - 1))
-    return None, _dot_f32(g, x, lead, lead).astype(weight.aval.dtype)
-
-
-def _bf16_linear_batch(args: tuple, dims: tuple) -> tuple[Array, int]:
-    x, weight, *bias = args
-    x_dim, *param_dims = dims
-    if x_dim is not None and all(d is None for d in param_dims):
-        return _bf16_linear_p.bind(jnp.moveaxis(x, x_dim, 0), weight, *bias), 0
-    # Per-example weights (rare): the plain form, batched.
-    return jax.vmap(_bf16_linear_impl, in_axes=tuple(dims))(*args), 0
-
-
-_bf16_linear_p = Primitive("eqx_vision_bf16_linear")
-_bf16_linear_p.def_impl(_bf16_linear_impl)
-_bf16_linear_p.def_abstract_eval(_bf16_linear_abstract)
-mlir.register_lowering(_bf16_linear_p, mlir.lower_fun(_bf16_linear_impl, multiple_results=False))
-ad.primitive_jvps[_bf16_linear_p] = _bf16_linear_jvp
-ad.primitive_transposes[_bf16_linear_p] = _bf16_linear_transpose
-batching.primitive_batchers[_bf16_linear_p] = _bf16_linear_batch
-
-
-def gelu(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+def gelu(x: Float[Array, "*shape"], *, keep_bits: bool = False) -> Float[Array, "*shape"]:
     """The exact (erf) GELU, as `torch.nn.GELU()`; `jax.nn.gelu` defaults to the tanh form.
-    Evaluated in float32 at least and rounded once (a bfloat16 erf rounds at every step)."""
-    if x.dtype == jnp.bfloat16 and keeps_bits():
-        return _gelu_bf16(x)
+    Evaluated in float32 at least and rounded once (a bfloat16 erf rounds at every step).
+
+    With `keep_bits`, as a [`Stack`][eqx_vision.layers.Stack] under its `"linear"` policy
+    asks of a [`FeedForward`][eqx_vision.layers.FeedForward], a bfloat16 GELU rounds its
+    slope too and keeps its value and slope for the backward pass as 16-bit patterns."""
+    if x.dtype == jnp.bfloat16 and keep_bits:
+        return _gelu_kept(x)
     wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return _gelu(wide).astype(x.dtype)
 
@@ -179,29 +110,14 @@ def _gelu(x: Array) -> Array:
 
 @_gelu.defjvp
 def _gelu_jvp(primals: tuple, tangents: tuple) -> tuple[Array, Array]:
-    # The slope shares the value's `erf`. The backward pass of a stack recomputes GELU from
-    # the kept linear output; differentiated as written (`jax.nn.gelu` uses `erfc`), the
-    # value and the slope took five loops over the hidden activations there, and ViT-S/16's
-    # float32 training step is 1.06x faster with this rule.
+    # The slope shares the value's `erf` (see docs/performance.md, "GELU's derivative
+    # shares its erf").
     (x,), (tx,) = primals, tangents
     value, slope = _gelu_and_slope(x)
     return value, tx * slope
 
 
-@jax.custom_jvp
-def _gelu_bf16(x: Array) -> Array:
-    return _gelu_and_slope(x)[0].astype(x.dtype)
-
-
-@_gelu_bf16.defjvp
-def _gelu_bf16_jvp(primals: tuple, tangents: tuple) -> tuple[Array, Array]:
-    # Inside a stack that keeps bits: the slope is rounded to bfloat16 like the value, and
-    # the stack's backward pass keeps both (as bits) and evaluates no `erf`, which in
-    # float32 costs more than the bfloat16 products around it.
-    (x,), (tx,) = primals, tangents
-    value, slope = _gelu_and_slope(x)
-    slope = through_bits(slope.astype(x.dtype))
-    return through_bits(value.astype(x.dtype)), tx * slope
+_gelu_kept = bfloat16.keeping_value_and_slope(_gelu_and_slope)
 
 
 class LayerNorm(eqx.Module):

@@ -1,6 +1,6 @@
 """Homogeneous stacks of blocks, stored with a leading depth axis and run with `lax.scan`."""
 
-import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, PRNGKeyArray
 
+from ..precision import _bfloat16 as bfloat16
 from . import _init as init
-from ._bits import _to_bits_p, keeping_bits
 from ._checks import checked_arguments
-from ._linear import _bf16_linear_p
+from ._state import is_state_index
 
 
 Block = TypeVar("Block", bound=eqx.Module)
@@ -21,14 +21,12 @@ Block = TypeVar("Block", bound=eqx.Module)
 
 def _linear_outputs(prim: Any, *_: Any, **params: Any) -> bool:
     """Save the outputs of weight products: matrix products without batch dimensions
-    (token-wise linear layers, also under `vmap`) and convolutions. A bfloat16 linear
-    layer's output is saved as its `uint16` bit pattern (`saved_as_bits`)."""
-    if prim is _bf16_linear_p or prim is _to_bits_p:
-        return True
+    (token-wise linear layers, also under `vmap`) and convolutions; in bfloat16, those of
+    the values kept as bit patterns too (see `Stack`)."""
     if prim is jax.lax.dot_general_p:
         (_, _), (lhs_batch, rhs_batch) = params["dimension_numbers"]
         return not lhs_batch and not rhs_batch
-    return prim is jax.lax.conv_general_dilated_p
+    return prim is jax.lax.conv_general_dilated_p or bfloat16.kept_by_linear_policy(prim)
 
 
 REMAT: dict[str, Callable[..., bool] | None] = {
@@ -36,18 +34,8 @@ REMAT: dict[str, Callable[..., bool] | None] = {
     "inputs": jax.checkpoint_policies.nothing_saveable,
     "all": None,
 }
-
-
-def _keeping_bits(step: Callable, enabled: bool) -> Callable:
-    """`step`, traced with bfloat16 linear outputs routed through their bit patterns (which
-    the `"linear"` policy keeps, see `_bits`) or, in a stack under another policy nested in
-    one that keeps them, not."""
-
-    def wrapped(*args: Any) -> Any:
-        with keeping_bits(enabled):
-            return step(*args)
-
-    return wrapped
+"""The recomputation policies of a [`Stack`][eqx_vision.layers.Stack] by name (see
+[`remat`][eqx_vision.remat]), each a `jax.checkpoint` policy (`None`: keep everything)."""
 
 
 class LayerDrop(eqx.Module):
@@ -85,13 +73,21 @@ class Stack(eqx.Module, Generic[Block]):
     holds one block however deep the stack is. `stack[i]` returns block `i` as an ordinary
     module. The blocks are called as `block(x, *args, key=key)` with a fresh key each.
     A stack within the blocks of another runs unrolled (`unroll` equal to its depth).
+
+    Two execution options are ordinary fields holding Python values, changed with
+    [`with_options`][eqx_vision.layers.Stack.with_options] or
+    [`remat`][eqx_vision.remat]: `remat`, the recomputation policy (`"linear"` by
+    default), and `unroll`. Under `"linear"` the layers of the blocks have their
+    `keep_bits` field set: in bfloat16 they keep what the backward pass needs as 16-bit
+    patterns (see [`Linear`][eqx_vision.layers.Linear] and the
+    [performance notes](../performance.md)).
     """
 
     blocks: Block
     layer_drop: LayerDrop
+    remat: str
+    unroll: int
     depth: int = eqx.field(static=True)
-    remat: str = eqx.field(static=True)
-    unroll: int = eqx.field(static=True)
 
     @checked_arguments
     def __init__(
@@ -116,15 +112,15 @@ class Stack(eqx.Module, Generic[Block]):
         # A stack inside each block runs in every iteration of this one; as a loop of its
         # own, its per-layer buffers would be written and sliced within each iteration.
         # Unrolled (these are short: CrossViT's two or three layers) its layers are plain
-        # code in the loop body: CrossViT's float32 training step 1.07x faster.
+        # code in the loop body (docs/performance.md, "Stacks within stacks are unrolled").
         inner = _stacks(blocks)
         if inner:
             blocks = eqx.tree_at(_stacks, blocks, [s.with_options(unroll=s.depth) for s in inner])
-        self.blocks = blocks
+        self.blocks = _keeping_bits(blocks, True)
         self.layer_drop = LayerDrop(layer_dropout)
-        self.depth = depth
         self.remat = "linear"
         self.unroll = 1
+        self.depth = depth
 
     def with_options(
         self, *, remat: str | None = None, unroll: int | None = None
@@ -133,24 +129,22 @@ class Stack(eqx.Module, Generic[Block]):
         Outputs and gradients are the same whatever the options.
 
         - `remat`: what the backward pass keeps of each block's forward pass, one of
-          `REMAT` (see [`checkpoint_blocks`][eqx_vision.checkpoint_blocks]).
+          `REMAT` (see [`remat`][eqx_vision.remat]).
         - `unroll`: blocks per iteration of the compiled loop (`lax.scan`'s `unroll`).
         """
         if remat is not None and remat not in REMAT:
             raise ValueError(f"remat must be one of {sorted(REMAT)}; got {remat!r}.")
         if unroll is not None and unroll < 1:
             raise ValueError(f"unroll must be at least 1; got {unroll}.")
-        new = object.__new__(type(self))
-        for field in dataclasses.fields(self):
-            object.__setattr__(new, field.name, getattr(self, field.name))
+        new = self
         if remat is not None:
-            object.__setattr__(new, "remat", remat)
+            blocks = _keeping_bits(self.blocks, remat == "linear")
+            new = eqx.tree_at(lambda s: (s.remat, s.blocks), new, (remat, blocks))
         if unroll is not None:
-            object.__setattr__(new, "unroll", unroll)
+            new = eqx.tree_at(lambda s: s.unroll, new, unroll)
         return new
 
     def _scan(self, step: Callable, init: Any, xs: Any) -> Any:
-        step = _keeping_bits(step, self.remat == "linear")
         if self.remat != "all":
             step = jax.checkpoint(step, policy=REMAT[self.remat], prevent_cse=False)
         return jax.lax.scan(step, init, xs, unroll=min(self.unroll, self.depth))
@@ -221,36 +215,33 @@ def _updates_state(module: Any) -> bool:
     return any(_is_stateful_layer(n) and not n.inference for n in nodes)
 
 
-def _is_state_index(node: Any) -> bool:
-    return isinstance(node, eqx.nn.StateIndex)
-
-
-def _share_state_indices(module: Block, like: Block) -> Block:
-    """`module` with the `StateIndex` markers of `like`, position by position.
-
-    Blocks built one by one each get their own markers (static fields), while a stack of
-    them has one state entry per index, holding the stacked initial values.
-    """
-    markers = [
-        i.marker for i in jax.tree.leaves(like, is_leaf=_is_state_index) if _is_state_index(i)
-    ]
-    if not markers:
-        return module
-    leaves, treedef = jax.tree.flatten(module, is_leaf=_is_state_index)
-    shared = iter(markers)
-    new_leaves = []
-    for leaf in leaves:
-        if _is_state_index(leaf):
-            index = eqx.nn.StateIndex(leaf.init)
-            object.__setattr__(index, "marker", next(shared))
-            leaf = index
-        new_leaves.append(leaf)
-    return jax.tree.unflatten(treedef, new_leaves)
+def _state_indices(module: Any) -> list[eqx.nn.StateIndex]:
+    return [n for n in jax.tree.leaves(module, is_leaf=is_state_index) if is_state_index(n)]
 
 
 def stack_modules(modules: list[Block]) -> Block:
-    """Stack modules of one structure into one whose array leaves gain a leading axis."""
-    modules = [modules[0]] + [_share_state_indices(m, modules[0]) for m in modules[1:]]
+    """Stack modules of one structure into one whose array leaves gain a leading axis.
+
+    Stateful modules (BatchNorm) keep the `eqx.nn.StateIndex`es of the first module, each
+    holding the stacked initial values of the modules' indices at its position: restacking
+    the blocks of a stack (`stack[i]` for every `i`) gives a module that the stack's state
+    still fits.
+    """
+    first = _state_indices(modules[0])
+    if first:
+        # Each module built on its own has indices of its own: give every module the first
+        # one's indices, each holding the module's own initial value, to stack them.
+        modules = [
+            eqx.tree_at(
+                _state_indices,
+                m,
+                [
+                    eqx.tree_at(lambda i: i.init, f, own.init)
+                    for f, own in zip(first, _state_indices(m), strict=True)
+                ],
+            )
+            for m in modules
+        ]
     dynamic = [eqx.filter(m, eqx.is_array) for m in modules]
     static = eqx.partition(modules[0], eqx.is_array)[1]
     for other in modules[1:]:
@@ -267,12 +258,45 @@ def _stacks(tree: Any) -> list[Stack]:
     return [n for n in jax.tree.leaves(tree, is_leaf=_is_stack) if _is_stack(n)]
 
 
-def checkpoint_blocks(model: Any, remat: str = "inputs") -> Any:
-    """`model` with another gradient-checkpointing policy in every stack of blocks.
+def _bit_keepers(tree: Any) -> list[Any]:
+    """The layers of `tree` with a `keep_bits` field, but those of the stacks within it
+    (each sets its own)."""
+    found: list[Any] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, Stack):
+            return
+        if isinstance(node, eqx.Module) and hasattr(node, "keep_bits"):
+            found.append(node)
+        children = jax.tree.leaves(node, is_leaf=lambda child: child is not node)
+        if children != [node]:
+            for child in children:
+                visit(child)
+
+    visit(tree)
+    return found
+
+
+def _keeping_bits(blocks: Block, enabled: bool) -> Block:
+    """`blocks` with the `keep_bits` field of their layers set to `enabled`."""
+    layers = _bit_keepers(blocks)
+    if not layers:
+        return blocks
+    return eqx.tree_at(
+        lambda t: [layer.keep_bits for layer in _bit_keepers(t)],
+        blocks,
+        [enabled] * len(layers),
+        is_leaf=lambda x: x is None,  # the field's `None` (not set yet) is no leaf
+    )
+
+
+def remat(model: Any, policy: str = "inputs") -> Any:
+    """`model` with another recomputation (gradient-checkpointing) policy in every stack
+    of blocks.
 
     A [`Stack`][eqx_vision.layers.Stack] runs its blocks with `lax.scan`; for the backward
     pass, what a block computes in the forward pass is either kept (in a buffer with one
-    slot per layer) or recomputed from what is kept. `remat` chooses:
+    slot per layer) or recomputed from what is kept. `policy` chooses:
 
     - `"linear"` (the default of every stack): keep the outputs of the linear layers and
       convolutions, recompute the rest (normalisation, activation functions, the attention
@@ -288,23 +312,47 @@ def checkpoint_blocks(model: Any, remat: str = "inputs") -> Any:
       memory.
 
     Outputs and gradients are the same under every policy. The parameters are shared with
-    `model`, not copied. The policy is part of the model's PyTree structure (a static
-    field), and so of every PyTree shaped like it: set it before initialising an optimizer
-    state, or pass both: `model, opt_state = checkpoint_blocks((model, opt_state), "inputs")`.
-    `python benchmarks/throughput.py --memory` measures the working memory of a training
-    step under each policy.
+    `model`, not copied. The policy is an ordinary field of each stack holding a string, so
+    it is not part of the trees of arrays derived from the model: an optimizer state
+    initialised before or after is the same, and trees whose stacks hold no policy (such
+    as an optimizer state) are returned unchanged. `python benchmarks/throughput.py
+    --memory` measures the working memory of a training step under each policy.
 
     **Arguments:**
 
-    - `model`: any model of `eqx_vision` (or a PyTree holding models, or trees shaped
-      like them such as an optimizer state).
-    - `remat`: one of `"linear"`, `"inputs"`, `"all"`.
+    - `model`: any model of `eqx_vision` (or a PyTree holding models).
+    - `policy`: one of `"linear"`, `"inputs"`, `"all"` (the keys of `REMAT`).
 
     **Returns:** the model with the new policy.
     """
-    if remat not in REMAT:
-        raise ValueError(f"remat must be one of {sorted(REMAT)}; got {remat!r}.")
-    stacks = _stacks(model)
-    if not stacks:
+    if policy not in REMAT:
+        raise ValueError(f"remat must be one of {sorted(REMAT)}; got {policy!r}.")
+
+    found = _stacks(model)
+    chosen = [i for i, s in enumerate(found) if isinstance(s.remat, str)]
+    if not chosen:
         return model
-    return eqx.tree_at(_stacks, model, [s.with_options(remat=remat) for s in stacks])
+
+    def stacks(tree: Any) -> list[Stack]:
+        return [_stacks(tree)[i] for i in chosen]
+
+    return eqx.tree_at(stacks, model, [found[i].with_options(remat=policy) for i in chosen])
+
+
+_remat = remat  # for `checkpoint_blocks`, whose argument has the function's name
+
+
+def checkpoint_blocks(model: Any, remat: str = "inputs") -> Any:
+    """Deprecated: the former name of [`remat`][eqx_vision.remat], kept for one release.
+
+    **Arguments:** as `remat(model, remat)`.
+
+    **Returns:** `remat(model, remat)`.
+    """
+    warnings.warn(
+        "eqx_vision.checkpoint_blocks is deprecated and will be removed in the next "
+        "release; use eqx_vision.remat(model, policy) instead.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return _remat(model, remat)

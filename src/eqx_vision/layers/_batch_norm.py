@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._checks import checked_arguments
+from ._checks import NonNegative, Positive, checked_arguments
 from ._conv import Conv2d, DepthwiseConv2d
 from ._init import full
 
@@ -42,7 +42,7 @@ class BatchNorm(eqx.Module):
     @checked_arguments
     def __init__(
         self,
-        channels: int,
+        channels: Positive,
         *,
         eps: float = 1e-5,
         momentum: float = 0.1,
@@ -131,12 +131,12 @@ class ConvBN(eqx.Module):
     @checked_arguments
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 1,
+        in_channels: Positive,
+        out_channels: Positive,
+        kernel_size: Positive = 1,
         *,
-        stride: int = 1,
-        padding: int = 0,
+        stride: Positive = 1,
+        padding: NonNegative = 0,
         depthwise: bool = False,
         use_bias: bool = False,
         eps: float = 1e-5,

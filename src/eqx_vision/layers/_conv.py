@@ -5,6 +5,7 @@ pads differently for even inputs and strided convolutions.
 """
 
 import math
+from typing import Annotated, cast
 
 import equinox as eqx
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._checks import checked_arguments
+from ._checks import Minimum, NonNegative, Pair, Positive, PositivePair, checked_arguments
 from ._init import full, uniform
 from ._linear import layer_norm
 
@@ -33,12 +34,12 @@ class Conv2d(eqx.Module):
     @checked_arguments
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
+        in_channels: Positive,
+        out_channels: Positive,
+        kernel_size: PositivePair,
         *,
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
+        stride: PositivePair = 1,
+        padding: Annotated[int | tuple[int, int], Pair(), Minimum(0)] = 0,
         use_bias: bool = True,
         key: PRNGKeyArray,
     ):
@@ -50,19 +51,14 @@ class Conv2d(eqx.Module):
         - `use_bias`: whether to add a learned bias.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        kh, kw = _pair(kernel_size)
-        if min(in_channels, out_channels, kh, kw, *_pair(stride)) <= 0 or min(_pair(padding)) < 0:
-            raise ValueError(
-                "Conv2d needs positive channels, kernel size and stride and a padding >= 0; got "
-                f"in_channels={in_channels}, out_channels={out_channels}, kernel_size="
-                f"{kernel_size}, stride={stride}, padding={padding}."
-            )
+        # checked_arguments passes the sizes as (height, width) pairs
+        kh, kw = cast(tuple[int, int], kernel_size)
         wkey, bkey = jr.split(key)
         bound = 1.0 / math.sqrt(in_channels * kh * kw)
         self.weight = uniform(wkey, (out_channels, in_channels, kh, kw), -bound, bound)
         self.bias = uniform(bkey, (out_channels,), -bound, bound) if use_bias else None
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
+        self.stride = cast(tuple[int, int], stride)
+        self.padding = cast(tuple[int, int], padding)
 
     def __call__(
         self, x: Float[Array, "in_channels height width"]
@@ -107,12 +103,12 @@ class DepthwiseConv2d(eqx.Module):
     @checked_arguments
     def __init__(
         self,
-        channels: int,
-        kernel_size: int,
+        channels: Positive,
+        kernel_size: Positive,
         *,
-        stride: int = 1,
-        padding: int = 0,
-        multiplier: int = 1,
+        stride: Positive = 1,
+        padding: NonNegative = 0,
+        multiplier: Positive = 1,
         use_bias: bool = True,
         key: PRNGKeyArray,
     ):
@@ -125,12 +121,6 @@ class DepthwiseConv2d(eqx.Module):
         - `use_bias`: whether to add a learned bias.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        if channels <= 0 or kernel_size <= 0 or stride <= 0 or multiplier <= 0 or padding < 0:
-            raise ValueError(
-                "DepthwiseConv2d needs positive channels, kernel_size, stride and multiplier "
-                f"and padding >= 0; got channels={channels}, kernel_size={kernel_size}, "
-                f"stride={stride}, multiplier={multiplier}, padding={padding}."
-            )
         wkey, bkey = jr.split(key)
         bound = 1.0 / kernel_size
         out = channels * multiplier
@@ -180,7 +170,7 @@ class ChannelLayerNorm(eqx.Module):
     eps: float = eqx.field(static=True)
 
     @checked_arguments
-    def __init__(self, channels: int, *, eps: float = 1e-5):
+    def __init__(self, channels: Positive, *, eps: float = 1e-5):
         """**Arguments:**
 
         - `channels`: number of channels.
@@ -279,7 +269,3 @@ def _windows(
         for j in range(kw)
     ]
     return jnp.stack(pieces, axis=1)
-
-
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))

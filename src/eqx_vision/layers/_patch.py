@@ -1,16 +1,20 @@
 """Cutting images into patch tokens, and checking what a model is given."""
 
+from typing import Any
+
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._checks import checked_arguments
+from ._checks import Positive, checked_arguments
 from ._linear import LayerNorm, Linear
 
 
-def pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    """`(h, w)` from an int or a pair of ints, validated as positive."""
+def pair(value: Any, name: str) -> tuple[int, int]:
+    """`(h, w)` from an int or a pair of ints (a tuple or a list), validated as positive:
+    the one reading of a size that may be given either way. Anything else is a
+    `ValueError` naming `name` (the type is checked here, not by an annotation)."""
     if isinstance(value, int) and not isinstance(value, bool):
         out = (value, value)
     elif (
@@ -99,9 +103,9 @@ class PatchEmbedding(eqx.Module):
     @checked_arguments
     def __init__(
         self,
-        channels: int,
-        patch_size: tuple[int, int],
-        dim: int,
+        channels: Positive,
+        patch_size: tuple[Positive, Positive],
+        dim: Positive,
         *,
         pre_norm: bool = True,
         post_norm: bool = True,

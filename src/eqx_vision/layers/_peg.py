@@ -3,7 +3,7 @@
 import equinox as eqx
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._checks import checked_arguments
+from ._checks import Positive, checked_arguments
 from ._conv import DepthwiseConv2d
 
 
@@ -18,7 +18,7 @@ class PEG(eqx.Module):
     proj: DepthwiseConv2d
 
     @checked_arguments
-    def __init__(self, dim: int, kernel_size: int = 3, *, key: PRNGKeyArray):
+    def __init__(self, dim: Positive, kernel_size: Positive = 3, *, key: PRNGKeyArray):
         """**Arguments:**
 
         - `dim`: channels of the map.

@@ -12,7 +12,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._attention import Attention
-from ._checks import checked_arguments
+from ._checks import Positive, Rate, checked_arguments
 from ._feedforward import FeedForward
 from ._init import full, keys
 from ._linear import LayerNorm
@@ -36,15 +36,15 @@ class Parallel(eqx.Module, Generic[Branch]):
     num_branches: int = eqx.field(static=True)
 
     @checked_arguments
-    def __init__(self, make_branch: Callable[..., Branch], num_branches: int, *, key: PRNGKeyArray):
+    def __init__(
+        self, make_branch: Callable[..., Branch], num_branches: Positive, *, key: PRNGKeyArray
+    ):
         """**Arguments:**
 
         - `make_branch`: called as `make_branch(key=key)` once per branch.
         - `num_branches`: number of branches, at least 1.
         - `key`: a `jax.random.key`, split into one key per branch.
         """
-        if num_branches < 1:
-            raise ValueError(f"num_parallel_branches must be >= 1; got {num_branches}.")
         self.branches = stack_modules([make_branch(key=k) for k in keys(key, num_branches)])
         self.num_branches = num_branches
 
@@ -91,7 +91,7 @@ class TransformerBlock(eqx.Module):
         ff: FeedForward | Parallel[FeedForward],
         *,
         layer_scale: float | None = None,
-        dim: int | None = None,
+        dim: Positive | None = None,
     ):
         """**Arguments:**
 
@@ -156,17 +156,17 @@ class Transformer(eqx.Module):
     @checked_arguments
     def __init__(
         self,
-        dim: int,
-        depth: int,
-        heads: int,
-        dim_head: int,
-        mlp_dim: int,
+        dim: Positive,
+        depth: Positive,
+        heads: Positive,
+        dim_head: Positive,
+        mlp_dim: Positive,
         *,
-        dropout: float = 0.0,
+        dropout: Rate = 0.0,
         final_norm: bool = True,
-        layer_dropout: float = 0.0,
+        layer_dropout: Rate = 0.0,
         layer_scale: bool = False,
-        num_branches: int = 1,
+        num_branches: Positive = 1,
         attention: Callable[..., Attention] = Attention,
         key: PRNGKeyArray,
         **attention_options: Any,
@@ -184,13 +184,6 @@ class Transformer(eqx.Module):
         - `**attention_options`: passed to every `Attention`
           (`talking_heads=True`, `fused_qkv=False`, ...).
         """
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1; got {depth}.")
-        if dim <= 0 or heads <= 0 or dim_head <= 0 or mlp_dim <= 0:
-            raise ValueError(
-                "dim, heads, dim_head and mlp_dim must be positive; got "
-                f"dim={dim}, heads={heads}, dim_head={dim_head}, mlp_dim={mlp_dim}."
-            )
 
         def make_attn(*, key: PRNGKeyArray) -> Attention:
             return attention(

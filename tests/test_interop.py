@@ -77,3 +77,33 @@ def test_wrong_architecture_and_wrong_type():
     other = reference("vit").ViT(**dict(CONFIG, depth=3)).state_dict()
     with pytest.raises(ev.CheckpointError, match="unexpected keys.*transformer.layers.2"):
         ev.from_vit_pytorch(model, other)
+
+
+def test_the_table_covers_every_model_with_a_reference_counterpart():
+    """Every public model class of eqx_vision (the 17 architectures and the PatchMerger, SPT
+    and LSA modules, which vit-pytorch defines as modules of their own) has a converter,
+    found through the explicit table of `eqx_vision.interop.vit_pytorch`."""
+    from eqx_vision.interop.vit_pytorch import CONVERTERS
+
+    public = {
+        getattr(ev, name)
+        for name in dir(ev.models)
+        if isinstance(getattr(ev.models, name), type)
+        and issubclass(getattr(ev.models, name), eqx.Module)
+    }
+    assert len(public) == 20
+    assert public == set(CONVERTERS)
+    for cls in public:
+        assert getattr(ev, cls.__name__) is cls
+
+
+def test_an_unsupported_module_names_the_supported_ones():
+    from eqx_vision.interop.vit_pytorch import CONVERTERS
+
+    module = ev.layers.MapFeedForward(4, 8, key=jax.random.key(0))
+    with pytest.raises(TypeError) as error:
+        ev.from_vit_pytorch(module, {})
+    message = str(error.value)
+    assert "no vit-pytorch converter for MapFeedForward" in message
+    for cls in CONVERTERS:
+        assert cls.__name__ in message

@@ -88,7 +88,7 @@ def check_windowed_image(
     height, width = (x.shape[1], x.shape[2]) if x.ndim == 3 else (example, example)
     check_image(x, (channels, height, width), model)
     for side, axis in ((height, "height"), (width, "width")):
-        reason = fit(side)
+        reason = f"it has {side} pixels" if side < 1 else fit(side)
         if reason is not None:
             hint = (
                 f"sides that are multiples of {size_multiple} fit"

@@ -7,30 +7,17 @@ import equinox as eqx
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_attention,
-    convert_feedforward,
-    convert_layernorm,
-    convert_linear,
-    convert_patch_embedding,
-    convert_stack,
-)
 from ..layers import (
-    Attention,
-    FeedForward,
     LayerNorm,
     Linear,
     PatchEmbedding,
     Transformer,
-    TransformerBlock,
     check_divisible,
     check_image,
     check_key,
-    pair,
     split_key,
 )
-from ..layers._checks import check_int, checked_arguments
+from ..layers._checks import Positive, Rate, checked_arguments
 from ..layers._init import normal
 
 
@@ -84,18 +71,18 @@ class CaiT(eqx.Module):
     def __init__(
         self,
         *,
-        image_size: int,
-        patch_size: int,
-        num_classes: int,
-        dim: int,
-        depth: int,
-        cls_depth: int,
-        heads: int,
-        mlp_dim: int,
-        dim_head: int = 64,
-        dropout: float = 0.0,
-        emb_dropout: float = 0.0,
-        layer_dropout: float = 0.0,
+        image_size: Positive,
+        patch_size: Positive,
+        num_classes: Positive,
+        dim: Positive,
+        depth: Positive,
+        cls_depth: Positive,
+        heads: Positive,
+        mlp_dim: Positive,
+        dim_head: Positive = 64,
+        dropout: Rate = 0.0,
+        emb_dropout: Rate = 0.0,
+        layer_dropout: Rate = 0.0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -116,16 +103,8 @@ class CaiT(eqx.Module):
           is kept.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        size = check_int(image_size, "image_size")
-        patch = check_int(patch_size, "patch_size")
-        grid = check_divisible(pair(size, "image_size"), pair(patch, "patch_size"))
-        for name, value in (
-            ("num_classes", num_classes),
-            ("depth", depth),
-            ("cls_depth", cls_depth),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1; got {value}.")
+        size, patch = image_size, patch_size
+        grid = check_divisible((size, size), (patch, patch))
         embed_key, pos_key, cls_key, patch_key, cls_tf_key, head_key = jr.split(key, 6)
 
         def encoder(stack_depth: int, stack_key: PRNGKeyArray) -> Transformer:
@@ -175,54 +154,3 @@ class CaiT(eqx.Module):
         tokens = self.patch_transformer(tokens, key=patch_key)
         cls = self.cls_transformer(self.cls_token.astype(tokens.dtype), tokens, key=cls_key)
         return self.mlp_head(self.head_norm(cls[0]))
-
-
-def _convert_block(m: TransformerBlock, sd: StateDict, prefix: str) -> TransformerBlock:
-    """A CaiT block: `{prefix}0.fn` (attention) and `{prefix}1.fn` (feed-forward), each with
-    its LayerScale vector `.scale` of shape `(1, 1, dim)`."""
-    attn, ff = m.attn, m.ff
-    assert isinstance(attn, Attention) and isinstance(ff, FeedForward)
-    assert m.attn_scale is not None and m.ff_scale is not None
-    dim = m.attn_scale.shape[0]
-    return eqx.tree_at(
-        lambda b: (b.attn, b.attn_scale, b.ff, b.ff_scale),
-        m,
-        (
-            convert_attention(attn, sd, prefix + "0.fn."),
-            sd.take(prefix + "0.scale", m.attn_scale, torch_shape=(1, 1, dim)),
-            convert_feedforward(ff, sd, prefix + "1.fn."),
-            sd.take(prefix + "1.scale", m.ff_scale, torch_shape=(1, 1, dim)),
-        ),
-    )
-
-
-def _convert_encoder(m: Transformer, sd: StateDict, prefix: str) -> Transformer:
-    layers = convert_stack(m.layers, sd, lambda i: f"{prefix}layers.{i}.", _convert_block)
-    return eqx.tree_at(lambda t: t.layers, m, layers)
-
-
-@register(CaiT)
-def _from_vit_pytorch(model: CaiT, sd: StateDict) -> CaiT:
-    return eqx.tree_at(
-        lambda m: (
-            m.to_patch_embedding,
-            m.pos_embedding,
-            m.cls_token,
-            m.patch_transformer,
-            m.cls_transformer,
-            m.head_norm,
-            m.mlp_head,
-        ),
-        model,
-        (
-            convert_patch_embedding(model.to_patch_embedding, sd, "to_patch_embedding."),
-            sd.take(
-                "pos_embedding", model.pos_embedding, torch_shape=(1, *model.pos_embedding.shape)
-            ),
-            sd.take("cls_token", model.cls_token, torch_shape=(1, *model.cls_token.shape)),
-            _convert_encoder(model.patch_transformer, sd, "patch_transformer."),
-            _convert_encoder(model.cls_transformer, sd, "cls_transformer."),
-            convert_layernorm(model.head_norm, sd, "mlp_head.0."),
-            convert_linear(model.mlp_head, sd, "mlp_head.1."),
-        ),
-    )

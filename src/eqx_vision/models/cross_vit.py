@@ -11,15 +11,6 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_attention,
-    convert_layernorm,
-    convert_linear,
-    convert_patch_embedding,
-    convert_stack,
-    convert_transformer,
-)
 from ..layers import (
     Attention,
     LayerNorm,
@@ -30,11 +21,10 @@ from ..layers import (
     check_divisible,
     check_image,
     check_key,
-    pair,
     split_key,
     with_class_tokens,
 )
-from ..layers._checks import checked_arguments
+from ..layers._checks import Positive, Rate, checked_arguments
 from ..layers._init import normal
 
 
@@ -223,6 +213,31 @@ class MultiScaleBlock(eqx.Module):
         return self.cross_attend(sm_tokens, lg_tokens, key=cross_key)
 
 
+def _encoder(
+    dim: int,
+    depth: int,
+    heads: int,
+    dim_head: int,
+    mlp_dim: int,
+    dropout: float,
+    *,
+    key: PRNGKeyArray,
+) -> Transformer:
+    """A branch's transformer encoder: separate query and key/value projections, and an
+    output projection in every case, as in the reference."""
+    return Transformer(
+        dim,
+        depth,
+        heads,
+        dim_head,
+        mlp_dim,
+        dropout=dropout,
+        fused_qkv=False,
+        project_out=True,
+        key=key,
+    )
+
+
 class CrossViT(eqx.Module):
     """The Cross-Attention Multi-Scale Vision Transformer.
 
@@ -258,27 +273,27 @@ class CrossViT(eqx.Module):
     def __init__(
         self,
         *,
-        image_size: int,
-        num_classes: int,
-        sm_dim: int,
-        lg_dim: int,
-        sm_patch_size: int = 12,
-        sm_enc_depth: int = 1,
-        sm_enc_heads: int = 8,
-        sm_enc_mlp_dim: int = 2048,
-        sm_enc_dim_head: int = 64,
-        lg_patch_size: int = 16,
-        lg_enc_depth: int = 4,
-        lg_enc_heads: int = 8,
-        lg_enc_mlp_dim: int = 2048,
-        lg_enc_dim_head: int = 64,
-        cross_attn_depth: int = 2,
-        cross_attn_heads: int = 8,
-        cross_attn_dim_head: int = 64,
-        depth: int = 3,
-        dropout: float = 0.1,
-        emb_dropout: float = 0.1,
-        channels: int = 3,
+        image_size: Positive,
+        num_classes: Positive,
+        sm_dim: Positive,
+        lg_dim: Positive,
+        sm_patch_size: Positive = 12,
+        sm_enc_depth: Positive = 1,
+        sm_enc_heads: Positive = 8,
+        sm_enc_mlp_dim: Positive = 2048,
+        sm_enc_dim_head: Positive = 64,
+        lg_patch_size: Positive = 16,
+        lg_enc_depth: Positive = 4,
+        lg_enc_heads: Positive = 8,
+        lg_enc_mlp_dim: Positive = 2048,
+        lg_enc_dim_head: Positive = 64,
+        cross_attn_depth: Positive = 2,
+        cross_attn_heads: Positive = 8,
+        cross_attn_dim_head: Positive = 64,
+        depth: Positive = 3,
+        dropout: Rate = 0.1,
+        emb_dropout: Rate = 0.1,
+        channels: Positive = 3,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -300,40 +315,9 @@ class CrossViT(eqx.Module):
         - `channels`: input channels.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        for name, value in (
-            ("image_size", image_size),
-            ("sm_patch_size", sm_patch_size),
-            ("lg_patch_size", lg_patch_size),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an int (square images); got {value!r}.")
-        ints = dict(
-            image_size=image_size,
-            num_classes=num_classes,
-            sm_dim=sm_dim,
-            lg_dim=lg_dim,
-            sm_patch_size=sm_patch_size,
-            sm_enc_depth=sm_enc_depth,
-            sm_enc_heads=sm_enc_heads,
-            sm_enc_mlp_dim=sm_enc_mlp_dim,
-            sm_enc_dim_head=sm_enc_dim_head,
-            lg_patch_size=lg_patch_size,
-            lg_enc_depth=lg_enc_depth,
-            lg_enc_heads=lg_enc_heads,
-            lg_enc_mlp_dim=lg_enc_mlp_dim,
-            lg_enc_dim_head=lg_enc_dim_head,
-            cross_attn_depth=cross_attn_depth,
-            cross_attn_heads=cross_attn_heads,
-            cross_attn_dim_head=cross_attn_dim_head,
-            depth=depth,
-            channels=channels,
-        )
-        for name, value in ints.items():
-            if value < 1:
-                raise ValueError(f"{name} must be positive; got {name}={value}.")
-        image_hw = pair(image_size, "image_size")
-        check_divisible(image_hw, pair(sm_patch_size, "sm_patch_size"), "sm_patch_size")
-        check_divisible(image_hw, pair(lg_patch_size, "lg_patch_size"), "lg_patch_size")
+        image_hw = (image_size, image_size)
+        check_divisible(image_hw, (sm_patch_size, sm_patch_size), "sm_patch_size")
+        check_divisible(image_hw, (lg_patch_size, lg_patch_size), "lg_patch_size")
 
         sm_key, lg_key, enc_key, sm_head_key, lg_head_key = jr.split(key, 5)
         self.sm_image_embedder = ImageEmbedder(
@@ -353,32 +337,15 @@ class CrossViT(eqx.Module):
             key=lg_key,
         )
 
+        sm_shape = (sm_dim, sm_enc_depth, sm_enc_heads, sm_enc_dim_head, sm_enc_mlp_dim)
+        lg_shape = (lg_dim, lg_enc_depth, lg_enc_heads, lg_enc_dim_head, lg_enc_mlp_dim)
+
         def make_block(index: int, *, key: PRNGKeyArray) -> MultiScaleBlock:
             del index
             sm_enc_key, lg_enc_key, cross_key = jr.split(key, 3)
             return MultiScaleBlock(
-                sm_enc=Transformer(
-                    sm_dim,
-                    sm_enc_depth,
-                    sm_enc_heads,
-                    sm_enc_dim_head,
-                    sm_enc_mlp_dim,
-                    dropout=dropout,
-                    fused_qkv=False,
-                    project_out=True,
-                    key=sm_enc_key,
-                ),
-                lg_enc=Transformer(
-                    lg_dim,
-                    lg_enc_depth,
-                    lg_enc_heads,
-                    lg_enc_dim_head,
-                    lg_enc_mlp_dim,
-                    dropout=dropout,
-                    fused_qkv=False,
-                    project_out=True,
-                    key=lg_enc_key,
-                ),
+                sm_enc=_encoder(*sm_shape, dropout, key=sm_enc_key),
+                lg_enc=_encoder(*lg_shape, dropout, key=lg_enc_key),
                 cross_attend=CrossTransformer(
                     sm_dim,
                     lg_dim,
@@ -419,90 +386,3 @@ class CrossViT(eqx.Module):
         sm_logits = self.sm_mlp_head(self.sm_head_norm(sm_tokens[0]))
         lg_logits = self.lg_mlp_head(self.lg_head_norm(lg_tokens[0]))
         return sm_logits + lg_logits
-
-
-# vit-pytorch converters.
-
-
-def _convert_embedder(m: ImageEmbedder, sd: StateDict, prefix: str) -> ImageEmbedder:
-    seq, dim = m.pos_embedding.shape
-    return eqx.tree_at(
-        lambda e: (e.to_patch_embedding, e.cls_token, e.pos_embedding),
-        m,
-        (
-            convert_patch_embedding(m.to_patch_embedding, sd, prefix + "to_patch_embedding."),
-            sd.take(prefix + "cls_token", m.cls_token, torch_shape=(1, 1, dim)),
-            sd.take(prefix + "pos_embedding", m.pos_embedding, torch_shape=(1, seq, dim)),
-        ),
-    )
-
-
-def _convert_cross_attention(m: CrossAttention, sd: StateDict, prefix: str) -> CrossAttention:
-    """vit-pytorch's `ProjectInOut(Attention)`: `project_in`, `fn`, `project_out`."""
-    m = eqx.tree_at(lambda c: c.attn, m, convert_attention(m.attn, sd, prefix + "fn."))
-    if m.project_in is not None and m.project_out is not None:
-        m = eqx.tree_at(
-            lambda c: (c.project_in, c.project_out),
-            m,
-            (
-                convert_linear(m.project_in, sd, prefix + "project_in."),
-                convert_linear(m.project_out, sd, prefix + "project_out."),
-            ),
-        )
-    return m
-
-
-def _convert_cross_layer(m: CrossLayer, sd: StateDict, prefix: str) -> CrossLayer:
-    return eqx.tree_at(
-        lambda c: (c.sm_attend_lg, c.lg_attend_sm),
-        m,
-        (
-            _convert_cross_attention(m.sm_attend_lg, sd, prefix + "0."),
-            _convert_cross_attention(m.lg_attend_sm, sd, prefix + "1."),
-        ),
-    )
-
-
-def _convert_block(m: MultiScaleBlock, sd: StateDict, prefix: str) -> MultiScaleBlock:
-    layers = convert_stack(
-        m.cross_attend.layers, sd, lambda i: f"{prefix}2.layers.{i}.", _convert_cross_layer
-    )
-    return eqx.tree_at(
-        lambda b: (b.sm_enc, b.lg_enc, b.cross_attend.layers),
-        m,
-        (
-            convert_transformer(m.sm_enc, sd, prefix + "0."),
-            convert_transformer(m.lg_enc, sd, prefix + "1."),
-            layers,
-        ),
-    )
-
-
-@register(CrossViT)
-def _from_vit_pytorch(model: CrossViT, sd: StateDict) -> CrossViT:
-    return eqx.tree_at(
-        lambda m: (
-            m.sm_image_embedder,
-            m.lg_image_embedder,
-            m.multi_scale_encoder,
-            m.sm_head_norm,
-            m.sm_mlp_head,
-            m.lg_head_norm,
-            m.lg_mlp_head,
-        ),
-        model,
-        (
-            _convert_embedder(model.sm_image_embedder, sd, "sm_image_embedder."),
-            _convert_embedder(model.lg_image_embedder, sd, "lg_image_embedder."),
-            convert_stack(
-                model.multi_scale_encoder,
-                sd,
-                lambda i: f"multi_scale_encoder.layers.{i}.",
-                _convert_block,
-            ),
-            convert_layernorm(model.sm_head_norm, sd, "sm_mlp_head.0."),
-            convert_linear(model.sm_mlp_head, sd, "sm_mlp_head.1."),
-            convert_layernorm(model.lg_head_norm, sd, "lg_mlp_head.0."),
-            convert_linear(model.lg_mlp_head, sd, "lg_mlp_head.1."),
-        ),
-    )

@@ -5,7 +5,7 @@ Wang et al., 2021, https://arxiv.org/abs/2108.00154.
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal, cast
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -13,15 +13,6 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_conv,
-    convert_layernorm,
-    convert_linear,
-    convert_map_attention,
-    convert_map_feedforward,
-    convert_stack,
-)
 from ..layers import (
     Conv2d,
     LayerNorm,
@@ -34,26 +25,35 @@ from ..layers import (
     size_multiple as find_size_multiple,
     split_key,
 )
-from ..layers._checks import checked_arguments
+from ..layers._checks import Minimum, PerStage, Positive, Rate, checked_arguments
 
 
 NUM_STAGES = 4
 DIM_HEAD = 32
 
 
-def _per_stage(value: object, name: str) -> tuple:
-    """The reference's `cast_tuple(value, 4)`: a scalar is repeated for the four stages."""
-    values = tuple(value) if isinstance(value, tuple | list) else (value,) * NUM_STAGES
-    if len(values) != NUM_STAGES:
-        raise ValueError(f"{name} must have {NUM_STAGES} entries (one per stage); got {value!r}.")
-    return values
+# One int for all four stages or one per stage (the reference's `cast_tuple(value, 4)`),
+# passed to `__init__` as a tuple of four.
+StageInts = Annotated[int | Sequence[int], PerStage(NUM_STAGES)]
 
 
-def _positive_ints(values: tuple, name: str) -> tuple[int, ...]:
-    for v in values:
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{name} must hold positive ints; got {values!r}.")
-    return tuple(values)
+def _check_kernel_sets(
+    kernel_sets: tuple[tuple[int, ...], ...], strides: tuple[int, ...], dims: tuple[int, ...]
+) -> None:
+    """The cross-embedding kernels of each stage agree with its stride and its `dim`."""
+    for kernels, stride, dim in zip(kernel_sets, strides, dims, strict=True):
+        if not kernels or min(kernels) < stride or len({(k - stride) % 2 for k in kernels}) > 1:
+            raise ValueError(
+                "cross_embed_kernel_sizes must give at least one kernel size per stage, all "
+                ">= the stride of their stage and all differing from it by an even or all by "
+                "an odd amount (else the convolutions disagree on the map size); got "
+                f"{kernels} with stride {stride}."
+            )
+        if int(dim / 2 ** (len(kernels) - 1)) <= 0:
+            raise ValueError(
+                f"dim {dim} is too small to split over {len(kernels)} cross-embedding "
+                f"kernels; got dim={dims!r}."
+            )
 
 
 class CrossEmbedLayer(eqx.Module):
@@ -267,21 +267,18 @@ class CrossFormer(eqx.Module):
     def __init__(
         self,
         *,
-        dim: int | Sequence[int] = (64, 128, 256, 512),
-        depth: int | Sequence[int] = (2, 2, 8, 2),
-        global_window_size: int | Sequence[int] = (8, 4, 2, 1),
-        local_window_size: int | Sequence[int] = 7,
-        cross_embed_kernel_sizes: Sequence[int] | Sequence[Sequence[int]] = (
-            (4, 8, 16, 32),
-            (2, 4),
-            (2, 4),
-            (2, 4),
-        ),
-        cross_embed_strides: int | Sequence[int] = (4, 2, 2, 2),
-        num_classes: int = 1000,
-        attn_dropout: float = 0.0,
-        ff_dropout: float = 0.0,
-        channels: int = 3,
+        dim: Annotated[StageInts, Minimum(DIM_HEAD)] = (64, 128, 256, 512),
+        depth: Annotated[StageInts, Minimum(0)] = (2, 2, 8, 2),
+        global_window_size: Annotated[StageInts, Minimum(1)] = (8, 4, 2, 1),
+        local_window_size: Annotated[StageInts, Minimum(1)] = 7,
+        cross_embed_kernel_sizes: Annotated[
+            Sequence[Sequence[int]], PerStage(NUM_STAGES), Minimum(1)
+        ] = ((4, 8, 16, 32), (2, 4), (2, 4), (2, 4)),
+        cross_embed_strides: Annotated[StageInts, Minimum(1)] = (4, 2, 2, 2),
+        num_classes: Positive = 1000,
+        attn_dropout: Rate = 0.0,
+        ff_dropout: Rate = 0.0,
+        channels: Positive = 3,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -302,51 +299,13 @@ class CrossFormer(eqx.Module):
         - `channels`: input channels.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        dims = _positive_ints(_per_stage(dim, "dim"), "dim")
-        depths = _per_stage(depth, "depth")
-        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in depths):
-            raise ValueError(f"depth must hold ints >= 0; got {depth!r}.")
-        global_windows = _positive_ints(
-            _per_stage(global_window_size, "global_window_size"), "global_window_size"
-        )
-        local_windows = _positive_ints(
-            _per_stage(local_window_size, "local_window_size"), "local_window_size"
-        )
-        strides = _positive_ints(
-            _per_stage(cross_embed_strides, "cross_embed_strides"), "cross_embed_strides"
-        )
-        kernel_sets = _per_stage(cross_embed_kernel_sizes, "cross_embed_kernel_sizes")
-        for kernels, stride in zip(kernel_sets, strides, strict=True):
-            if not isinstance(kernels, tuple | list) or not kernels:
-                raise ValueError(
-                    "cross_embed_kernel_sizes must give a non-empty sequence of kernel sizes "
-                    f"per stage; got {cross_embed_kernel_sizes!r}."
-                )
-            _positive_ints(tuple(kernels), "cross_embed_kernel_sizes")
-            if min(kernels) < stride or len({(k - stride) % 2 for k in kernels}) > 1:
-                raise ValueError(
-                    "cross_embed_kernel_sizes must be >= the stride of their stage and all "
-                    "differ from it by an even or all by an odd amount (else the convolutions "
-                    f"disagree on the map size); got {tuple(kernels)} with stride {stride}."
-                )
-        if min(dims) < DIM_HEAD:
-            raise ValueError(
-                f"dim must be at least {DIM_HEAD} at every stage (heads = dim // {DIM_HEAD}); "
-                f"got {dim!r}."
-            )
-        for d, kernels in zip(dims, kernel_sets, strict=True):
-            if int(d / 2 ** (len(kernels) - 1)) <= 0:
-                raise ValueError(
-                    f"dim {d} is too small to split over {len(kernels)} cross-embedding "
-                    f"kernels; got dim={dim!r}."
-                )
-        if not isinstance(num_classes, int) or num_classes <= 0:
-            raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
-        if not isinstance(channels, int) or channels <= 0:
-            raise ValueError(f"channels must be a positive int; got {channels!r}.")
-        for rate, name in ((attn_dropout, "attn_dropout"), (ff_dropout, "ff_dropout")):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name} must be in [0, 1); got {rate!r}.")
+        # checked_arguments passes every per-stage argument as a tuple of four
+        dims, depths = cast(tuple[int, ...], dim), cast(tuple[int, ...], depth)
+        global_windows = cast(tuple[int, ...], global_window_size)
+        local_windows = cast(tuple[int, ...], local_window_size)
+        strides = cast(tuple[int, ...], cross_embed_strides)
+        kernel_sets = cast(tuple[tuple[int, ...], ...], cross_embed_kernel_sizes)
+        _check_kernel_sets(kernel_sets, strides, dims)
 
         keys = jr.split(key, 2 * NUM_STAGES + 1)
         dims_in = (channels, *dims[:-1])
@@ -431,52 +390,3 @@ class CrossFormer(eqx.Module):
             if stage is not None:
                 x = stage(x, key=stage_key)
         return self.to_logits(x.mean(axis=(1, 2)))
-
-
-@register(CrossFormer)
-def _from_vit_pytorch(model: CrossFormer, sd: StateDict) -> CrossFormer:
-    def attention(m: DistanceAttention, sd: StateDict, prefix: str) -> DistanceAttention:
-        dpb = m.dpb
-        linears = [
-            convert_linear(lin, sd, f"{prefix}dpb.{3 * j}.") for j, lin in enumerate(dpb.linears)
-        ]
-        norms = [
-            convert_layernorm(n, sd, f"{prefix}dpb.{3 * j + 1}.") for j, n in enumerate(dpb.norms)
-        ]
-        return eqx.tree_at(
-            lambda a: (a.attn, a.dpb.linears, a.dpb.norms),
-            m,
-            (
-                convert_map_attention(m.attn, sd, prefix, out="to_out."),
-                tuple(linears),
-                tuple(norms),
-            ),
-        )
-
-    def block(m: CrossFormerBlock, sd: StateDict, prefix: str) -> CrossFormerBlock:
-        return eqx.tree_at(
-            lambda b: (b.short_attn, b.short_ff, b.long_attn, b.long_ff),
-            m,
-            (
-                attention(m.short_attn, sd, prefix + "0."),
-                convert_map_feedforward(m.short_ff, sd, prefix + "1.", net=""),
-                attention(m.long_attn, sd, prefix + "2."),
-                convert_map_feedforward(m.long_ff, sd, prefix + "3.", net=""),
-            ),
-        )
-
-    embeds, stages = [], []
-    for i, (embed, stage) in enumerate(zip(model.embeds, model.stages, strict=True)):
-        convs = tuple(
-            convert_conv(conv, sd, f"layers.{i}.0.convs.{j}.") for j, conv in enumerate(embed.convs)
-        )
-        embeds.append(eqx.tree_at(lambda e: e.convs, embed, convs))
-        if stage is not None:
-            stage = convert_stack(stage, sd, lambda j, i=i: f"layers.{i}.1.layers.{j}.", block)
-        stages.append(stage)
-    return eqx.tree_at(
-        lambda m: (m.embeds, m.stages, m.to_logits),
-        model,
-        (tuple(embeds), tuple(stages), convert_linear(model.to_logits, sd, "to_logits.1.")),
-        is_leaf=lambda x: x is None,
-    )

@@ -9,13 +9,6 @@ import equinox as eqx
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_layernorm,
-    convert_linear,
-    convert_patch_embedding,
-    convert_transformer,
-)
 from ..layers import (
     AbstractClassTokenViT,
     LayerNorm,
@@ -23,18 +16,9 @@ from ..layers import (
     PatchEmbedding,
     Transformer,
     check_divisible,
-    pair,
 )
-from ..layers._checks import checked_arguments
+from ..layers._checks import Positive, Rate, checked_arguments
 from ..layers._init import normal
-
-
-def _square_size(value: int, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(
-            f"DeepViT takes square images and patches: {name} must be an int; got {value!r}."
-        )
-    return value
 
 
 class DeepViT(AbstractClassTokenViT):
@@ -83,18 +67,18 @@ class DeepViT(AbstractClassTokenViT):
     def __init__(
         self,
         *,
-        image_size: int,
-        patch_size: int,
-        num_classes: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        mlp_dim: int,
+        image_size: Positive,
+        patch_size: Positive,
+        num_classes: Positive,
+        dim: Positive,
+        depth: Positive,
+        heads: Positive,
+        mlp_dim: Positive,
         pool: Literal["cls", "mean"] = "cls",
-        channels: int = 3,
-        dim_head: int = 64,
-        dropout: float = 0.0,
-        emb_dropout: float = 0.0,
+        channels: Positive = 3,
+        dim_head: Positive = 64,
+        dropout: Rate = 0.0,
+        emb_dropout: Rate = 0.0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -115,13 +99,8 @@ class DeepViT(AbstractClassTokenViT):
         - `emb_dropout`: dropout rate on the embedded tokens.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        image = _square_size(image_size, "image_size")
-        patch = _square_size(patch_size, "patch_size")
-        grid = check_divisible(pair(image, "image_size"), pair(patch, "patch_size"))
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
-        if channels <= 0:
-            raise ValueError(f"channels must be positive; got {channels}.")
+        image, patch = image_size, patch_size
+        grid = check_divisible((image, image), (patch, patch))
         embed_key, cls_key, pos_key, tf_key, head_key = jr.split(key, 5)
         self.to_patch_embedding = PatchEmbedding(channels, (patch, patch), dim, key=embed_key)
         self.cls_token = normal(cls_key, (1, dim))
@@ -144,28 +123,3 @@ class DeepViT(AbstractClassTokenViT):
         self.image_size = image
         self.channels = channels
         self.pool = pool
-
-
-@register(DeepViT)
-def _from_vit_pytorch(model: DeepViT, sd: StateDict) -> DeepViT:
-    return eqx.tree_at(
-        lambda m: (
-            m.to_patch_embedding,
-            m.cls_token,
-            m.pos_embedding,
-            m.transformer,
-            m.head_norm,
-            m.mlp_head,
-        ),
-        model,
-        (
-            convert_patch_embedding(model.to_patch_embedding, sd, "to_patch_embedding."),
-            sd.take("cls_token", model.cls_token, torch_shape=(1, *model.cls_token.shape)),
-            sd.take(
-                "pos_embedding", model.pos_embedding, torch_shape=(1, *model.pos_embedding.shape)
-            ),
-            convert_transformer(model.transformer, sd, "transformer."),
-            convert_layernorm(model.head_norm, sd, "mlp_head.0."),
-            convert_linear(model.mlp_head, sd, "mlp_head.1."),
-        ),
-    )

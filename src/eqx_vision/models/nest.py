@@ -4,23 +4,13 @@ Visual Understanding".
 Zhang et al., 2021, https://arxiv.org/abs/2105.12723.
 """
 
-from typing import Any
+from typing import Annotated, cast
 
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_channel_layernorm,
-    convert_conv,
-    convert_linear,
-    convert_map_attention,
-    convert_map_feedforward,
-    convert_patch_embedding,
-    convert_stack,
-)
 from ..layers import (
     ChannelLayerNorm,
     Conv2d,
@@ -35,7 +25,7 @@ from ..layers import (
     split_key,
     tokens_to_grid,
 )
-from ..layers._checks import checked_arguments
+from ..layers._checks import NonNegative, PerStage, Positive, Rate, checked_arguments
 from ..layers._init import normal
 
 
@@ -169,17 +159,19 @@ class NesT(eqx.Module):
     def __init__(
         self,
         *,
-        image_size: int,
-        patch_size: int,
-        num_classes: int,
-        dim: int,
-        heads: int,
-        num_hierarchies: int,
-        block_repeats: int | tuple[int, ...],
-        mlp_mult: int = 4,
-        channels: int = 3,
-        dim_head: int = 64,
-        dropout: float = 0.0,
+        image_size: Positive,
+        patch_size: Positive,
+        num_classes: Positive,
+        dim: Positive,
+        heads: Positive,
+        num_hierarchies: Positive,
+        block_repeats: Annotated[
+            NonNegative | tuple[NonNegative, ...], PerStage("num_hierarchies")
+        ],
+        mlp_mult: Positive = 4,
+        channels: Positive = 3,
+        dim_head: Positive = 64,
+        dropout: Rate = 0.0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -202,18 +194,6 @@ class NesT(eqx.Module):
           feed-forward blocks.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        for name, value in (
-            ("image_size", image_size),
-            ("patch_size", patch_size),
-            ("num_classes", num_classes),
-            ("dim", dim),
-            ("heads", heads),
-            ("num_hierarchies", num_hierarchies),
-            ("mlp_mult", mlp_mult),
-            ("channels", channels),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int; got {value!r}.")
         if image_size % patch_size:
             raise ValueError(
                 f"image_size must be divisible by patch_size; got image_size={image_size} "
@@ -233,19 +213,7 @@ class NesT(eqx.Module):
                 f"dim must be at least heads (heads have dim // heads dimensions); got "
                 f"dim={dim}, heads={heads}."
             )
-        if isinstance(block_repeats, int):
-            repeats = (block_repeats,) * num_hierarchies
-        else:
-            repeats = tuple(block_repeats)
-        if len(repeats) != num_hierarchies or any(
-            not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in repeats
-        ):
-            raise ValueError(
-                "block_repeats must be an int >= 0 or a tuple of num_hierarchies = "
-                f"{num_hierarchies} of them; got {block_repeats!r}."
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}.")
+        repeats = cast(tuple[int, ...], block_repeats)  # one per level, from checked_arguments
         block = fmap // blocks_per_side
         embed_key, head_key, *level_keys = jr.split(key, num_hierarchies + 2)
         self.to_patch_embedding = PatchEmbedding(
@@ -291,47 +259,3 @@ class NesT(eqx.Module):
         for level, level_key in zip(self.levels, split_key(key, len(self.levels)), strict=True):
             x = level(x, key=level_key)
         return self.mlp_head(self.norm(x).mean(axis=(1, 2)))
-
-
-@register(NesT)
-def _from_vit_pytorch(model: NesT, sd: StateDict) -> NesT:
-    def block(m: NesTBlock, sd: StateDict, prefix: str) -> NesTBlock:
-        return eqx.tree_at(
-            lambda b: (b.attn, b.ff),
-            m,
-            (
-                convert_map_attention(m.attn, sd, prefix + "0."),
-                convert_map_feedforward(m.ff, sd, prefix + "1."),
-            ),
-        )
-
-    levels = []
-    for i, level in enumerate(model.levels):
-        prefix = f"layers.{i}."
-        subs: dict[str, Any] = {"pos_embedding": sd.take(prefix + "0.pos_emb", level.pos_embedding)}
-        if level.blocks is not None:
-            subs["blocks"] = convert_stack(
-                level.blocks, sd, lambda j, p=prefix: f"{p}0.layers.{j}.", block
-            )
-        if level.conv is not None and level.norm is not None:
-            subs["conv"] = convert_conv(level.conv, sd, prefix + "1.0.")
-            subs["norm"] = convert_channel_layernorm(level.norm, sd, prefix + "1.1.")
-        levels.append(
-            eqx.tree_at(
-                lambda m, names=tuple(subs): [getattr(m, n) for n in names],
-                level,
-                list(subs.values()),
-            )
-        )
-    return eqx.tree_at(
-        lambda m: (m.to_patch_embedding, m.levels, m.norm, m.mlp_head),
-        model,
-        (
-            convert_patch_embedding(
-                model.to_patch_embedding, sd, "to_patch_embedding.", feature_map=True
-            ),
-            levels,
-            convert_channel_layernorm(model.norm, sd, "mlp_head.0."),
-            convert_linear(model.mlp_head, sd, "mlp_head.2."),
-        ),
-    )

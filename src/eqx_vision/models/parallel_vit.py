@@ -3,36 +3,21 @@
 Touvron et al., 2022, https://arxiv.org/abs/2203.09795.
 """
 
-from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Literal, cast
 
 import equinox as eqx
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_attention,
-    convert_block,
-    convert_feedforward,
-    convert_layernorm,
-    convert_linear,
-    convert_parallel,
-    convert_patch_embedding,
-    convert_transformer,
-)
 from ..layers import (
     AbstractClassTokenViT,
     LayerNorm,
     Linear,
-    Parallel,
     PatchEmbedding,
     Transformer,
-    TransformerBlock,
     check_divisible,
-    pair,
 )
-from ..layers._checks import checked_arguments
+from ..layers._checks import Positive, PositivePair, Rate, checked_arguments
 from ..layers._init import normal
 
 
@@ -78,19 +63,19 @@ class ParallelViT(AbstractClassTokenViT):
     def __init__(
         self,
         *,
-        image_size: int | tuple[int, int],
-        patch_size: int | tuple[int, int],
-        num_classes: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        mlp_dim: int,
+        image_size: PositivePair,
+        patch_size: PositivePair,
+        num_classes: Positive,
+        dim: Positive,
+        depth: Positive,
+        heads: Positive,
+        mlp_dim: Positive,
         pool: Literal["cls", "mean"] = "cls",
-        num_parallel_branches: int = 2,
-        channels: int = 3,
-        dim_head: int = 64,
-        dropout: float = 0.0,
-        emb_dropout: float = 0.0,
+        num_parallel_branches: Positive = 2,
+        channels: Positive = 3,
+        dim_head: Positive = 64,
+        dropout: Rate = 0.0,
+        emb_dropout: Rate = 0.0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -112,15 +97,9 @@ class ParallelViT(AbstractClassTokenViT):
         - `emb_dropout`: dropout rate on the embedded tokens.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        image_hw = pair(image_size, "image_size")
-        patch_hw = pair(patch_size, "patch_size")
+        # checked_arguments passes both sizes as (height, width) pairs
+        image_hw, patch_hw = cast(tuple[int, int], image_size), cast(tuple[int, int], patch_size)
         grid = check_divisible(image_hw, patch_hw)
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
-        if channels <= 0:
-            raise ValueError(f"channels must be positive; got {channels}.")
-        if num_parallel_branches < 1:
-            raise ValueError(f"num_parallel_branches must be >= 1; got {num_parallel_branches}.")
         embed_key, cls_key, pos_key, tf_key, head_key = jr.split(key, 5)
         self.to_patch_embedding = PatchEmbedding(
             channels, patch_hw, dim, pre_norm=False, post_norm=False, key=embed_key
@@ -144,50 +123,3 @@ class ParallelViT(AbstractClassTokenViT):
         self.image_size = image_hw
         self.channels = channels
         self.pool = pool
-
-
-B = TypeVar("B", bound=eqx.Module)
-
-
-def _convert_branches(
-    m: B | Parallel[B], sd: StateDict, prefix: str, convert: Callable[[B, StateDict, str], B]
-) -> B | Parallel[B]:
-    """Branches stored as `{prefix}fns.{b}.`; a single branch is a plain module here."""
-    if isinstance(m, Parallel):
-        return convert_parallel(m, sd, prefix, convert)
-    return convert(m, sd, prefix + "fns.0.")
-
-
-def _convert_block(m: TransformerBlock, sd: StateDict, prefix: str) -> TransformerBlock:
-    return convert_block(
-        m,
-        sd,
-        prefix,
-        attn=lambda a, sd, p: _convert_branches(a, sd, p, convert_attention),
-        ff=lambda f, sd, p: _convert_branches(f, sd, p, convert_feedforward),
-    )
-
-
-@register(ParallelViT)
-def _from_vit_pytorch(model: ParallelViT, sd: StateDict) -> ParallelViT:
-    return eqx.tree_at(
-        lambda m: (
-            m.to_patch_embedding,
-            m.cls_token,
-            m.pos_embedding,
-            m.transformer,
-            m.head_norm,
-            m.mlp_head,
-        ),
-        model,
-        (
-            convert_patch_embedding(model.to_patch_embedding, sd, "to_patch_embedding."),
-            sd.take("cls_token", model.cls_token, torch_shape=(1, *model.cls_token.shape)),
-            sd.take(
-                "pos_embedding", model.pos_embedding, torch_shape=(1, *model.pos_embedding.shape)
-            ),
-            convert_transformer(model.transformer, sd, "transformer.", block=_convert_block),
-            convert_layernorm(model.head_norm, sd, "mlp_head.0."),
-            convert_linear(model.mlp_head, sd, "mlp_head.1."),
-        ),
-    )

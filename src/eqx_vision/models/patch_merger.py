@@ -3,20 +3,14 @@
 Renggli et al., 2022, https://arxiv.org/abs/2202.12015.
 """
 
+from typing import cast
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_block,
-    convert_layernorm,
-    convert_linear,
-    convert_patch_embedding,
-    convert_stack,
-)
 from ..layers import (
     LayerNorm,
     Linear,
@@ -25,10 +19,9 @@ from ..layers import (
     check_divisible,
     check_image,
     check_key,
-    pair,
     split_key,
 )
-from ..layers._checks import checked_arguments
+from ..layers._checks import Positive, PositivePair, Rate, checked_arguments
 from ..layers._init import normal
 
 
@@ -48,17 +41,14 @@ class PatchMerger(eqx.Module):
     queries: Float[Array, "num_tokens_out dim"]
     scale: float = eqx.field(static=True)
 
-    def __init__(self, dim: int, num_tokens_out: int, *, key: PRNGKeyArray):
+    @checked_arguments
+    def __init__(self, dim: Positive, num_tokens_out: Positive, *, key: PRNGKeyArray):
         """**Arguments:**
 
         - `dim`: token dimension, in and out.
         - `num_tokens_out`: number of tokens returned.
         - `key`: a `jax.random.key` for the initialisation of the queries.
         """
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1; got {dim}.")
-        if num_tokens_out < 1:
-            raise ValueError(f"num_tokens_out must be >= 1; got {num_tokens_out}.")
         self.norm = LayerNorm(dim)
         self.queries = normal(key, (num_tokens_out, dim))
         self.scale = dim**-0.5
@@ -127,19 +117,19 @@ class ViTWithPatchMerger(eqx.Module):
     def __init__(
         self,
         *,
-        image_size: int | tuple[int, int],
-        patch_size: int | tuple[int, int],
-        num_classes: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        mlp_dim: int,
-        patch_merge_layer: int | None = None,
-        patch_merge_num_tokens: int = 8,
-        channels: int = 3,
-        dim_head: int = 64,
-        dropout: float = 0.0,
-        emb_dropout: float = 0.0,
+        image_size: PositivePair,
+        patch_size: PositivePair,
+        num_classes: Positive,
+        dim: Positive,
+        depth: Positive,
+        heads: Positive,
+        mlp_dim: Positive,
+        patch_merge_layer: Positive | None = None,
+        patch_merge_num_tokens: Positive = 8,
+        channels: Positive = 3,
+        dim_head: Positive = 64,
+        dropout: Rate = 0.0,
+        emb_dropout: Rate = 0.0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -160,12 +150,9 @@ class ViTWithPatchMerger(eqx.Module):
         - `emb_dropout`: dropout rate on the embedded tokens.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        image_hw = pair(image_size, "image_size")
-        patch_hw = pair(patch_size, "patch_size")
+        # checked_arguments passes both sizes as (height, width) pairs
+        image_hw, patch_hw = cast(tuple[int, int], image_size), cast(tuple[int, int], patch_size)
         grid = check_divisible(image_hw, patch_hw)
-        for name, value in (("num_classes", num_classes), ("depth", depth), ("channels", channels)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1; got {value}.")
         merge_layer = depth // 2 if patch_merge_layer is None else patch_merge_layer
         if not 1 <= merge_layer <= depth:
             given = (
@@ -176,8 +163,6 @@ class ViTWithPatchMerger(eqx.Module):
             raise ValueError(
                 f"patch_merge_layer must be in [1, depth] = [1, {depth}]; got {given}."
             )
-        if patch_merge_num_tokens < 1:
-            raise ValueError(f"patch_merge_num_tokens must be >= 1; got {patch_merge_num_tokens}.")
         embed_key, pos_key, before_key, merge_key, after_key, head_key = jr.split(key, 6)
 
         def encoder(stack_depth: int, stack_key: PRNGKeyArray) -> Transformer:
@@ -228,64 +213,3 @@ class ViTWithPatchMerger(eqx.Module):
         if self.merged_transformer is not None:
             tokens = self.merged_transformer(tokens, key=after_key)
         return self.mlp_head(self.norm(tokens).mean(axis=0))
-
-
-def convert_patch_merger(m: PatchMerger, sd: StateDict, prefix: str) -> PatchMerger:
-    """vit-pytorch's `PatchMerger`: `{prefix}norm.*` and `{prefix}queries`."""
-    return eqx.tree_at(
-        lambda p: (p.norm, p.queries),
-        m,
-        (convert_layernorm(m.norm, sd, prefix + "norm."), sd.take(prefix + "queries", m.queries)),
-    )
-
-
-@register(PatchMerger)
-def _patch_merger_from_vit_pytorch(model: PatchMerger, sd: StateDict) -> PatchMerger:
-    return convert_patch_merger(model, sd, "")
-
-
-@register(ViTWithPatchMerger)
-def _from_vit_pytorch(model: ViTWithPatchMerger, sd: StateDict) -> ViTWithPatchMerger:
-    # The reference numbers the blocks of its single encoder 0 … depth-1 on both sides of
-    # the merger.
-    offset = model.patch_merge_layer
-    before = eqx.tree_at(
-        lambda t: t.layers,
-        model.transformer,
-        convert_stack(
-            model.transformer.layers, sd, lambda i: f"transformer.layers.{i}.", convert_block
-        ),
-    )
-    after = model.merged_transformer
-    if after is not None:
-        after = eqx.tree_at(
-            lambda t: t.layers,
-            after,
-            convert_stack(
-                after.layers, sd, lambda i: f"transformer.layers.{i + offset}.", convert_block
-            ),
-        )
-    return eqx.tree_at(
-        lambda m: (
-            m.to_patch_embedding,
-            m.pos_embedding,
-            m.transformer,
-            m.patch_merger,
-            m.merged_transformer,
-            m.norm,
-            m.mlp_head,
-        ),
-        model,
-        (
-            convert_patch_embedding(model.to_patch_embedding, sd, "to_patch_embedding."),
-            sd.take(
-                "pos_embedding", model.pos_embedding, torch_shape=(1, *model.pos_embedding.shape)
-            ),
-            before,
-            convert_patch_merger(model.patch_merger, sd, "transformer.patch_merger."),
-            after,
-            convert_layernorm(model.norm, sd, "transformer.norm."),
-            convert_linear(model.mlp_head, sd, "mlp_head.1."),
-        ),
-        is_leaf=lambda x: x is None,
-    )

@@ -3,18 +3,13 @@
 Heo et al., 2021, https://arxiv.org/abs/2103.16302.
 """
 
+from typing import Annotated, cast
+
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_conv,
-    convert_layernorm,
-    convert_linear,
-    convert_transformer,
-)
 from ..layers import (
     Conv2d,
     DepthwiseConv2d,
@@ -29,7 +24,7 @@ from ..layers import (
     unfold,
     with_class_tokens,
 )
-from ..layers._checks import check_int, checked_arguments
+from ..layers._checks import Minimum, NonEmpty, PerStage, Positive, Rate, checked_arguments
 from ..layers._init import normal
 
 
@@ -113,17 +108,17 @@ class PiT(eqx.Module):
     def __init__(
         self,
         *,
-        image_size: int,
-        patch_size: int,
-        num_classes: int,
-        dim: int,
-        depth: tuple[int, ...],
-        heads: int | tuple[int, ...],
-        mlp_dim: int,
-        dim_head: int = 64,
-        dropout: float = 0.0,
-        emb_dropout: float = 0.0,
-        channels: int = 3,
+        image_size: Positive,
+        patch_size: Annotated[int, Minimum(2)],
+        num_classes: Positive,
+        dim: Positive,
+        depth: Annotated[tuple[Positive, ...], NonEmpty()],
+        heads: Annotated[Positive | tuple[Positive, ...], PerStage("len(depth)")],
+        mlp_dim: Positive,
+        dim_head: Positive = 64,
+        dropout: Rate = 0.0,
+        emb_dropout: Rate = 0.0,
+        channels: Positive = 3,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -143,32 +138,14 @@ class PiT(eqx.Module):
         - `channels`: input channels.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        size = check_int(image_size, "image_size")
-        patch = check_int(patch_size, "patch_size", minimum=2)
+        size, patch = image_size, patch_size
         if size % patch:
             raise ValueError(
                 f"image_size must be divisible by patch_size; got image_size={size} and "
                 f"patch_size={patch}."
             )
-        check_int(num_classes, "num_classes")
-        check_int(dim, "dim")
-        check_int(mlp_dim, "mlp_dim")
-        check_int(dim_head, "dim_head")
-        check_int(channels, "channels")
-        if not isinstance(depth, tuple) or not depth:
-            raise ValueError(
-                f"depth must be a non-empty tuple of per-stage block counts; got {depth!r}."
-            )
-        depths = tuple(check_int(d, "depth") for d in depth)
-        if isinstance(heads, tuple):
-            if len(heads) != len(depths):
-                raise ValueError(
-                    f"heads must be an int or a tuple with one entry per stage "
-                    f"({len(depths)}); got {heads!r}."
-                )
-            stage_heads = tuple(check_int(h, "heads") for h in heads)
-        else:
-            stage_heads = (check_int(heads, "heads"),) * len(depths)
+        depths = depth
+        stage_heads = cast(tuple[int, ...], heads)  # one per stage, from checked_arguments
 
         grid = (size - patch) // (patch // 2) + 1
         grid_sizes = [grid]
@@ -230,49 +207,3 @@ class PiT(eqx.Module):
             if i < len(self.pools):
                 tokens = self.pools[i](tokens)
         return self.mlp_head(self.head_norm(tokens[0]))
-
-
-def _convert_pool(m: PiTPool, sd: StateDict, prefix: str) -> PiTPool:
-    """The reference's `Pool`: `downsample.net.0` (depthwise), `downsample.net.1`
-    (pointwise) and `cls_ff`."""
-    return eqx.tree_at(
-        lambda p: (p.depthwise, p.pointwise, p.cls_ff),
-        m,
-        (
-            convert_conv(m.depthwise, sd, prefix + "downsample.net.0."),
-            convert_conv(m.pointwise, sd, prefix + "downsample.net.1."),
-            convert_linear(m.cls_ff, sd, prefix + "cls_ff."),
-        ),
-    )
-
-
-@register(PiT)
-def _from_vit_pytorch(model: PiT, sd: StateDict) -> PiT:
-    # `layers` is an nn.Sequential alternating stages (even indices) and pools (odd).
-    stages = tuple(
-        convert_transformer(s, sd, f"layers.{2 * i}.") for i, s in enumerate(model.stages)
-    )
-    pools = tuple(_convert_pool(p, sd, f"layers.{2 * i + 1}.") for i, p in enumerate(model.pools))
-    return eqx.tree_at(
-        lambda m: (
-            m.to_patch_embedding,
-            m.cls_token,
-            m.pos_embedding,
-            m.stages,
-            m.pools,
-            m.head_norm,
-            m.mlp_head,
-        ),
-        model,
-        (
-            convert_linear(model.to_patch_embedding, sd, "to_patch_embedding.2."),
-            sd.take("cls_token", model.cls_token, torch_shape=(1, *model.cls_token.shape)),
-            sd.take(
-                "pos_embedding", model.pos_embedding, torch_shape=(1, *model.pos_embedding.shape)
-            ),
-            stages,
-            pools,
-            convert_layernorm(model.head_norm, sd, "mlp_head.0."),
-            convert_linear(model.mlp_head, sd, "mlp_head.1."),
-        ),
-    )

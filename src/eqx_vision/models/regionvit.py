@@ -4,6 +4,7 @@ Chen, Panda and Fan, 2021, https://arxiv.org/abs/2106.02689.
 """
 
 from collections.abc import Sequence
+from typing import Annotated, cast
 
 import equinox as eqx
 import jax
@@ -12,15 +13,6 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_attention,
-    convert_channel_layernorm,
-    convert_conv,
-    convert_layernorm,
-    convert_linear,
-    convert_stack,
-)
 from ..layers import (
     PEG,
     Attention,
@@ -37,7 +29,7 @@ from ..layers import (
     window_merge,
     window_partition,
 )
-from ..layers._checks import checked_arguments
+from ..layers._checks import PerStage, Positive, Rate, checked_arguments
 from ..layers._init import normal
 
 
@@ -65,7 +57,7 @@ def _stage_windows(
     """The window (local tokens per region token) of each stage along one image side, or
     `None` if an image side of `side` pixels cannot be processed."""
     region_patch = local_patch_size * window_size
-    if side % region_patch or side % local_patch_size:
+    if side < 1 or side % region_patch or side % local_patch_size:
         return None
     local, region = _local_grid(side, tokenize_local_3_conv), side // region_patch
     windows = []
@@ -107,20 +99,8 @@ def _supported_sides(
     return multiple, extra
 
 
-def _per_stage(value: int | Sequence[int], name: str, minimum: int) -> tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        values = (value,) * NUM_STAGES
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        values = tuple(value)
-    else:
-        raise ValueError(f"{name} must be an int or a tuple of 4 ints; got {value!r}.")
-    if len(values) != NUM_STAGES or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in values
-    ):
-        raise ValueError(f"{name} must be an int or a tuple of 4 ints; got {value!r}.")
-    if min(values) < minimum:
-        raise ValueError(f"{name} must be >= {minimum} at every stage; got {value!r}.")
-    return values
+# A positive int for all four stages or one per stage, passed to `__init__` as a tuple of four.
+StageInts = Annotated[Positive | Sequence[Positive], PerStage(NUM_STAGES)]
 
 
 class ConvTokenizer(eqx.Module):
@@ -365,16 +345,16 @@ class RegionViT(eqx.Module):
     def __init__(
         self,
         *,
-        dim: int | Sequence[int] = (64, 128, 256, 512),
-        depth: int | Sequence[int] = (2, 2, 8, 2),
-        window_size: int = 7,
-        num_classes: int = 1000,
+        dim: StageInts = (64, 128, 256, 512),
+        depth: StageInts = (2, 2, 8, 2),
+        window_size: Positive = 7,
+        num_classes: Positive = 1000,
         tokenize_local_3_conv: bool = False,
-        local_patch_size: int = 4,
+        local_patch_size: Positive = 4,
         use_peg: bool = False,
-        attn_dropout: float = 0.0,
-        ff_dropout: float = 0.0,
-        channels: int = 3,
+        attn_dropout: Rate = 0.0,
+        ff_dropout: Rate = 0.0,
+        channels: Positive = 3,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -395,19 +375,8 @@ class RegionViT(eqx.Module):
         - `channels`: input channels.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        dims = _per_stage(dim, "dim", 1)
-        depths = _per_stage(depth, "depth", 1)
-        for name, value in (
-            ("window_size", window_size),
-            ("local_patch_size", local_patch_size),
-            ("num_classes", num_classes),
-            ("channels", channels),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}.")
-        for name, rate in (("attn_dropout", attn_dropout), ("ff_dropout", ff_dropout)):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name} must be in [0, 1); got {rate!r}.")
+        # checked_arguments passes both per-stage arguments as tuples of four
+        dims, depths = cast(tuple[int, ...], dim), cast(tuple[int, ...], depth)
         multiple, extra = _supported_sides(window_size, local_patch_size, tokenize_local_3_conv)
         if multiple is None and not extra:
             raise ValueError(
@@ -498,78 +467,3 @@ class RegionViT(eqx.Module):
         for stage, stage_key in zip(self.stages, stage_keys, strict=True):
             local, region = stage(local, region, key=stage_key)
         return self.mlp_head(self.head_norm(region.mean(axis=(1, 2))))
-
-
-def _convert_feedforward(m: FeedForward, sd: StateDict, prefix: str) -> FeedForward:
-    """The reference's feed-forward: a bare `nn.Sequential` (norm 0, Linears 1 and 4)."""
-    assert m.norm is not None
-    return eqx.tree_at(
-        lambda f: (f.norm, f.fc1, f.fc2),
-        m,
-        (
-            convert_layernorm(m.norm, sd, prefix + "0."),
-            convert_linear(m.fc1, sd, prefix + "1."),
-            convert_linear(m.fc2, sd, prefix + "4."),
-        ),
-    )
-
-
-def _convert_block(m: R2LBlock, sd: StateDict, prefix: str) -> R2LBlock:
-    return eqx.tree_at(
-        lambda b: (b.attn, b.ff),
-        m,
-        (
-            convert_attention(m.attn, sd, prefix + "0."),
-            _convert_feedforward(m.ff, sd, prefix + "1."),
-        ),
-    )
-
-
-def _convert_stage(m: R2LStage, sd: StateDict, prefix: str) -> R2LStage:
-    if m.downsample is not None:
-        down = convert_conv(m.downsample, sd, prefix + "0.conv.")
-        m = eqx.tree_at(lambda s: s.downsample, m, down)
-    if m.peg is not None:
-        peg = eqx.tree_at(lambda g: g.proj, m.peg, convert_conv(m.peg.proj, sd, prefix + "1.proj."))
-        m = eqx.tree_at(lambda s: s.peg, m, peg)
-    return eqx.tree_at(
-        lambda s: (s.rel_pos_bias, s.layers),
-        m,
-        (
-            sd.take(prefix + "2.local_rel_pos_bias.weight", m.rel_pos_bias),
-            convert_stack(m.layers, sd, lambda i: f"{prefix}2.layers.{i}.", _convert_block),
-        ),
-    )
-
-
-def _convert_tokenizer(m: ConvTokenizer, sd: StateDict, prefix: str) -> ConvTokenizer:
-    return eqx.tree_at(
-        lambda t: (t.conv1, t.norm1, t.conv2, t.norm2, t.conv3),
-        m,
-        (
-            convert_conv(m.conv1, sd, prefix + "0."),
-            convert_channel_layernorm(m.norm1, sd, prefix + "1."),
-            convert_conv(m.conv2, sd, prefix + "3."),
-            convert_channel_layernorm(m.norm2, sd, prefix + "4."),
-            convert_conv(m.conv3, sd, prefix + "6."),
-        ),
-    )
-
-
-@register(RegionViT)
-def _from_vit_pytorch(model: RegionViT, sd: StateDict) -> RegionViT:
-    if isinstance(model.local_encoder, ConvTokenizer):
-        local = _convert_tokenizer(model.local_encoder, sd, "local_encoder.")
-    else:
-        local = convert_conv(model.local_encoder, sd, "local_encoder.")
-    return eqx.tree_at(
-        lambda m: (m.local_encoder, m.region_encoder, m.stages, m.head_norm, m.mlp_head),
-        model,
-        (
-            local,
-            convert_conv(model.region_encoder, sd, "region_encoder.1."),
-            tuple(_convert_stage(s, sd, f"layers.{i}.") for i, s in enumerate(model.stages)),
-            convert_layernorm(model.head_norm, sd, "to_logits.1."),
-            convert_linear(model.mlp_head, sd, "to_logits.2."),
-        ),
-    )

@@ -5,21 +5,12 @@ Yang et al., 2022, https://arxiv.org/abs/2203.10790.
 
 import math
 from collections.abc import Sequence
+from typing import Annotated, cast
 
 import equinox as eqx
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_channel_layernorm,
-    convert_conv,
-    convert_layernorm,
-    convert_linear,
-    convert_map_attention,
-    convert_map_feedforward,
-    convert_stack,
-)
 from ..layers import (
     PEG,
     ChannelLayerNorm,
@@ -34,22 +25,13 @@ from ..layers import (
     size_multiple as find_size_multiple,
     split_key,
 )
-from ..layers._checks import checked_arguments
+from ..layers._checks import Minimum, NonEmpty, PerStage, Positive, Rate, checked_arguments
 
 
-def _per_stage(value: object, num_stages: int, name: str) -> tuple:
-    """The reference's `cast_tuple(value, num_stages)`: a scalar is repeated for every stage."""
-    values = tuple(value) if isinstance(value, tuple | list) else (value,) * num_stages
-    if len(values) != num_stages:
-        raise ValueError(
-            f"{name} must have one entry per stage ({num_stages}, the length of depth); "
-            f"got {value!r}."
-        )
-    return values
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# One value for every stage or one per stage (the reference's `cast_tuple(value, len(depth))`),
+# passed to `__init__` as a tuple with one value per stage.
+StageInts = Annotated[Positive | Sequence[Positive], PerStage("len(depth)")]
+StageWindows = Annotated[Positive | None | Sequence[Positive | None], PerStage("len(depth)")]
 
 
 class ScalableBlock(eqx.Module):
@@ -203,19 +185,19 @@ class ScalableViT(eqx.Module):
     def __init__(
         self,
         *,
-        num_classes: int,
-        dim: int,
-        depth: Sequence[int],
-        heads: int | Sequence[int],
-        reduction_factor: int | Sequence[int],
-        window_size: int | None | Sequence[int | None] = None,
-        iwsa_dim_key: int | Sequence[int] = 32,
-        iwsa_dim_value: int | Sequence[int] = 32,
-        ssa_dim_key: int | Sequence[int] = 32,
-        ssa_dim_value: int | Sequence[int] = 32,
-        ff_expansion_factor: int = 4,
-        channels: int = 3,
-        dropout: float = 0.0,
+        num_classes: Positive,
+        dim: Positive,
+        depth: Annotated[Sequence[int], NonEmpty(), Minimum(0)],
+        heads: StageInts,
+        reduction_factor: StageInts,
+        window_size: StageWindows = None,
+        iwsa_dim_key: StageInts = 32,
+        iwsa_dim_value: StageInts = 32,
+        ssa_dim_key: StageInts = 32,
+        ssa_dim_value: StageInts = 32,
+        ff_expansion_factor: Positive = 4,
+        channels: Positive = 3,
+        dropout: Rate = 0.0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -238,40 +220,20 @@ class ScalableViT(eqx.Module):
           feed-forward blocks.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        if not isinstance(depth, tuple | list) or not depth:
-            raise ValueError(
-                "depth must be a non-empty tuple giving the number of blocks of each stage; "
-                f"got {depth!r}."
-            )
-        if any(not _is_int(d) or d < 0 for d in depth):
-            raise ValueError(f"depth must hold ints >= 0; got {depth!r}.")
         num_stages = len(depth)
-        per_stage = {}
-        for name, value in (
-            ("heads", heads),
-            ("ssa_dim_key", ssa_dim_key),
-            ("ssa_dim_value", ssa_dim_value),
-            ("reduction_factor", reduction_factor),
-            ("iwsa_dim_key", iwsa_dim_key),
-            ("iwsa_dim_value", iwsa_dim_value),
-        ):
-            values = _per_stage(value, num_stages, name)
-            if any(not _is_int(v) or v <= 0 for v in values):
-                raise ValueError(f"{name} must hold positive ints; got {value!r}.")
-            per_stage[name] = values
-        windows = _per_stage(window_size, num_stages, "window_size")
-        if any(w is not None and (not _is_int(w) or w <= 0) for w in windows):
-            raise ValueError(f"window_size must hold positive ints or None; got {window_size!r}.")
-        for value, name in (
-            (dim, "dim"),
-            (ff_expansion_factor, "ff_expansion_factor"),
-            (channels, "channels"),
-            (num_classes, "num_classes"),
-        ):
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive int; got {value!r}.")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}.")
+        # checked_arguments passes every per-stage argument as a tuple of `num_stages`
+        per_stage = {
+            name: cast(tuple[int, ...], value)
+            for name, value in (
+                ("heads", heads),
+                ("ssa_dim_key", ssa_dim_key),
+                ("ssa_dim_value", ssa_dim_value),
+                ("reduction_factor", reduction_factor),
+                ("iwsa_dim_key", iwsa_dim_key),
+                ("iwsa_dim_value", iwsa_dim_value),
+            )
+        }
+        windows = cast(tuple[int | None, ...], window_size)
 
         keys = jr.split(key, num_stages + 2)
         self.to_patches = Conv2d(channels, dim, 7, stride=4, padding=3, key=keys[0])
@@ -343,59 +305,3 @@ class ScalableViT(eqx.Module):
         for stage, stage_key in zip(self.stages, keys, strict=True):
             x = stage(x, key=stage_key)
         return self.head(self.norm(x.mean(axis=(1, 2))))
-
-
-@register(ScalableViT)
-def _from_vit_pytorch(model: ScalableViT, sd: StateDict) -> ScalableViT:
-    def block(m: ScalableBlock, sd: StateDict, prefix: str) -> ScalableBlock:
-        peg = (
-            None
-            if m.peg is None
-            else eqx.tree_at(
-                lambda p: p.proj, m.peg, convert_conv(m.peg.proj, sd, prefix + "2.proj.")
-            )
-        )
-        return eqx.tree_at(
-            lambda b: (b.ssa, b.ff1, b.peg, b.ff2, b.iwsa),
-            m,
-            (
-                convert_map_attention(m.ssa, sd, prefix + "0."),
-                convert_map_feedforward(m.ff1, sd, prefix + "1."),
-                peg,
-                convert_map_feedforward(m.ff2, sd, prefix + "3."),
-                convert_map_attention(m.iwsa, sd, prefix + "4."),
-            ),
-            is_leaf=lambda x: x is None,
-        )
-
-    stages = []
-    for i, stage in enumerate(model.stages):
-        prefix = f"layers.{i}."
-        first = None if stage.first is None else block(stage.first, sd, f"{prefix}0.layers.0.")
-        rest = stage.rest
-        if rest is not None:
-            rest = convert_stack(rest, sd, lambda j, p=prefix: f"{p}0.layers.{j + 1}.", block)
-        norm = stage.norm
-        if norm is not None:
-            norm = convert_channel_layernorm(norm, sd, f"{prefix}0.norm.")
-        down = stage.downsample
-        if down is not None:
-            down = convert_conv(down, sd, f"{prefix}1.conv.")
-        stages.append(
-            eqx.tree_at(
-                lambda s: (s.first, s.rest, s.norm, s.downsample),
-                stage,
-                (first, rest, norm, down),
-                is_leaf=lambda x: x is None,
-            )
-        )
-    return eqx.tree_at(
-        lambda m: (m.to_patches, m.stages, m.norm, m.head),
-        model,
-        (
-            convert_conv(model.to_patches, sd, "to_patches."),
-            tuple(stages),
-            convert_layernorm(model.norm, sd, "mlp_head.1."),
-            convert_linear(model.head, sd, "mlp_head.2."),
-        ),
-    )

@@ -3,32 +3,23 @@
 Beyer, Zhai and Kolesnikov, 2022, https://arxiv.org/abs/2205.01580.
 """
 
+from typing import cast
+
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_attention,
-    convert_block,
-    convert_feedforward,
-    convert_linear,
-    convert_patch_embedding,
-    convert_transformer,
-)
 from ..layers import (
     Linear,
     PatchEmbedding,
     Transformer,
-    TransformerBlock,
     check_divisible,
     check_image,
     check_key,
-    pair,
     sincos_2d,
 )
-from ..layers._checks import checked_arguments
+from ..layers._checks import Positive, PositivePair, checked_arguments
 
 
 class SimpleViT(eqx.Module):
@@ -64,15 +55,15 @@ class SimpleViT(eqx.Module):
     def __init__(
         self,
         *,
-        image_size: int | tuple[int, int],
-        patch_size: int | tuple[int, int],
-        num_classes: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        mlp_dim: int,
-        channels: int = 3,
-        dim_head: int = 64,
+        image_size: PositivePair,
+        patch_size: PositivePair,
+        num_classes: Positive,
+        dim: Positive,
+        depth: Positive,
+        heads: Positive,
+        mlp_dim: Positive,
+        channels: Positive = 3,
+        dim_head: Positive = 64,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -89,18 +80,14 @@ class SimpleViT(eqx.Module):
         - `dim_head`: dimension per attention head.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        image_hw = pair(image_size, "image_size")
-        patch_hw = pair(patch_size, "patch_size")
+        # checked_arguments passes both sizes as (height, width) pairs
+        image_hw, patch_hw = cast(tuple[int, int], image_size), cast(tuple[int, int], patch_size)
         grid = check_divisible(image_hw, patch_hw)
         if dim % 4 or dim < 8:
             raise ValueError(
                 "dim must be a multiple of 4 and at least 8 for the sine-cosine position "
                 f"embedding; got dim={dim}."
             )
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
-        if channels <= 0:
-            raise ValueError(f"channels must be positive; got {channels}.")
         embed_key, tf_key, head_key = jr.split(key, 3)
         self.to_patch_embedding = PatchEmbedding(channels, patch_hw, dim, key=embed_key)
         self.transformer = Transformer(
@@ -128,26 +115,3 @@ class SimpleViT(eqx.Module):
         pos = jnp.asarray(sincos_2d(*self.grid, self.dim), dtype=tokens.dtype)
         tokens = self.transformer(tokens + pos, key=key)
         return self.linear_head(tokens.mean(axis=0))
-
-
-def _convert_block(m: TransformerBlock, sd: StateDict, prefix: str) -> TransformerBlock:
-    return convert_block(
-        m,
-        sd,
-        prefix,
-        attn=lambda a, sd, p: convert_attention(a, sd, p, out="to_out."),
-        ff=lambda f, sd, p: convert_feedforward(f, sd, p, indices=(0, 1, 3)),
-    )
-
-
-@register(SimpleViT)
-def _from_vit_pytorch(model: SimpleViT, sd: StateDict) -> SimpleViT:
-    return eqx.tree_at(
-        lambda m: (m.to_patch_embedding, m.transformer, m.linear_head),
-        model,
-        (
-            convert_patch_embedding(model.to_patch_embedding, sd, "to_patch_embedding."),
-            convert_transformer(model.transformer, sd, "transformer.", block=_convert_block),
-            convert_linear(model.linear_head, sd, "linear_head."),
-        ),
-    )

@@ -8,7 +8,7 @@ one-pixel-shifted neighbours, and Locality Self-Attention (`LSA`), attention wit
 temperature and without each token's score with itself.
 """
 
-from typing import Literal
+from typing import Literal, cast
 
 import equinox as eqx
 import jax
@@ -16,14 +16,6 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_attention,
-    convert_layernorm,
-    convert_linear,
-    convert_patch_embedding,
-    convert_transformer,
-)
 from ..layers import (
     AbstractClassTokenViT,
     Attention,
@@ -33,22 +25,9 @@ from ..layers import (
     Transformer,
     check_divisible,
     check_image,
-    pair,
 )
-from ..layers._checks import checked_arguments
+from ..layers._checks import Positive, PositivePair, Rate, checked_arguments
 from ..layers._init import normal
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ValueError(f"{name} must be positive; got {name}={value}.")
-
-
-def _square_patch(patch_size: int) -> int:
-    if not isinstance(patch_size, int) or isinstance(patch_size, bool):
-        raise ValueError(f"patch_size must be an int (square patches); got {patch_size!r}.")
-    return pair(patch_size, "patch_size")[0]
 
 
 class LSA(Attention):
@@ -60,13 +39,14 @@ class LSA(Attention):
     `locality=True` (and, as in the reference, an output projection in every case).
     """
 
+    @checked_arguments
     def __init__(
         self,
-        dim: int,
+        dim: Positive,
         *,
-        heads: int = 8,
-        dim_head: int = 64,
-        dropout: float = 0.0,
+        heads: Positive = 8,
+        dim_head: Positive = 64,
+        dropout: Rate = 0.0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -116,7 +96,10 @@ class SPT(eqx.Module):
     patch_size: int = eqx.field(static=True)
     channels: int = eqx.field(static=True)
 
-    def __init__(self, *, dim: int, patch_size: int, channels: int = 3, key: PRNGKeyArray):
+    @checked_arguments
+    def __init__(
+        self, *, dim: Positive, patch_size: Positive, channels: Positive = 3, key: PRNGKeyArray
+    ):
         """**Arguments:**
 
         - `dim`: the token dimension.
@@ -124,12 +107,10 @@ class SPT(eqx.Module):
         - `channels`: input channels.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        patch = _square_patch(patch_size)
-        _check_positive(dim=dim, channels=channels)
         self.to_patch_tokens = PatchEmbedding(
-            5 * channels, (patch, patch), dim, post_norm=False, key=key
+            5 * channels, (patch_size, patch_size), dim, post_norm=False, key=key
         )
-        self.patch_size = patch
+        self.patch_size = patch_size
         self.channels = channels
 
     def __call__(self, x: Float[Array, "channels height width"]) -> Float[Array, "num_patches dim"]:
@@ -184,18 +165,18 @@ class SmallDatasetViT(AbstractClassTokenViT):
     def __init__(
         self,
         *,
-        image_size: int | tuple[int, int],
-        patch_size: int,
-        num_classes: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        mlp_dim: int,
+        image_size: PositivePair,
+        patch_size: Positive,
+        num_classes: Positive,
+        dim: Positive,
+        depth: Positive,
+        heads: Positive,
+        mlp_dim: Positive,
         pool: Literal["cls", "mean"] = "cls",
-        channels: int = 3,
-        dim_head: int = 64,
-        dropout: float = 0.0,
-        emb_dropout: float = 0.0,
+        channels: Positive = 3,
+        dim_head: Positive = 64,
+        dropout: Rate = 0.0,
+        emb_dropout: Rate = 0.0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -215,18 +196,9 @@ class SmallDatasetViT(AbstractClassTokenViT):
         - `emb_dropout`: dropout rate on the embedded tokens.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        image_hw = pair(image_size, "image_size")
-        patch = _square_patch(patch_size)
+        image_hw = cast(tuple[int, int], image_size)  # a pair, from checked_arguments
+        patch = patch_size
         grid = check_divisible(image_hw, (patch, patch))
-        _check_positive(
-            num_classes=num_classes,
-            dim=dim,
-            depth=depth,
-            heads=heads,
-            mlp_dim=mlp_dim,
-            channels=channels,
-            dim_head=dim_head,
-        )
         embed_key, cls_key, pos_key, tf_key, head_key = jr.split(key, 5)
         self.to_patch_embedding = SPT(dim=dim, patch_size=patch, channels=channels, key=embed_key)
         self.cls_token = normal(cls_key, (1, dim))
@@ -248,48 +220,3 @@ class SmallDatasetViT(AbstractClassTokenViT):
         self.image_size = image_hw
         self.channels = channels
         self.pool = pool
-
-
-def convert_spt(m: SPT, sd: StateDict, prefix: str) -> SPT:
-    """vit-pytorch's `SPT`: `LayerNorm` and `Linear` at `{prefix}to_patch_tokens.{1,2}.`."""
-    return eqx.tree_at(
-        lambda s: s.to_patch_tokens,
-        m,
-        convert_patch_embedding(m.to_patch_tokens, sd, prefix + "to_patch_tokens."),
-    )
-
-
-@register(LSA)
-def _lsa_from_vit_pytorch(model: LSA, sd: StateDict) -> LSA:
-    out = convert_attention(model, sd, "")
-    assert isinstance(out, LSA)
-    return out
-
-
-@register(SPT)
-def _spt_from_vit_pytorch(model: SPT, sd: StateDict) -> SPT:
-    return convert_spt(model, sd, "")
-
-
-@register(SmallDatasetViT)
-def _from_vit_pytorch(model: SmallDatasetViT, sd: StateDict) -> SmallDatasetViT:
-    seq, dim = model.pos_embedding.shape
-    return eqx.tree_at(
-        lambda m: (
-            m.to_patch_embedding,
-            m.cls_token,
-            m.pos_embedding,
-            m.transformer,
-            m.head_norm,
-            m.mlp_head,
-        ),
-        model,
-        (
-            convert_spt(model.to_patch_embedding, sd, "to_patch_embedding."),
-            sd.take("cls_token", model.cls_token, torch_shape=(1, 1, dim)),
-            sd.take("pos_embedding", model.pos_embedding, torch_shape=(1, seq, dim)),
-            convert_transformer(model.transformer, sd, "transformer."),
-            convert_layernorm(model.head_norm, sd, "mlp_head.0."),
-            convert_linear(model.mlp_head, sd, "mlp_head.1."),
-        ),
-    )

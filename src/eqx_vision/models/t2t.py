@@ -4,7 +4,7 @@ Yuan et al., 2021, https://arxiv.org/abs/2101.11986.
 """
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Annotated, Literal
 
 import equinox as eqx
 import jax
@@ -12,8 +12,6 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import CheckpointError, StateDict, register
-from ..interop._vit_pytorch import convert_linear, convert_transformer
 from ..layers import (
     Linear,
     Transformer,
@@ -25,24 +23,30 @@ from ..layers import (
     unfold,
     with_class_tokens,
 )
-from ..layers._checks import check_int, checked_arguments
+from ..layers._checks import NonEmpty, Positive, Rate, checked_arguments
 from ..layers._init import normal
 
 
-def _check_t2t_layers(value: object) -> tuple[tuple[int, int], ...]:
-    message = f"t2t_layers must be a non-empty tuple of (kernel_size, stride) pairs; got {value!r}."
-    if not isinstance(value, tuple | list) or not value:
-        raise ValueError(message)
-    layers = []
-    for layer in value:
-        if (
-            not isinstance(layer, tuple | list)
-            or len(layer) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in layer)
-        ):
-            raise ValueError(message)
-        layers.append((int(layer[0]), int(layer[1])))
-    return tuple(layers)
+def _t2t_grids(
+    image_size: int, channels: int, t2t_layers: tuple[tuple[int, int], ...]
+) -> tuple[list[int], list[int]]:
+    """The token grid side and the token dimension after each tokens-to-token stage; a
+    ValueError if a stage's window does not fit its grid."""
+    grid_sizes, layer_dims = [], []
+    side, layer_dim = image_size, channels
+    for kernel, stride in t2t_layers:
+        padded = side + 2 * (stride // 2)
+        if padded < kernel:
+            raise ValueError(
+                f"t2t_layers: a {kernel}x{kernel} window does not fit the {side}x{side} "
+                f"token grid (padded to {padded}) reached from image_size={image_size}; got "
+                f"t2t_layers={t2t_layers!r}."
+            )
+        side = (padded - kernel) // stride + 1
+        layer_dim *= kernel * kernel
+        grid_sizes.append(side)
+        layer_dims.append(layer_dim)
+    return grid_sizes, layer_dims
 
 
 class T2TViT(eqx.Module):
@@ -92,19 +96,23 @@ class T2TViT(eqx.Module):
     def __init__(
         self,
         *,
-        image_size: int,
-        num_classes: int,
-        dim: int,
-        depth: int | None = None,
-        heads: int | None = None,
-        mlp_dim: int | None = None,
+        image_size: Positive,
+        num_classes: Positive,
+        dim: Positive,
+        depth: Positive | None = None,
+        heads: Positive | None = None,
+        mlp_dim: Positive | None = None,
         pool: Literal["cls", "mean"] = "cls",
-        channels: int = 3,
-        dim_head: int = 64,
-        dropout: float = 0.0,
-        emb_dropout: float = 0.0,
+        channels: Positive = 3,
+        dim_head: Positive = 64,
+        dropout: Rate = 0.0,
+        emb_dropout: Rate = 0.0,
         transformer: Callable[..., Array] | None = None,
-        t2t_layers: tuple[tuple[int, int], ...] = ((7, 4), (3, 2), (3, 2)),
+        t2t_layers: Annotated[tuple[tuple[Positive, Positive], ...], NonEmpty()] = (
+            (7, 4),
+            (3, 2),
+            (3, 2),
+        ),
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -132,11 +140,7 @@ class T2TViT(eqx.Module):
         - `t2t_layers`: the `(kernel_size, stride)` of each tokens-to-token stage.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        size = check_int(image_size, "image_size")
-        check_int(num_classes, "num_classes")
-        check_int(dim, "dim")
-        check_int(channels, "channels")
-        layers = _check_t2t_layers(t2t_layers)
+        size, layers = image_size, t2t_layers
         if transformer is None:
             missing = [
                 name
@@ -148,30 +152,11 @@ class T2TViT(eqx.Module):
                     f"depth, heads and mlp_dim must be given when no transformer is; "
                     f"missing {', '.join(missing)}."
                 )
-            depth = check_int(depth, "depth")
-            heads = check_int(heads, "heads")
-            mlp_dim = check_int(mlp_dim, "mlp_dim")
-            check_int(dim_head, "dim_head")
         elif not callable(transformer):
             raise ValueError(f"transformer must be a callable; got {transformer!r}.")
 
-        grid_sizes = []
-        side = size
-        layer_dims = []
-        layer_dim = channels
-        for kernel, stride in layers:
-            padded = side + 2 * (stride // 2)
-            if padded < kernel:
-                raise ValueError(
-                    f"t2t_layers: a {kernel}x{kernel} window does not fit the {side}x{side} "
-                    f"token grid (padded to {padded}) reached from image_size={size}; got "
-                    f"t2t_layers={t2t_layers!r}."
-                )
-            side = (padded - kernel) // stride + 1
-            layer_dim *= kernel * kernel
-            grid_sizes.append(side)
-            layer_dims.append(layer_dim)
-        seq = side * side + 1
+        grid_sizes, layer_dims = _t2t_grids(size, channels, layers)
+        layer_dim, seq = layer_dims[-1], grid_sizes[-1] ** 2 + 1
 
         t2t_key, embed_key, cls_key, pos_key, tf_key, head_key = jr.split(key, 6)
         t2t_keys = jr.split(t2t_key, len(layers))
@@ -246,41 +231,3 @@ def _check_transformer(transformer: Callable[..., Array], seq: int, dim: int) ->
             f"transformer must map (seq, dim) = {(seq, dim)} tokens to the same shape; "
             f"it returned {shape if shape is not None else type(out).__name__}."
         )
-
-
-@register(T2TViT)
-def _from_vit_pytorch(model: T2TViT, sd: StateDict) -> T2TViT:
-    if not isinstance(model.transformer, Transformer):
-        raise CheckpointError(
-            "from_vit_pytorch loads a T2TViT only with its own main transformer (or an "
-            "eqx_vision.layers.Transformer passed as transformer=); this one has a "
-            f"{type(model.transformer).__name__}."
-        )
-    # `to_patch_embedding` is an nn.Sequential of four modules per stage (rearrange, unfold,
-    # rearrange, transformer), then the Linear.
-    t2t = tuple(
-        convert_transformer(t, sd, f"to_patch_embedding.{4 * i + 3}.")
-        for i, t in enumerate(model.t2t_transformers)
-    )
-    linear_index = 4 * len(model.t2t_layers)
-    return eqx.tree_at(
-        lambda m: (
-            m.t2t_transformers,
-            m.to_patch_embedding,
-            m.cls_token,
-            m.pos_embedding,
-            m.transformer,
-            m.mlp_head,
-        ),
-        model,
-        (
-            t2t,
-            convert_linear(model.to_patch_embedding, sd, f"to_patch_embedding.{linear_index}."),
-            sd.take("cls_token", model.cls_token, torch_shape=(1, *model.cls_token.shape)),
-            sd.take(
-                "pos_embedding", model.pos_embedding, torch_shape=(1, *model.pos_embedding.shape)
-            ),
-            convert_transformer(model.transformer, sd, "transformer."),
-            convert_linear(model.mlp_head, sd, "mlp_head."),
-        ),
-    )

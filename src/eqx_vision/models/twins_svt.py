@@ -4,20 +4,12 @@ Chu et al., 2021, https://arxiv.org/abs/2104.13840.
 """
 
 import math
+from typing import Annotated
 
 import equinox as eqx
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_conv,
-    convert_linear,
-    convert_map_attention,
-    convert_map_feedforward,
-    convert_patch_embedding,
-    convert_stack,
-)
 from ..layers import (
     PEG,
     Linear,
@@ -30,7 +22,7 @@ from ..layers import (
     split_key,
     tokens_to_grid,
 )
-from ..layers._checks import checked_arguments
+from ..layers._checks import Minimum, NonNegative, Odd, Positive, Rate, checked_arguments
 
 
 HEADS = 8
@@ -196,29 +188,29 @@ class TwinsSVT(eqx.Module):
     def __init__(
         self,
         *,
-        num_classes: int,
-        s1_emb_dim: int = 64,
-        s1_patch_size: int = 4,
-        s1_local_patch_size: int = 7,
-        s1_global_k: int = 7,
-        s1_depth: int = 1,
-        s2_emb_dim: int = 128,
-        s2_patch_size: int = 2,
-        s2_local_patch_size: int = 7,
-        s2_global_k: int = 7,
-        s2_depth: int = 1,
-        s3_emb_dim: int = 256,
-        s3_patch_size: int = 2,
-        s3_local_patch_size: int = 7,
-        s3_global_k: int = 7,
-        s3_depth: int = 5,
-        s4_emb_dim: int = 512,
-        s4_patch_size: int = 2,
-        s4_local_patch_size: int = 7,
-        s4_global_k: int = 7,
-        s4_depth: int = 4,
-        peg_kernel_size: int = 3,
-        dropout: float = 0.0,
+        num_classes: Positive,
+        s1_emb_dim: Positive = 64,
+        s1_patch_size: Positive = 4,
+        s1_local_patch_size: Positive = 7,
+        s1_global_k: Positive = 7,
+        s1_depth: NonNegative = 1,
+        s2_emb_dim: Positive = 128,
+        s2_patch_size: Positive = 2,
+        s2_local_patch_size: Positive = 7,
+        s2_global_k: Positive = 7,
+        s2_depth: NonNegative = 1,
+        s3_emb_dim: Positive = 256,
+        s3_patch_size: Positive = 2,
+        s3_local_patch_size: Positive = 7,
+        s3_global_k: Positive = 7,
+        s3_depth: NonNegative = 5,
+        s4_emb_dim: Positive = 512,
+        s4_patch_size: Positive = 2,
+        s4_local_patch_size: Positive = 7,
+        s4_global_k: Positive = 7,
+        s4_depth: NonNegative = 4,
+        peg_kernel_size: Annotated[int, Minimum(1), Odd("an even kernel changes the map size")] = 3,
+        dropout: Rate = 0.0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -239,25 +231,6 @@ class TwinsSVT(eqx.Module):
         stage_configs = [
             {k[3:]: v for k, v in args.items() if k.startswith(f"s{i}_")} for i in range(1, 5)
         ]
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes <= 0:
-            raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
-        for i, cfg in enumerate(stage_configs, 1):
-            for field, value in cfg.items():
-                low = 0 if field == "depth" else 1
-                if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                    raise ValueError(f"s{i}_{field} must be an int >= {low}; got {value!r}.")
-        if (
-            not isinstance(peg_kernel_size, int)
-            or isinstance(peg_kernel_size, bool)
-            or peg_kernel_size <= 0
-            or peg_kernel_size % 2 == 0
-        ):
-            raise ValueError(
-                "peg_kernel_size must be a positive odd int (an even kernel changes the map "
-                f"size); got {peg_kernel_size!r}."
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}.")
 
         stage_keys = jr.split(key, 5)
         self.stages = []
@@ -314,44 +287,3 @@ class TwinsSVT(eqx.Module):
         for stage, stage_key in zip(self.stages, split_key(key, 4), strict=True):
             x = stage(x, key=stage_key)
         return self.mlp_head(x.mean(axis=(1, 2)))
-
-
-@register(TwinsSVT)
-def _from_vit_pytorch(model: TwinsSVT, sd: StateDict) -> TwinsSVT:
-    def block(m: TwinsBlock, sd: StateDict, prefix: str) -> TwinsBlock:
-        subs = {}
-        if m.local_attn is not None and m.local_ff is not None:
-            subs["local_attn"] = convert_map_attention(m.local_attn, sd, prefix + "0.fn.")
-            subs["local_ff"] = convert_map_feedforward(m.local_ff, sd, prefix + "1.fn.")
-        subs["global_attn"] = convert_map_attention(m.global_attn, sd, prefix + "2.fn.")
-        subs["global_ff"] = convert_map_feedforward(m.global_ff, sd, prefix + "3.fn.")
-        return eqx.tree_at(lambda b: [getattr(b, n) for n in subs], m, list(subs.values()))
-
-    stages = []
-    for i, stage in enumerate(model.stages):
-        prefix = f"layers.{i}."
-        subs = {
-            "to_patch_embedding": convert_patch_embedding(
-                stage.to_patch_embedding, sd, prefix + "0.proj.", feature_map=True, start=0
-            ),
-            "first": block(stage.first, sd, prefix + "1.layers.0."),
-            "peg": eqx.tree_at(
-                lambda p: p.proj, stage.peg, convert_conv(stage.peg.proj, sd, prefix + "2.proj.fn.")
-            ),
-        }
-        if stage.blocks is not None:
-            subs["blocks"] = convert_stack(
-                stage.blocks, sd, lambda j, p=prefix: f"{p}3.layers.{j}.", block
-            )
-        stages.append(
-            eqx.tree_at(
-                lambda s, names=tuple(subs): [getattr(s, n) for n in names],
-                stage,
-                list(subs.values()),
-            )
-        )
-    return eqx.tree_at(
-        lambda m: (m.stages, m.mlp_head),
-        model,
-        (stages, convert_linear(model.mlp_head, sd, "layers.6.")),
-    )

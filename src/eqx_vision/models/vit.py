@@ -3,18 +3,12 @@
 Dosovitskiy et al., 2020, https://arxiv.org/abs/2010.11929.
 """
 
-from typing import Literal
+from typing import Literal, cast
 
 import equinox as eqx
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..interop import StateDict, register
-from ..interop._vit_pytorch import (
-    convert_linear,
-    convert_patch_embedding,
-    convert_transformer,
-)
 from ..layers import (
     Linear,
     PatchEmbedding,
@@ -22,10 +16,9 @@ from ..layers import (
     check_divisible,
     check_image,
     check_key,
-    pair,
     pool_tokens,
 )
-from ..layers._checks import checked_arguments
+from ..layers._checks import NonNegative, Positive, PositivePair, Rate, checked_arguments
 from ..layers._init import normal
 from ..layers._tokens import encode_with_class_tokens
 
@@ -58,18 +51,18 @@ class ViT(eqx.Module):
     def __init__(
         self,
         *,
-        image_size: int | tuple[int, int],
-        patch_size: int | tuple[int, int],
-        num_classes: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        mlp_dim: int,
+        image_size: PositivePair,
+        patch_size: PositivePair,
+        num_classes: NonNegative,
+        dim: Positive,
+        depth: Positive,
+        heads: Positive,
+        mlp_dim: Positive,
         pool: Literal["cls", "mean"] = "cls",
-        channels: int = 3,
-        dim_head: int = 64,
-        dropout: float = 0.0,
-        emb_dropout: float = 0.0,
+        channels: Positive = 3,
+        dim_head: Positive = 64,
+        dropout: Rate = 0.0,
+        emb_dropout: Rate = 0.0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -88,13 +81,9 @@ class ViT(eqx.Module):
         - `emb_dropout`: dropout rate on the embedded tokens.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        image_hw = pair(image_size, "image_size")
-        patch_hw = pair(patch_size, "patch_size")
+        # checked_arguments passes both sizes as (height, width) pairs
+        image_hw, patch_hw = cast(tuple[int, int], image_size), cast(tuple[int, int], patch_size)
         grid = check_divisible(image_hw, patch_hw)
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0; got {num_classes}.")
-        if channels <= 0:
-            raise ValueError(f"channels must be positive; got {channels}.")
         embed_key, cls_key, pos_key, tf_key, head_key = jr.split(key, 5)
         num_cls = 1 if pool == "cls" else 0
         self.to_patch_embedding = PatchEmbedding(channels, patch_hw, dim, key=embed_key)
@@ -134,26 +123,3 @@ class ViT(eqx.Module):
             return tokens
         pooled = pool_tokens(tokens, self.pool)
         return self.mlp_head(pooled)
-
-
-@register(ViT)
-def _from_vit_pytorch(model: ViT, sd: StateDict) -> ViT:
-    head = None if model.mlp_head is None else convert_linear(model.mlp_head, sd, "mlp_head.")
-    return eqx.tree_at(
-        lambda m: (
-            m.to_patch_embedding,
-            m.cls_token,
-            m.pos_embedding,
-            m.transformer,
-            m.mlp_head,
-        ),
-        model,
-        (
-            convert_patch_embedding(model.to_patch_embedding, sd, "to_patch_embedding."),
-            sd.take("cls_token", model.cls_token),
-            sd.take("pos_embedding", model.pos_embedding),
-            convert_transformer(model.transformer, sd, "transformer."),
-            head,
-        ),
-        is_leaf=lambda x: x is None,
-    )

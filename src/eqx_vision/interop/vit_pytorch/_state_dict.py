@@ -1,9 +1,10 @@
-"""Loading vit-pytorch `state_dict()`s into eqx_vision models.
+"""The reader of vit-pytorch `state_dict()`s and the converters of the shared layers.
 
-Each architecture registers a converter that walks its own modules and takes every tensor
-it needs, by its vit-pytorch name, from a `StateDict`. The reader checks each shape as it
-goes and, once the converter is done, that every tensor was used exactly once; since
-modules are immutable, a failed load leaves the caller's model untouched.
+A converter walks its module and takes every tensor it needs, by its vit-pytorch name,
+from a `StateDict`. The reader checks each shape as it goes and, once the model's
+converter is done, that every tensor was used exactly once; since modules are immutable,
+a failed load leaves the caller's model untouched. The converters of whole models, one
+module per architecture or family, build on the ones here.
 """
 
 from collections.abc import Callable, Mapping
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from ..layers import (
+from ...layers import (
     Attention,
     BatchNorm,
     ChannelLayerNorm,
@@ -113,6 +114,7 @@ class StateDict:
             )
 
     def finish(self) -> None:
+        """Raise `CheckpointError` if some tensor was never used, naming up to ten."""
         unused = sorted(set(self._arrays) - self._used)
         if unused:
             shown = ", ".join(
@@ -371,11 +373,17 @@ def convert_map_attention(
     out: str = "to_out.0.",
     value_conv: str = "local_interactive_module.",
 ) -> MapAttention:
-    """An attention block on feature maps: a channel LayerNorm `norm` (`g`, `b`), the 1x1
+    """A `MapAttention` with `"linear"` projections (the attention on feature maps of
+    CrossFormer, NesT, ScalableViT and Twins): a channel LayerNorm `norm` (`g`, `b`), the 1x1
     (or strided, for `kv_reduction > 1`) projection convolutions under their own names
     (`to_qkv`, `to_q`, `to_kv`, `to_k`, `to_v`), the value convolution at `value_conv` and
-    the 1x1 output convolution at `out`."""
-    subs: dict[str, Any] = {"norm": convert_channel_layernorm(m.norm, sd, prefix + "norm.")}
+    the 1x1 output convolution at `out`. CvT's and LeViT's projections are converted by
+    their own modules."""
+    if not isinstance(m.to_out, Linear):
+        raise TypeError("convert_map_attention converts MapAttention(projection='linear') only.")
+    subs: dict[str, Any] = {}
+    if m.norm is not None:
+        subs["norm"] = convert_channel_layernorm(m.norm, sd, prefix + "norm.")
     for name in ("to_qkv", "to_q", "to_kv", "to_k", "to_v"):
         layer = getattr(m, name)
         if isinstance(layer, Linear):
@@ -401,58 +409,3 @@ def convert_map_feedforward(
         convert_pointwise(ff.fc2, sd, f"{prefix}{net}4."),
     )
     return eqx.tree_at(lambda f: (f.ff.norm, f.ff.fc1, f.ff.fc2), m, subs)
-
-
-# The registry of model converters.
-
-Converter = Callable[..., Any]
-_CONVERTERS: dict[type, Converter] = {}
-
-
-def register(cls: type) -> Callable[[Converter], Converter]:
-    """Register `converter(model, sd) -> model` (or `(model, sd, state) -> (model, state)`
-    for stateful models) as the vit-pytorch loader of `cls`."""
-
-    def decorate(converter: Converter) -> Converter:
-        _CONVERTERS[cls] = converter
-        return converter
-
-    return decorate
-
-
-def from_vit_pytorch(model: eqx.Module, state_dict: Mapping[str, Any], *, state: Any = None) -> Any:
-    """Load the weights of a vit-pytorch module into an eqx_vision model of the same role.
-
-    **Arguments:**
-
-    - `model`: an eqx_vision model built with the same configuration as the torch module
-      (`ev.ViT(...)` for `vit_pytorch.vit.ViT(...)`, and so on).
-    - `state_dict`: a mapping of names to arrays: `torch_module.state_dict()`, or the same
-      with NumPy arrays. torch is not needed to call this function.
-    - `state`: for models with BatchNorm (built with `eqx.nn.make_with_state`), their
-      `eqx.nn.State`; the running statistics are loaded into it.
-
-    **Returns:**
-
-    A new model with the loaded weights, or `(model, state)` when `state` is given.
-
-    **Raises:**
-
-    `CheckpointError` (a `ValueError`) on a missing, unexpected or mis-shaped tensor,
-    naming the key and both shapes. Nothing is modified when it raises.
-    """
-    converter = _CONVERTERS.get(type(model))
-    if converter is None:
-        known = ", ".join(sorted(c.__name__ for c in _CONVERTERS))
-        raise TypeError(
-            f"no vit-pytorch converter for {type(model).__name__}; known models: {known}."
-        )
-    sd = StateDict(state_dict)
-    if state is None:
-        out = converter(model, sd)
-    else:
-        # A copy: `State.set` retires the object it is called on, and a failed load must
-        # leave the caller's state usable.
-        out = converter(model, sd, jax.tree.map(lambda a: a, state))
-    sd.finish()
-    return out

@@ -1,0 +1,62 @@
+"""vit-pytorch converter of NesT."""
+
+from typing import Any
+
+import equinox as eqx
+
+from ...models.nest import NesT, NesTBlock
+from ._state_dict import (
+    StateDict,
+    convert_channel_layernorm,
+    convert_conv,
+    convert_linear,
+    convert_map_attention,
+    convert_map_feedforward,
+    convert_patch_embedding,
+    convert_stack,
+)
+
+
+def convert_nest(model: NesT, sd: StateDict) -> NesT:
+    """The weights of a `vit_pytorch.nest.NesT` state dict."""
+
+    def block(m: NesTBlock, sd: StateDict, prefix: str) -> NesTBlock:
+        return eqx.tree_at(
+            lambda b: (b.attn, b.ff),
+            m,
+            (
+                convert_map_attention(m.attn, sd, prefix + "0."),
+                convert_map_feedforward(m.ff, sd, prefix + "1."),
+            ),
+        )
+
+    levels = []
+    for i, level in enumerate(model.levels):
+        prefix = f"layers.{i}."
+        subs: dict[str, Any] = {"pos_embedding": sd.take(prefix + "0.pos_emb", level.pos_embedding)}
+        if level.blocks is not None:
+            subs["blocks"] = convert_stack(
+                level.blocks, sd, lambda j, p=prefix: f"{p}0.layers.{j}.", block
+            )
+        if level.conv is not None and level.norm is not None:
+            subs["conv"] = convert_conv(level.conv, sd, prefix + "1.0.")
+            subs["norm"] = convert_channel_layernorm(level.norm, sd, prefix + "1.1.")
+        levels.append(
+            eqx.tree_at(
+                lambda m, names=tuple(subs): [getattr(m, n) for n in names],
+                level,
+                list(subs.values()),
+            )
+        )
+    return eqx.tree_at(
+        lambda m: (m.to_patch_embedding, m.levels, m.norm, m.mlp_head),
+        model,
+        (
+            convert_patch_embedding(
+                model.to_patch_embedding, sd, "to_patch_embedding.", feature_map=True
+            ),
+            levels,
+            convert_channel_layernorm(model.norm, sd, "mlp_head.0."),
+            convert_linear(model.mlp_head, sd, "mlp_head.2."),
+        ),
+    )

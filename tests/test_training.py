@@ -1,4 +1,9 @@
-"""The reusable training library: loss, steps, optimizer, data parallelism, data, presets."""
+"""The reusable training library: loss, steps, optimizer, data parallelism, the training
+loop (`fit`), data, presets."""
+
+import dataclasses
+import json
+import os
 
 import equinox as eqx
 import jax
@@ -8,7 +13,7 @@ import numpy as np
 import pytest
 
 import eqx_vision as ev
-from eqx_vision import data, presets, training
+from eqx_vision import checkpoint, data, presets, training
 
 
 def _batch(config: presets.ModelConfig, n: int = 8, seed: int = 1):
@@ -277,3 +282,156 @@ def test_config_files(tmp_path):
         presets.resolve_model(str(bad), num_classes=3, data_channels=1)
     with pytest.raises(presets.ConfigError, match="unknown model"):
         presets.resolve_model("nope", num_classes=3, data_channels=1)
+
+
+# ---- the training loop: fit and evaluate -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_small() -> data.Dataset:
+    """96 training and 40 test digits at 8x8: a tiny model trains on them in seconds."""
+    ds = data.prepare(data.load_digits(), channels=1, image_size=(8, 8))
+    return data.Dataset(
+        ds.train_images[:96], ds.train_labels[:96], ds.test_images[:40], ds.test_labels[:40],
+        ds.class_names, "digits[:96]",
+    )  # fmt: skip
+
+
+TINY_VIT = presets.resolve_model("vit-tiny", num_classes=10, data_channels=1, image_size=8)
+FIT = training.TrainConfig(epochs=3, batch_size=16, seed=1, remat="linear")
+DETERMINISTIC = ("epoch", "step", "train_loss", "test_loss", "test_accuracy", "learning_rate")
+
+
+def _fit(out, **kwargs) -> training.FitResult:
+    model, state = TINY_VIT.build(jr.key(0))
+    ds = kwargs.pop("data")
+    return training.fit(model, state, ds, FIT, out=out, model_config=TINY_VIT.to_json(), **kwargs)
+
+
+def _deterministic(records: list[dict]) -> list[dict]:
+    return [{k: r[k] for k in DETERMINISTIC} for r in records]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, digits_small) -> tuple[str, training.FitResult, list[dict]]:
+    """An uninterrupted run of `fit`, with the metrics its callback received."""
+    out = str(tmp_path_factory.mktemp("fit") / "run")
+    received = []
+    result = _fit(out, data=digits_small, callback=received.append)
+    return out, result, received
+
+
+def test_fit_writes_its_outputs_and_calls_back(fitted, digits_small):
+    out, result, received = fitted
+    assert {"config.json", "last.safetensors", "metrics.jsonl", "curves.png"} <= set(
+        os.listdir(out)
+    )
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert lines == received == result.metrics
+    assert [r["epoch"] for r in received] == [1, 2, 3]
+    assert [r["step"] for r in received] == [6, 12, 18]  # 96 images, batch 16
+    assert received[-1]["train_loss"] < received[0]["train_loss"]
+    assert (result.epoch, result.step, result.stopped) == (3, 18, False)
+    assert result.test_accuracy == received[-1]["test_accuracy"]
+    assert result.best_accuracy == max(r["test_accuracy"] for r in received)
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["train_config"] == FIT.to_json()
+    assert config["model_config"] == TINY_VIT.to_json()
+    header = checkpoint.read_header(os.path.join(out, "last.safetensors"))
+    assert header["training"]["epoch"] == 3 and header["training"]["step"] == 18
+    evaluated = training.evaluate(
+        result.model, result.state, digits_small.test_images, digits_small.test_labels
+    )
+    assert evaluated == pytest.approx((result.test_loss, result.test_accuracy), rel=1e-6)
+
+
+class _StopAt(training.Callback):
+    """Stops after `steps` steps, as a killed process would; records what it sees."""
+
+    def __init__(self, steps: int | None = None):
+        self.steps = steps
+        self.info: training.FitInfo | None = None
+        self.epochs: list[int] = []
+
+    def on_fit_start(self, info: training.FitInfo) -> None:
+        self.info = info
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def on_step(self, info: training.StepInfo) -> bool:
+        return self.steps is not None and info.step >= self.steps
+
+
+def test_fit_resume_equals_uninterrupted(fitted, tmp_path, digits_small):
+    out = str(tmp_path / "resumed")
+    # Stop in the middle of epoch 2: the checkpoint holds epoch 1.
+    stopper = _StopAt(steps=9)
+    stopped = _fit(out, data=digits_small, callback=stopper)
+    assert stopped.stopped and (stopped.epoch, stopped.step) == (1, 9)
+    assert [r["epoch"] for r in stopped.metrics] == [1]
+    assert checkpoint.read_header(os.path.join(out, "last.safetensors"))["training"]["step"] == 6
+    # Resume into the structure of the model only (no memory for the weights).
+    like_model, like_state = TINY_VIT.build_like()
+    watcher = _StopAt()
+    resumed = training.fit(
+        like_model, like_state, digits_small, FIT, out=out, resume=True, callback=watcher,
+        model_config=TINY_VIT.to_json(),
+    )  # fmt: skip
+    assert watcher.info is not None and watcher.info.resumed
+    assert (watcher.info.start_epoch, watcher.info.step, watcher.epochs) == (1, 6, [2, 3])
+    reference = fitted[1]
+    assert _deterministic(resumed.metrics) == _deterministic(reference.metrics)
+    leaves = jax.tree.leaves(eqx.filter((resumed.model, resumed.opt_state), eqx.is_array))
+    expected = jax.tree.leaves(eqx.filter((reference.model, reference.opt_state), eqx.is_array))
+    for a, b in zip(leaves, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fit_refuses_to_overwrite_a_run(fitted, digits_small):
+    out = fitted[0]
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        _fit(out, data=digits_small)
+    changed = dataclasses.replace(FIT, learning_rate=0.5)
+    with pytest.raises(ValueError, match="learning_rate"):
+        training.fit(*TINY_VIT.build_like(), digits_small, changed, out=out, resume=True)
+    assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)} == before
+
+
+def test_fit_stops_on_a_nan_loss(tmp_path, digits_small):
+    images = digits_small.train_images.copy()
+    images[:, :, 0, 0] = np.nan
+    poisoned = dataclasses.replace(digits_small, train_images=images)
+    out = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match="training loss is nan at step 1"):
+        _fit(out, data=poisoned)
+    assert not os.path.exists(os.path.join(out, "last.safetensors"))  # nothing NaN saved
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert f.read() == ""
+
+
+def test_fit_config_errors(digits_small):
+    with pytest.raises(ValueError, match="remat must be linear or inputs or all"):
+        training.TrainConfig(remat="dots")
+    with pytest.raises(ValueError, match="precision"):
+        training.TrainConfig(precision="float16")
+    with pytest.raises(ValueError, match="batch_size 128"):
+        training.fit(*TINY_VIT.build_like(), digits_small, training.TrainConfig(batch_size=128))
+    with pytest.raises(ValueError, match="resume needs"):
+        training.fit(*TINY_VIT.build_like(), digits_small, FIT, resume=True)
+
+
+def test_evaluate_pads_the_last_batch():
+    config = _config("vit-tiny")
+    model, state = config.build(jr.key(0))
+    x, y = _batch(config, n=10)
+    loss, accuracy, _ = training.eval_step(model, state, x, y)
+    for batch_size in (4, 10, 16):
+        got = training.evaluate(model, state, np.asarray(x), np.asarray(y), batch_size=batch_size)
+        np.testing.assert_allclose(got, (float(loss), float(accuracy)), rtol=1e-5)
+    parallel = training.DataParallel.create(4)
+    got = training.evaluate(model, state, x, y, batch_size=6, parallel=parallel)  # 6 -> 4
+    np.testing.assert_allclose(got, (float(loss), float(accuracy)), rtol=1e-5)

@@ -46,6 +46,8 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import PyTree
 
+from .layers import is_state_index
+
 
 __all__ = [
     "Checkpoint",
@@ -81,10 +83,6 @@ def _name(path: tuple) -> str:
     return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
-def _is_state_index(node: object) -> bool:
-    return isinstance(node, eqx.nn.StateIndex)
-
-
 def _named_leaves(tree: PyTree, prefix: str) -> list[tuple[str, Any]]:
     """(name, leaf) for every array leaf of `tree`, in flattening order."""
     leaves = jax.tree_util.tree_flatten_with_path(eqx.filter(tree, _is_array_like))[0]
@@ -97,8 +95,8 @@ def _state_names(model: PyTree, state: eqx.nn.State) -> list[str]:
     leaves, treedef = jax.tree_util.tree_flatten(state)
     positions = jax.tree_util.tree_unflatten(treedef, list(range(len(leaves))))
     names: list[str | None] = [None] * len(leaves)
-    for path, node in jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_state_index)[0]:
-        if not _is_state_index(node):
+    for path, node in jax.tree_util.tree_flatten_with_path(model, is_leaf=is_state_index)[0]:
+        if not is_state_index(node):
             continue
         try:
             sub = positions.get(node)

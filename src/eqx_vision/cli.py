@@ -10,6 +10,9 @@ eqx-vision predict --checkpoint runs/cvt cat.jpg dog.png
 eqx-vision presets                                # the model presets
 ```
 
+The commands parse their arguments, check them, call the library and report: `train` runs
+`eqx_vision.training.fit`, `evaluate` runs `eqx_vision.training.evaluate`.
+
 `train` writes into `--out`: `config.json` (the model and training settings),
 `last.safetensors` (model, state, optimizer state and step, written atomically after
 every epoch), `metrics.jsonl` (one JSON object per epoch) and `curves.png` (loss and
@@ -21,11 +24,12 @@ epoch number), so a run resumed with `--resume` ends exactly as an uninterrupted
 
 Bad input (an unknown model, missing or empty data, an unreadable image, an image size
 the model does not take, a checkpoint of another architecture, ...) is reported in one
-line on stderr with exit code 2, before anything is written.
+line on stderr with exit code 2, before anything is written. A training loss that becomes
+NaN or infinite stops the run with one line on stderr and exit code 1; the checkpoint of
+the last good epoch is kept.
 """
 
 import argparse
-import contextlib
 import datetime
 import importlib.util
 import json
@@ -35,6 +39,11 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+
+# Recomputation policies of `--remat` (`eqx_vision.remat`), and compute dtypes of
+# `--precision`; neither needs the training extra.
+from .layers import REMAT
+from .precision import COMPUTE_DTYPES
 
 
 PROG = "eqx-vision"
@@ -58,8 +67,6 @@ DEFAULTS: dict[str, Any] = {
     "precision": "float32",
 }
 SETTINGS = tuple(DEFAULTS)
-# Gradient-checkpointing policies of `--remat` (`eqx_vision.checkpoint_blocks`).
-REMAT = ("linear", "inputs", "all")
 # Settings a run saved by an earlier version may lack, with the value it was trained with.
 LATER_SETTINGS: dict[str, Any] = {"precision": "float32"}
 
@@ -108,12 +115,20 @@ def _image_size(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of `eqx-vision` and its sub-commands."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Train, evaluate and run the vision transformers of eqx_vision.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_predict_parser(sub)
+    sub.add_parser("presets", help="list the model presets", description="List the model presets.")
+    return parser
 
+
+def _add_train_parser(sub: Any) -> None:
     train = sub.add_parser(
         "train",
         help="train a model (the default ViT on the embedded digits without options)",
@@ -147,13 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="seed of every random choice (default: 0)")
     train.add_argument(
         "--precision",
-        metavar="{float32,bfloat16}",
+        metavar="{" + ",".join(COMPUTE_DTYPES) + "}",
         help="compute dtype of the forward and backward pass; parameters, gradients and "
         "optimizer state stay float32 (default: float32)",
     )
     train.add_argument(
         "--remat",
-        metavar="{linear,inputs,all}",
+        metavar="{" + ",".join(REMAT) + "}",
         help="what the backward pass keeps of each block's forward pass: the linear layers' "
         "outputs (default), only each block's input (least memory), or everything; the "
         "results are the same, so it may change on --resume",
@@ -181,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Stops after this many steps in total, as if the process were killed (for tests).
     train.add_argument("--stop-after-steps", type=_positive_int, help=argparse.SUPPRESS)
 
+
+def _add_evaluate_parser(sub: Any) -> None:
     evaluate = sub.add_parser(
         "evaluate",
         help="evaluate a checkpoint on its test data",
@@ -196,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=256)
     evaluate.add_argument("--devices", type=_positive_int, metavar="N")
 
+
+def _add_predict_parser(sub: Any) -> None:
     predict = sub.add_parser(
         "predict",
         help="classify image files with a checkpoint",
@@ -209,9 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--top-k", type=_positive_int, default=5, metavar="K")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
-
-    sub.add_parser("presets", help="list the model presets", description="List the model presets.")
-    return parser
 
 
 # --------------------------------------------------------------------------------------
@@ -241,25 +257,13 @@ def _read_json(path: str) -> dict[str, Any]:
     return obj
 
 
-def _write_text(path: str, text: str) -> None:
-    from .checkpoint import atomic_write
-
-    with atomic_write(path, "w") as f:
-        f.write(text)
-
-
-def _load_checkpoint(path: str, config, with_optimizer=None):
-    """Load `path` into `config`'s model (and an optimizer's state)."""
-    from . import checkpoint, training
+def _load_checkpoint(path: str, config: Any) -> Any:
+    """Load `path` into `config`'s model."""
+    from . import checkpoint
 
     like_model, like_state = config.build_like()
-    like_opt = None
-    if with_optimizer is not None:
-        like_opt = training.init_optimizer(with_optimizer, like_model)
     try:
-        return checkpoint.load(
-            path, like_model, like_state, like_opt_state=like_opt, model_name=config.model
-        )
+        return checkpoint.load(path, like_model, like_state, model_name=config.model)
     except checkpoint.CheckpointFormatError as e:
         raise UsageError(str(e)) from None
 
@@ -294,44 +298,11 @@ def _parallel(devices: int | None):
 
 
 def _precision(name: Any, where: str = "--precision"):
-    from .precision import COMPUTE_DTYPES, Precision
+    from .precision import Precision
 
     if name not in COMPUTE_DTYPES:
         raise UsageError(f"{where} must be {' or '.join(COMPUTE_DTYPES)}; got {name!r}")
     return Precision(name)
-
-
-def _evaluate(
-    model, state, images, labels, batch_size: int, parallel, precision: Any = "float32"
-) -> tuple[float, float]:
-    """Mean loss and accuracy over a whole split, in fixed-size padded batches."""
-    import numpy as np
-
-    from .training import eval_step
-
-    n = len(labels)
-    total_loss = total_correct = 0.0
-    for start in range(0, n, batch_size):
-        x = images[start : start + batch_size]
-        y = labels[start : start + batch_size]
-        count = len(y)
-        mask = np.zeros(batch_size, bool)
-        mask[:count] = True
-        if count < batch_size:
-            pad = batch_size - count
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            y = np.concatenate([y, np.zeros(pad, y.dtype)])
-        x, y, mask = parallel.shard_batch((x, y, mask))
-        loss, accuracy, _ = eval_step(
-            model, state, x, y, mask, parallel=parallel, precision=precision
-        )
-        total_loss += float(np.asarray(loss)) * count
-        total_correct += float(np.asarray(accuracy)) * count
-    return total_loss / max(n, 1), total_correct / max(n, 1)
-
-
-def _eval_batch_size(batch_size: int, num_devices: int) -> int:
-    return max(num_devices, batch_size - batch_size % num_devices)
 
 
 # --------------------------------------------------------------------------------------
@@ -386,42 +357,6 @@ def _default_out(model: str) -> str:
         out = os.path.join("runs", f"{name}-{stamp}-{suffix}")
         suffix += 1
     return out
-
-
-def _plot_curves(path: str, records: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .checkpoint import atomic_write
-
-    epochs = [r["epoch"] for r in records]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o", label="train")
-    ax_loss.plot(epochs, [r["test_loss"] for r in records], marker="o", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [r["test_accuracy"] for r in records], marker="o", color="C1")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="test accuracy", ylim=(0, 1.02))
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-
-
-def _read_metrics(path: str, last_epoch: int) -> list[dict[str, Any]]:
-    records = []
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                with contextlib.suppress(json.JSONDecodeError):
-                    record = json.loads(line)
-                    if isinstance(record, dict) and record.get("epoch", 0) <= last_epoch:
-                        records.append(record)
-    return records
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -498,225 +433,165 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _train(args, settings, config, raw, parallel, out, saved_json is not None)
 
 
-def _train(args, settings, config, raw, parallel, out: str, resume: bool) -> int:
-    import equinox as eqx
-    import jax
+def _train(
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+    config: Any,
+    raw: Any,
+    parallel: Any,
+    out: str,
+    resume: bool,
+) -> int:
+    """Run `training.fit` with the checked settings, reporting its progress, then print
+    the summary."""
     import jax.random as jr
-    import numpy as np
-    from tqdm.auto import tqdm
 
     from . import checkpoint, data as data_mod, training
-    from .layers import checkpoint_blocks
 
-    # The loop rebinds the model, its state and the optimizer state at every step and passes
-    # a fresh batch and key, so all of them are donated: XLA writes the new parameters and
-    # optimizer state over the old ones instead of into fresh memory.
-    train_step = eqx.filter_jit(training.train_step, donate="all")
-
-    precision = _precision(settings["precision"])
     ds = data_mod.prepare(raw, channels=config.channels, image_size=config.image_size)
-    num_train, num_test = len(ds.train_labels), len(ds.test_labels)
-    batch_size = settings["batch_size"]
-    epochs = settings["epochs"]
-    steps_per_epoch = num_train // batch_size
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = min(round(settings["warmup_epochs"] * steps_per_epoch), total_steps)
-    optimizer = training.make_optimizer(
-        settings["lr"],
-        weight_decay=settings["weight_decay"],
-        warmup_steps=warmup_steps,
-        total_steps=total_steps,
+    train_config = training.TrainConfig(
+        epochs=settings["epochs"],
+        batch_size=settings["batch_size"],
+        learning_rate=float(settings["lr"]),
+        weight_decay=float(settings["weight_decay"]),
+        warmup_epochs=float(settings["warmup_epochs"]),
+        seed=settings["seed"],
+        precision=settings["precision"],
+        remat=args.remat or "linear",
     )
-    schedule = training.learning_rate_schedule(
-        settings["lr"], warmup_steps=warmup_steps, total_steps=total_steps
-    )
-    base_key = jr.key(settings["seed"])
-    init_key, train_key = jr.fold_in(base_key, 0), jr.fold_in(base_key, 1)
-    ckpt_path = os.path.join(out, CHECKPOINT)
-    metrics_path = os.path.join(out, METRICS)
-
-    os.makedirs(out, exist_ok=True)
-    for name in os.listdir(out):  # temporary files of a run killed while writing
-        if name.startswith(".") and name.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(out, name))
-    run_info = {
-        "settings": settings,
-        "model_config": config.to_json(),
-        "data": {
-            "source": raw.source,
-            "class_names": list(raw.class_names),
-            "channels": raw.channels,
-            "num_train": num_train,
-            "num_test": num_test,
-        },
-    }
-    if resume:
-        ckpt = _load_checkpoint(ckpt_path, config, optimizer)
-        model, state, opt_state = ckpt.model, ckpt.state, ckpt.opt_state
-        start_epoch = int(ckpt.training.get("epoch", 0))
-        step = int(ckpt.training.get("step", 0))
-        if ckpt.rng is not None:
-            train_key = jr.wrap_key_data(ckpt.rng)
-        records = _read_metrics(metrics_path, start_epoch)
-        _write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+    if resume:  # the structure only: the checkpoint fills it
+        model, state = config.build_like()
     else:
-        _write_text(os.path.join(out, CONFIG), json.dumps(run_info, indent=2) + "\n")
-        model, state = config.build(init_key)
-        opt_state = training.init_optimizer(optimizer, model)
-        start_epoch, step, records = 0, 0, []
-        _write_text(metrics_path, "")
-    # The policy is static structure: the optimizer state mirrors the model's, so both change.
-    model, opt_state = checkpoint_blocks((model, opt_state), args.remat or "linear")
-    model, state, opt_state = parallel.replicate((model, state, opt_state))
-
-    num_params = training.count_params(model)
+        model, state = config.build(jr.fold_in(jr.key(settings["seed"]), 0))
+    data_info = {
+        "source": raw.source,
+        "class_names": list(raw.class_names),
+        "channels": raw.channels,
+        "num_train": len(ds.train_labels),
+        "num_test": len(ds.test_labels),
+    }
     name = config.preset or config.model
     shape = "x".join(map(str, (config.channels, *config.image_size)))
-    _echo(f"model    {name} ({config.model}, {num_params:,} parameters)")
-    _echo(
-        f"data     {settings['data']}: {num_train} train / {num_test} test images, "
-        f"{raw.num_classes} classes, input {shape}"
+    data_line = (
+        f"data     {settings['data']}: {len(ds.train_labels)} train / {len(ds.test_labels)} "
+        f"test images, {raw.num_classes} classes, input {shape}"
     )
-    _echo(
-        f"training {epochs} epochs x {steps_per_epoch} steps, batch {batch_size}, "
-        f"{parallel.num_devices} device(s), {precision.compute_dtype}, out {out}"
-    )
-    if resume:
-        _echo(f"resuming after epoch {start_epoch} (step {step})")
-
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
-    eval_batch = _eval_batch_size(max(batch_size, 256), parallel.num_devices)
-    stop_after = args.stop_after_steps
-    run_start = time.perf_counter()
-    train_seconds = 0.0
-    images_seen = 0
-    compile_seconds: float | None = None
-    epoch_times: list[float] = []
-    for epoch in range(start_epoch + 1, epochs + 1):
-        order = training.batches(num_train, batch_size, seed=settings["seed"], epoch=epoch)
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{epochs}",
-            unit="step",
-            disable=not progress,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        epoch_start = time.perf_counter()
-        losses = []
-        pending = None
-        for idx in order:
-            if stop_after is not None and step >= stop_after:
-                bar.close()
-                _echo(f"stopped after step {step}")
-                return 0
-            step_start = time.perf_counter()
-            if compile_seconds is None:
-                bar.set_description_str(f"epoch {epoch}/{epochs} (compiling)")
-            x, y = parallel.shard_batch((ds.train_images[idx], ds.train_labels[idx]))
-            model, state, opt_state, loss = train_step(
-                model,
-                state,
-                opt_state,
-                x,
-                y,
-                jr.fold_in(train_key, step),
-                optimizer=optimizer,
-                parallel=parallel,
-                precision=precision,
-            )
-            step += 1
-            if compile_seconds is None:  # the first step compiles: time it apart
-                jax.block_until_ready(loss)
-                compile_seconds = time.perf_counter() - step_start
-                epoch_start += compile_seconds
-                bar.set_description_str(f"epoch {epoch}/{epochs}")
-            if pending is not None:  # read the previous loss: keeps one step in flight
-                losses.append(float(pending))
-            pending = loss
-            elapsed = time.perf_counter() - epoch_start
-            bar.set_postfix(
-                loss=f"{losses[-1] if losses else float('nan'):.4f}",
-                img_s=f"{len(losses) * batch_size / max(elapsed, 1e-9):.0f}",
-                refresh=False,
-            )
-            bar.update()
-        if pending is not None:
-            losses.append(float(pending))
-        jax.block_until_ready(model)
-        epoch_seconds = time.perf_counter() - epoch_start
-        bar.close()
-        train_seconds += epoch_seconds
-        images_seen += len(losses) * batch_size
-        test_loss, test_acc = _evaluate(
-            model, state, ds.test_images, ds.test_labels, eval_batch, parallel, precision
-        )
-        record = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": float(np.mean(losses)),
-            "test_loss": test_loss,
-            "test_accuracy": test_acc,
-            "learning_rate": float(np.asarray(schedule(step))),
-            "epoch_seconds": round(epoch_seconds, 3),
-            "images_per_second": round(len(losses) * batch_size / max(epoch_seconds, 1e-9), 1),
-        }
-        records.append(record)
-        # The metrics line first: a run killed before the checkpoint below is replaced
-        # resumes from the previous epoch and drops this line.
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        checkpoint.save(
-            ckpt_path,
+    report = _reporter(f"{name} ({config.model}", data_line, progress, args.stop_after_steps)
+    start = time.perf_counter()
+    try:
+        result = training.fit(
             model,
             state,
-            opt_state=opt_state,
-            rng=train_key,
+            ds,
+            train_config,
+            out=out,
+            resume=resume,
+            parallel=parallel,
+            callback=report,
             model_config=config.to_json(),
-            training={
-                "step": step,
-                "epoch": epoch,
-                "settings": settings,
-                "data": run_info["data"],
-                "test_accuracy": test_acc,
-                "test_loss": test_loss,
-            },
+            metadata={"settings": settings, "data": data_info},
         )
-        _plot_curves(os.path.join(out, CURVES), records)
-        epoch_times.append(time.perf_counter() - epoch_start)  # training + evaluation
-        remaining = (epochs - epoch) * sum(epoch_times) / len(epoch_times)
-        _echo(
-            f"epoch {epoch:>{len(str(epochs))}}/{epochs}  train loss {record['train_loss']:.4f}  "
-            f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  "
-            f"{record['images_per_second']:.0f} img/s  {epoch_seconds:.1f}s  "
-            f"eta {remaining:.0f}s"
-        )
+    except checkpoint.CheckpointFormatError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        report.close()
+    if result.stopped:
+        _echo(f"stopped after step {result.step}")
+        return 0
+    _summary(result, report.model_line, train_config.batch_size, out, time.perf_counter() - start)
+    return 0
 
-    if records:
-        test_loss, test_acc = records[-1]["test_loss"], records[-1]["test_accuracy"]
-        best = max(records, key=lambda r: r["test_accuracy"])
-    else:  # pragma: no cover - only a resumed run that had already finished
-        test_loss, test_acc = _evaluate(
-            model, state, ds.test_images, ds.test_labels, eval_batch, parallel, precision
-        )
-        best = {"epoch": epochs, "test_accuracy": test_acc}
-    wall = time.perf_counter() - run_start
+
+def _reporter(model: str, data_line: str, progress: bool, stop_after: int | None) -> Any:
+    """A `training.Callback` that prints the run's header, a progress bar per epoch (with
+    `progress`) and a line per epoch, and stops after `stop_after` steps."""
+    from tqdm.auto import tqdm
+
+    from .training import Callback, FitInfo, StepInfo
+
+    class Reporter(Callback):
+        def __init__(self):
+            self.bar: Any = None
+            self.epochs = 0
+            self.compiled = False
+            self.epoch_start = 0.0
+            self.epoch_times: list[float] = []
+            self.model_line = ""
+
+        def on_fit_start(self, info: FitInfo) -> None:
+            self.epochs = info.epochs
+            self.steps = info.steps_per_epoch
+            self.model_line = f"{model}, {info.num_params:,} parameters)"
+            _echo(f"model    {self.model_line}")
+            _echo(data_line)
+            _echo(
+                f"training {info.epochs} epochs x {info.steps_per_epoch} steps, batch "
+                f"{info.batch_size}, {info.num_devices} device(s), {info.compute_dtype}, "
+                f"out {info.out}"
+            )
+            if info.resumed:
+                _echo(f"resuming after epoch {info.start_epoch} (step {info.step})")
+
+        def on_epoch_start(self, epoch: int) -> None:
+            self.epoch_start = time.perf_counter()
+            compiling = "" if self.compiled else " (compiling)"
+            self.bar = tqdm(
+                total=self.steps,
+                desc=f"epoch {epoch}/{self.epochs}{compiling}",
+                unit="step",
+                disable=not progress,
+                leave=False,
+                dynamic_ncols=True,
+            )
+
+        def on_step(self, info: StepInfo) -> bool:
+            if info.compile_seconds is not None:  # timed apart from the epoch
+                self.compiled = True
+                self.epoch_start += info.compile_seconds
+                self.bar.set_description_str(f"epoch {info.epoch}/{self.epochs}")
+            loss = float("nan") if info.loss is None else info.loss
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", img_s=f"{info.images_per_second:.0f}", refresh=False
+            )
+            self.bar.update()
+            return stop_after is not None and info.step >= stop_after
+
+        def on_epoch_end(self, metrics: dict[str, Any]) -> None:
+            self.close()
+            epoch = metrics["epoch"]
+            self.epoch_times.append(time.perf_counter() - self.epoch_start)  # with evaluation
+            remaining = (self.epochs - epoch) * sum(self.epoch_times) / len(self.epoch_times)
+            _echo(
+                f"epoch {epoch:>{len(str(self.epochs))}}/{self.epochs}  train loss "
+                f"{metrics['train_loss']:.4f}  test loss {metrics['test_loss']:.4f}  test acc "
+                f"{metrics['test_accuracy']:.4f}  {metrics['images_per_second']:.0f} img/s  "
+                f"{metrics['epoch_seconds']:.1f}s  eta {remaining:.0f}s"
+            )
+
+        def close(self) -> None:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return Reporter()
+
+
+def _summary(result: Any, model_line: str, batch_size: int, out: str, wall: float) -> None:
     _echo("")
     _echo("summary")
-    _echo(f"  model          {name} ({config.model}, {num_params:,} parameters)")
-    _echo(f"  epochs         {epochs} ({step} steps of {batch_size} images)")
-    if images_seen:
+    _echo(f"  model          {model_line}")
+    _echo(f"  epochs         {result.epoch} ({result.step} steps of {batch_size} images)")
+    if result.images_seen:
+        rate = result.images_seen / max(result.train_seconds, 1e-9)
         _echo(
-            f"  time           {wall:.1f}s ({compile_seconds or 0:.1f}s compiling, "
-            f"{train_seconds:.1f}s training at {images_seen / max(train_seconds, 1e-9):.0f} "
-            "images/s)"
+            f"  time           {wall:.1f}s ({result.compile_seconds:.1f}s compiling, "
+            f"{result.train_seconds:.1f}s training at {rate:.0f} images/s)"
         )
-    _echo(f"  best test acc  {best['test_accuracy']:.4f} (epoch {best['epoch']})")
-    _echo(f"  test loss      {test_loss:.4f}")
+    _echo(f"  best test acc  {result.best_accuracy:.4f} (epoch {result.best_epoch})")
+    _echo(f"  test loss      {result.test_loss:.4f}")
     _echo(f"  output         {out} ({CONFIG}, {CHECKPOINT}, {METRICS}, {CURVES})")
-    _echo(f"test accuracy: {test_acc:.2f}")
-    return 0
+    _echo(f"test accuracy: {result.test_accuracy:.2f}")
 
 
 # --------------------------------------------------------------------------------------
@@ -733,14 +608,17 @@ def _open_checkpoint(path: str):
 
 def _saved_precision(training_meta: dict[str, Any], ckpt_path: str):
     """The precision a checkpoint was trained with (float32 if it does not say)."""
-    settings = training_meta.get("settings")
-    name = settings.get("precision") if isinstance(settings, dict) else None
+    name = None
+    for key in ("train_config", "settings"):  # written by `training.fit`, by the CLI
+        settings = training_meta.get(key)
+        if isinstance(settings, dict) and settings.get("precision"):
+            name = settings["precision"]
     return _precision(name or LATER_SETTINGS["precision"], f"{ckpt_path}: the precision")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _require("evaluate", ["optax", "safetensors"])
-    from . import data as data_mod, presets
+    from . import data as data_mod, presets, training
 
     ckpt_path, header, config = _open_checkpoint(args.checkpoint)
     training_meta = header["training"]
@@ -766,14 +644,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ckpt = _load_checkpoint(ckpt_path, config)
     ds = data_mod.prepare(raw, channels=config.channels, image_size=config.image_size)
     model, state = parallel.replicate((ckpt.model, ckpt.state))
-    loss, accuracy = _evaluate(
+    loss, accuracy = training.evaluate(
         model,
         state,
         ds.test_images,
         ds.test_labels,
-        _eval_batch_size(args.batch_size, parallel.num_devices),
-        parallel,
-        precision,
+        batch_size=args.batch_size,
+        parallel=parallel,
+        precision=precision,
     )
     _echo(
         f"checkpoint {ckpt_path}: {config.preset or config.model} ({config.model}), "
@@ -851,7 +729,8 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `eqx-vision` with `argv` (default: `sys.argv[1:]`); returns the exit code.
 
-    Bad input is reported as one line on stderr, with exit code 2.
+    Bad input is reported as one line on stderr, with exit code 2; a training loss that
+    becomes NaN or infinite, with exit code 1.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -863,6 +742,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"{PROG}: error: {e.strerror or e}{where}", file=sys.stderr, flush=True)
         return 2
+    except FloatingPointError as e:  # a training loss that became NaN or infinite
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
         return 130

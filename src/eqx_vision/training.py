@@ -1,6 +1,25 @@
-"""Training and evaluation steps for the models of `eqx_vision`.
+"""The training loop, and training and evaluation steps, for the models of `eqx_vision`.
 
-The pieces a training loop needs, written once for every architecture, stateless or not:
+[`fit`][eqx_vision.training.fit] trains a model on a
+[`Dataset`][eqx_vision.data.Dataset]: epochs of jit-compiled steps, an evaluation after
+each, and, given an output folder, checkpoints, metrics and resume. `eqx-vision train` is
+a thin layer over it:
+
+```python
+import jax.random as jr
+from eqx_vision import data, presets, training
+
+config = presets.resolve_model("default", num_classes=10, data_channels=1)
+ds = data.prepare(data.load_digits(), channels=1, image_size=config.image_size)
+model, state = config.build(jr.key(0))
+result = training.fit(model, state, ds, training.TrainConfig(epochs=15), out="runs/digits",
+                      model_config=config.to_json(), callback=print)
+print(result.test_accuracy, result.best_accuracy)
+```
+
+[`evaluate`][eqx_vision.training.evaluate] gives the loss and accuracy over a whole split.
+The pieces of the loop, for loops of your own, are written once for every architecture,
+stateless or not:
 
 - [`apply_model`][eqx_vision.training.apply_model] runs a model over a batch. Stateless
   models are called as `model(x, key=k)`; models with BatchNorm (CvT, LeViT) as
@@ -52,15 +71,20 @@ called from inside a user's own `eqx.filter_jit` function.
 A loop like the one above, which rebinds the model, its state and the optimizer state at
 every step and passes a fresh batch and key, can donate them all, so that XLA writes the
 new parameters and optimizer state over the old ones instead of into fresh memory:
-`step = eqx.filter_jit(training.train_step, donate="all")`, called as `train_step`; the
-loop of `eqx-vision train` does this. The arrays passed in are invalid after the call
-(reading one raises an error). On a CPU this made the bfloat16 ViT-S/16 step 1.03-1.09x
-faster and the float32 step no faster, and AdamW's update alone of 21.6M parameters 1.4x
-faster (see the [performance notes](../performance.md#the-bfloat16-step-on-the-xeon)).
+`step = eqx.filter_jit(training.train_step, donate="all")`, called as `train_step`; `fit`
+does this. The arrays passed in are invalid after the call (reading one raises an error).
+On a CPU this made the bfloat16 ViT-S/16 step 1.03-1.09x faster and the float32 step no
+faster, and AdamW's update alone of 21.6M parameters 1.4x faster (see the
+[performance notes](../performance.md#the-bfloat16-step-on-the-xeon)).
 """
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -71,15 +95,24 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
-from .precision import Precision
+from .data import Dataset
+from .layers import REMAT, is_stateful, remat
+from .precision import COMPUTE_DTYPES, Precision
 
 
 __all__ = [
+    "Callback",
     "DataParallel",
+    "FitInfo",
+    "FitResult",
+    "StepInfo",
+    "TrainConfig",
     "apply_model",
     "batches",
     "count_params",
     "eval_step",
+    "evaluate",
+    "fit",
     "init_optimizer",
     "is_stateful",
     "learning_rate_schedule",
@@ -87,19 +120,6 @@ __all__ = [
     "make_optimizer",
     "train_step",
 ]
-
-
-def _is_state_index(node: object) -> bool:
-    return isinstance(node, eqx.nn.StateIndex)
-
-
-def is_stateful(model: PyTree) -> bool:
-    """Whether `model` carries Equinox state (holds an `eqx.nn.StateIndex`, e.g. BatchNorm).
-
-    Stateful models are called as `model(x, state, key=...) -> (output, state)`, stateless
-    ones as `model(x, key=...) -> output`.
-    """
-    return any(_is_state_index(leaf) for leaf in jax.tree.leaves(model, is_leaf=_is_state_index))
 
 
 def _first(out: Any) -> Array:
@@ -422,3 +442,595 @@ def batches(
     order = np.random.default_rng([seed, epoch]).permutation(num_examples)
     stop = num_examples - num_examples % batch_size if drop_last else num_examples
     return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation over a whole split, and the training loop
+
+
+def evaluate(
+    model: PyTree,
+    state: eqx.nn.State,
+    images: Float[np.ndarray | Array, "num channels height width"],
+    labels: Int[np.ndarray | Array, " num"],
+    *,
+    batch_size: int = 256,
+    parallel: DataParallel | None = None,
+    precision: Precision | str = "float32",
+) -> tuple[float, float]:
+    """Mean loss and accuracy over a whole split, in inference mode.
+
+    The split runs in batches of one fixed size, the last one padded and masked (see
+    [`eval_step`][eqx_vision.training.eval_step]), so one compiled program serves every
+    batch.
+
+    **Arguments:**
+
+    - `model`, `state`: the model and its `eqx.nn.State` (empty for stateless models).
+    - `images`, `labels`: the whole split, channels first; numpy or JAX arrays.
+    - `batch_size`: examples per batch; rounded down to a multiple of the devices of
+      `parallel` (and at least one per device).
+    - `parallel`: a [`DataParallel`][eqx_vision.training.DataParallel] to shard each batch
+      over; `None` on one device.
+    - `precision`: the compute dtype, as in [`eval_step`][eqx_vision.training.eval_step].
+
+    **Returns:** the mean cross-entropy and the accuracy over all examples, as Python
+    floats.
+    """
+    num_devices = 1 if parallel is None else parallel.num_devices
+    batch_size = max(num_devices, batch_size - batch_size % num_devices)
+    n = len(labels)
+    total_loss = total_correct = 0.0
+    for start in range(0, n, batch_size):
+        x = np.asarray(images[start : start + batch_size])
+        y = np.asarray(labels[start : start + batch_size])
+        count = len(y)
+        mask = np.zeros(batch_size, bool)
+        mask[:count] = True
+        if count < batch_size:
+            pad = batch_size - count
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+            y = np.concatenate([y, np.zeros(pad, y.dtype)])
+        if parallel is None:
+            x, y, mask = jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)
+        else:
+            x, y, mask = parallel.shard_batch((x, y, mask))
+        loss, accuracy, _ = eval_step(
+            model, state, x, y, mask, parallel=parallel, precision=precision
+        )
+        total_loss += float(np.asarray(loss)) * count
+        total_correct += float(np.asarray(accuracy)) * count
+    return total_loss / max(n, 1), total_correct / max(n, 1)
+
+
+CONFIG = "config.json"
+CHECKPOINT = "last.safetensors"
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+# The batch size of the evaluation after each epoch (or the training batch, if larger).
+_EVAL_BATCH_SIZE = 256
+# A step function that donates the model, its state and the optimizer state: the loop of
+# `fit` rebinds them at every step and passes a fresh batch and key, so XLA writes the new
+# parameters and optimizer state over the old ones instead of into fresh memory. Created
+# once, so that every `fit` in a process shares its compiled programs.
+_donating_train_step = eqx.filter_jit(train_step, donate="all")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The settings of [`fit`][eqx_vision.training.fit].
+
+    **Arguments:**
+
+    - `epochs`: passes over the training split.
+    - `batch_size`: the global batch size (a multiple of the devices of `parallel`); a
+      final incomplete batch of each epoch is left out.
+    - `learning_rate`: the peak learning rate of AdamW.
+    - `weight_decay`: AdamW's decoupled weight decay.
+    - `warmup_epochs`: the linear warm-up from 0 before the cosine decay to 0, in epochs
+      (see [`make_optimizer`][eqx_vision.training.make_optimizer]; gradients are clipped
+      to norm 1).
+    - `seed`: the seed of the data order (from the seed and the epoch) and of the dropout
+      keys (from the seed and the step). The model's initial weights are the caller's:
+      `eqx-vision train` builds them from `jr.fold_in(jr.key(seed), 0)`.
+    - `precision`: the compute dtype, `"float32"` or `"bfloat16"` (parameters, gradients
+      and optimizer state stay float32; see the [mixed precision guide](../precision.md)).
+    - `remat`: what the backward pass keeps of each block of the model, one of
+      `"linear"`, `"inputs"`, `"all"` (see
+      [`remat`][eqx_vision.remat]); `None` keeps the model's
+      own. Results are the same whatever the choice, so it may change when resuming.
+    """
+
+    epochs: int = 15
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 2.0
+    seed: int = 0
+    precision: str = "float32"
+    remat: str | None = None
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"epochs and batch_size must be positive; got {self.epochs} and {self.batch_size}."
+            )
+        for name in ("learning_rate", "weight_decay", "warmup_epochs"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number; got {value!r}.")
+        if self.precision not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"precision must be {' or '.join(COMPUTE_DTYPES)}; got {self.precision!r}."
+            )
+        if self.remat is not None and self.remat not in REMAT:
+            raise ValueError(f"remat must be {' or '.join(REMAT)}; got {self.remat!r}.")
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as a JSON object (as saved in `config.json`)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitInfo:
+    """What [`fit`][eqx_vision.training.fit] is about to do, passed to
+    [`Callback.on_fit_start`][eqx_vision.training.Callback.on_fit_start]."""
+
+    epochs: int
+    steps_per_epoch: int
+    start_epoch: int  # epochs already done: 0, or the checkpoint's epoch when resuming
+    step: int  # steps already done
+    batch_size: int
+    num_train: int
+    num_test: int
+    num_params: int
+    num_devices: int
+    compute_dtype: str
+    out: str | None
+    resumed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """One training step of [`fit`][eqx_vision.training.fit], passed to
+    [`Callback.on_step`][eqx_vision.training.Callback.on_step]."""
+
+    epoch: int
+    step: int  # steps done, this one included
+    loss: float | None  # the latest loss read: the previous step's (None at first)
+    images_per_second: float  # in this epoch so far
+    compile_seconds: float | None  # set for the step that compiled (the first)
+
+
+class Callback:
+    """Hooks that [`fit`][eqx_vision.training.fit] calls as it runs: subclass it and
+    override the ones you need (each does nothing by default). `eqx-vision train` draws
+    its progress bar and prints its per-epoch lines with one.
+
+    `on_step` and `on_epoch_end` may return `True` to stop the run: `fit` then stops
+    before the next training step (an epoch that has just ended is still evaluated and
+    saved) and returns with `stopped=True`, as if the process had been killed there.
+    """
+
+    def on_fit_start(self, info: FitInfo) -> None:
+        """Called once, after the model is ready (built or resumed), before any step."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before the first step of each epoch (numbered from 1)."""
+
+    def on_step(self, info: StepInfo) -> bool | None:
+        """Called after each training step (the step is dispatched, not necessarily
+        finished: the losses are read one step behind)."""
+
+    def on_epoch_end(self, metrics: dict[str, Any]) -> bool | None:
+        """Called after each epoch's evaluation and checkpoint, with its metrics (the
+        line written to `metrics.jsonl`)."""
+
+
+class _EpochFunction(Callback):
+    def __init__(self, fn: Callable[[dict[str, Any]], bool | None]):
+        self.fn = fn
+
+    def on_epoch_end(self, metrics: dict[str, Any]) -> bool | None:
+        return self.fn(metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """What [`fit`][eqx_vision.training.fit] returns.
+
+    - `model`, `state`, `opt_state`: after the last step.
+    - `metrics`: one dict per epoch of the whole run (the earlier ones of a resumed run
+      included): `epoch`, `step`, `train_loss`, `test_loss`, `test_accuracy`,
+      `learning_rate`, `epoch_seconds`, `images_per_second`.
+    - `epoch`, `step`: the epochs and steps done.
+    - `test_loss`, `test_accuracy`: after the last epoch (`nan` if a stopped run has
+      finished none).
+    - `best_accuracy`, `best_epoch`: the best test accuracy of any epoch, and its epoch.
+    - `stopped`: whether a callback stopped the run before its last epoch.
+    - `compile_seconds`, `train_seconds`, `images_seen`: timing of this call: the first
+      step (which compiles), the other steps, and the images they trained on.
+    """
+
+    model: PyTree
+    state: eqx.nn.State
+    opt_state: optax.OptState
+    metrics: list[dict[str, Any]]
+    epoch: int
+    step: int
+    test_loss: float
+    test_accuracy: float
+    best_accuracy: float
+    best_epoch: int
+    stopped: bool
+    compile_seconds: float
+    train_seconds: float
+    images_seen: int
+
+
+def _atomic_text(path: str, text: str) -> None:
+    from .checkpoint import atomic_write
+
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def _read_metrics(path: str, last_epoch: int) -> list[dict[str, Any]]:
+    """The records of `metrics.jsonl` up to `last_epoch` (a killed run may have written
+    one more than its checkpoint holds)."""
+    records = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                with contextlib.suppress(json.JSONDecodeError):
+                    record = json.loads(line)
+                    if isinstance(record, dict) and record.get("epoch", 0) <= last_epoch:
+                        records.append(record)
+    return records
+
+
+def _plot_curves(path: str, records: list[dict[str, Any]]) -> None:
+    """Loss and accuracy per epoch as a PNG (nothing without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:  # pragma: no cover - depends on the installation
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write
+
+    epochs = [r["epoch"] for r in records]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o", label="train")
+    ax_loss.plot(epochs, [r["test_loss"] for r in records], marker="o", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [r["test_accuracy"] for r in records], marker="o", color="C1")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="test accuracy", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+@dataclasses.dataclass
+class _Run:
+    """The mutable bookkeeping of one `fit` call (the arrays are passed around apart)."""
+
+    config: TrainConfig
+    data: Dataset
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    parallel: DataParallel | None
+    callback: Callback
+    out: str | None
+    checkpoint_meta: dict[str, Any]
+    model_config: dict[str, Any]
+    train_key: PRNGKeyArray
+    steps_per_epoch: int
+    step: int = 0
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    stop: bool = False
+    compile_seconds: float | None = None
+    train_seconds: float = 0.0
+    images_seen: int = 0
+
+
+def _prepare_out(out: str, resume: bool, run_json: dict[str, Any], config: TrainConfig):
+    """Check `out` (a fresh folder, or the run to resume) and clear the temporary files
+    of a run killed while writing."""
+    paths = {name: os.path.join(out, name) for name in (CONFIG, CHECKPOINT, METRICS)}
+    if resume:
+        if not os.path.isfile(paths[CHECKPOINT]):
+            raise FileNotFoundError(f"nothing to resume in {out}: no {CHECKPOINT}")
+        saved = None
+        if os.path.isfile(paths[CONFIG]):
+            with open(paths[CONFIG], encoding="utf-8") as f:
+                saved = json.load(f).get("train_config")
+        if isinstance(saved, dict):
+            now = config.to_json()
+            changed = [k for k in now if k != "remat" and k in saved and saved[k] != now[k]]
+            if changed:
+                shown = ", ".join(f"{k}={saved[k]!r}, not {now[k]!r}" for k in changed)
+                raise ValueError(f"{out} was trained with {shown}; resume with its settings.")
+    elif os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"{out} exists and is not a folder")
+    elif any(os.path.exists(p) for p in paths.values()):
+        raise FileExistsError(f"{out} already holds a run: resume it, or choose another folder")
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):
+        if name.startswith(".") and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out, name))
+    if not resume:
+        _atomic_text(paths[CONFIG], json.dumps(run_json, indent=2) + "\n")
+        _atomic_text(paths[METRICS], "")
+
+
+def _start(run: _Run, model: PyTree, state: eqx.nn.State, resume: bool):
+    """The model, state and optimizer state to start from: the given ones, or those of
+    the checkpoint in `run.out`, whose metrics are then kept up to its epoch."""
+    from . import checkpoint
+
+    start_epoch = 0
+    if resume:
+        assert run.out is not None
+        like_model, like_state = eqx.filter_eval_shape(lambda m, s: (m, s), model, state)
+        ckpt = checkpoint.load(
+            os.path.join(run.out, CHECKPOINT),
+            like_model,
+            like_state,
+            like_opt_state=init_optimizer(run.optimizer, like_model),
+            model_name=run.model_config.get("model"),
+        )
+        assert ckpt.state is not None and ckpt.opt_state is not None
+        model, state, opt_state = ckpt.model, ckpt.state, ckpt.opt_state
+        start_epoch = int(ckpt.training.get("epoch", 0))
+        run.step = int(ckpt.training.get("step", 0))
+        if ckpt.rng is not None:
+            run.train_key = jr.wrap_key_data(ckpt.rng)
+        metrics_path = os.path.join(run.out, METRICS)
+        run.records = _read_metrics(metrics_path, start_epoch)
+        _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in run.records))
+    else:
+        opt_state = init_optimizer(run.optimizer, model)
+    if run.config.remat is not None:
+        # An ordinary field of the stacks: the optimizer state does not depend on it.
+        model = remat(model, run.config.remat)
+    if run.parallel is not None:
+        model, state, opt_state = run.parallel.replicate((model, state, opt_state))
+    return model, state, opt_state, start_epoch
+
+
+def _read_loss(value: Array, step: int, epoch: int) -> float:
+    loss = float(value)
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"the training loss is {loss} at step {step} (epoch {epoch}): training stopped, "
+            "nothing of this epoch was saved (try a lower learning rate)"
+        )
+    return loss
+
+
+def _train_epoch(run: _Run, epoch: int, model, state, opt_state):
+    """One epoch's steps; returns the arrays, the epoch's losses and its seconds (the
+    compilation of the first step left out), or `losses=None` if a callback stopped."""
+    ds, batch_size, parallel = run.data, run.config.batch_size, run.parallel
+    order = batches(len(ds.train_labels), batch_size, seed=run.config.seed, epoch=epoch)
+    epoch_start = time.perf_counter()
+    losses: list[float] = []
+    pending = None
+    for idx in order:
+        if run.stop:
+            return model, state, opt_state, None, 0.0
+        step_start = time.perf_counter()
+        batch = (ds.train_images[idx], ds.train_labels[idx])
+        x, y = jax.tree.map(jnp.asarray, batch) if parallel is None else parallel.shard_batch(batch)
+        model, state, opt_state, loss = _donating_train_step(
+            model, state, opt_state, x, y, jr.fold_in(run.train_key, run.step),
+            optimizer=run.optimizer, parallel=parallel, precision=run.config.precision,
+        )  # fmt: skip
+        run.step += 1
+        compiled = None
+        if run.compile_seconds is None:  # the first step compiles: time it apart
+            jax.block_until_ready(loss)
+            run.compile_seconds = compiled = time.perf_counter() - step_start
+            epoch_start += compiled
+        if pending is not None:  # read the previous loss: keeps one step in flight
+            losses.append(_read_loss(pending, run.step - 1, epoch))
+        pending = loss
+        elapsed = max(time.perf_counter() - epoch_start, 1e-9)
+        info = StepInfo(epoch, run.step, losses[-1] if losses else None,
+                        len(losses) * batch_size / elapsed, compiled)  # fmt: skip
+        run.stop = bool(run.callback.on_step(info)) or run.stop
+    if pending is not None:
+        losses.append(_read_loss(pending, run.step, epoch))
+    jax.block_until_ready(model)
+    return model, state, opt_state, losses, time.perf_counter() - epoch_start
+
+
+def _end_epoch(run: _Run, epoch: int, model, state, opt_state, losses, seconds) -> None:
+    """Evaluate, then append the epoch's metrics and save the checkpoint and curves."""
+    from . import checkpoint
+
+    config, ds = run.config, run.data
+    test_loss, test_acc = evaluate(
+        model, state, ds.test_images, ds.test_labels,
+        batch_size=max(config.batch_size, _EVAL_BATCH_SIZE), parallel=run.parallel,
+        precision=config.precision,
+    )  # fmt: skip
+    images = len(losses) * config.batch_size
+    run.train_seconds += seconds
+    run.images_seen += images
+    record = {
+        "epoch": epoch,
+        "step": run.step,
+        "train_loss": float(np.mean(losses)),
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+        "learning_rate": float(np.asarray(run.schedule(run.step))),
+        "epoch_seconds": round(seconds, 3),
+        "images_per_second": round(images / max(seconds, 1e-9), 1),
+    }
+    run.records.append(record)
+    if run.out is not None:
+        # The metrics line first: a run killed before the checkpoint below is replaced
+        # resumes from the previous epoch and drops this line.
+        with open(os.path.join(run.out, METRICS), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        meta = {"step": run.step, "epoch": epoch, **run.checkpoint_meta,
+                "test_accuracy": test_acc, "test_loss": test_loss}  # fmt: skip
+        checkpoint.save(
+            os.path.join(run.out, CHECKPOINT), model, state, opt_state=opt_state,
+            rng=run.train_key, model_config=run.model_config, training=meta,
+        )  # fmt: skip
+        _plot_curves(os.path.join(run.out, CURVES), run.records)
+    run.stop = bool(run.callback.on_epoch_end(dict(record))) or run.stop
+
+
+def fit(
+    model: PyTree,
+    state: eqx.nn.State | None,
+    data: Dataset,
+    config: TrainConfig | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    parallel: DataParallel | None = None,
+    callback: Callback | Callable[[dict[str, Any]], bool | None] | None = None,
+    model_config: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> FitResult:
+    """Train a model: epochs of [`train_step`][eqx_vision.training.train_step], each
+    followed by an evaluation on the test split, with checkpoints, metrics and resume.
+
+    The optimizer is [`make_optimizer`][eqx_vision.training.make_optimizer] (AdamW, warm-up
+    and cosine decay over the whole run); each epoch's batches come from
+    [`batches`][eqx_vision.training.batches] (shuffled by the seed and the epoch) and each
+    step's dropout key from the seed and the step number, so a resumed run ends exactly as
+    an uninterrupted one. The step is compiled once with `eqx.filter_jit(train_step,
+    donate="all")`: the arrays of `model`, `state` (and those of the previous step) are
+    donated and must not be used after the call; use those of the result.
+
+    **Arguments:**
+
+    - `model`: the model to train. When resuming, only its structure is used: it may be
+      abstract (e.g. from `eqx.filter_eval_shape` or `ModelConfig.build_like()`).
+    - `state`: its `eqx.nn.State`, from `eqx.nn.make_with_state`; `None` for a stateless
+      model.
+    - `data`: an [`eqx_vision.data.Dataset`][eqx_vision.data.Dataset]: model-ready train
+      and test images (float32, channels first) and integer labels.
+    - `config`: a [`TrainConfig`][eqx_vision.training.TrainConfig]; its defaults when
+      `None`.
+    - `out`: a folder to write the run into (none by default): `config.json` (the
+      settings, `model_config` and `metadata`), `last.safetensors` (model, state,
+      optimizer state, step and key, written atomically after every epoch; see
+      [`eqx_vision.checkpoint`][eqx_vision.checkpoint]), `metrics.jsonl` (one line per
+      epoch) and `curves.png` (if matplotlib is installed). A folder that already holds a
+      run is an error unless `resume`.
+    - `resume`: continue the run in `out` from its checkpoint (with the same `config`;
+      `remat` and `parallel` may differ).
+    - `parallel`: a [`DataParallel`][eqx_vision.training.DataParallel] to train over
+      several devices; one device when `None`.
+    - `callback`: a [`Callback`][eqx_vision.training.Callback], or a function called after
+      each epoch with its metrics (a `dict`); either may return `True` to stop.
+    - `model_config`: the model's description as JSON (e.g. `ModelConfig.to_json()`),
+      saved in the checkpoint so that `eqx-vision evaluate` and `predict` can rebuild it.
+    - `metadata`: more JSON-serialisable facts about the run, saved in `config.json` and in
+      each checkpoint's `training` metadata beside the `train_config` and the `data`
+      (the data's source and class names, which `eqx-vision evaluate` and `predict`
+      read; a `"data"` entry here replaces it).
+
+    **Returns:** a [`FitResult`][eqx_vision.training.FitResult]: the trained model, state
+    and optimizer state, the metrics of every epoch and the best test accuracy.
+
+    Raises `FloatingPointError` if the training loss becomes NaN or infinite (the epoch is
+    not saved), `FileExistsError` if `out` holds a run and `resume` is false.
+    """
+    config = TrainConfig() if config is None else config
+    state = eqx.nn.State(model) if state is None else state
+    num_train, num_test = len(data.train_labels), len(data.test_labels)
+    num_devices = 1 if parallel is None else parallel.num_devices
+    if config.batch_size % num_devices or config.batch_size > num_train:
+        raise ValueError(
+            f"batch_size {config.batch_size} must be a multiple of the {num_devices} "
+            f"device(s) and at most the {num_train} training images."
+        )
+    if resume and out is None:
+        raise ValueError("resume needs `out`, the folder of the run to continue.")
+    steps_per_epoch = num_train // config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
+    schedule_args = dict(warmup_steps=warmup_steps, total_steps=total_steps)
+    out = None if out is None else os.fspath(out)
+    data_info = {"source": data.source, "class_names": list(data.class_names),
+                 "num_train": num_train, "num_test": num_test}  # fmt: skip
+    meta = {"data": data_info, **(metadata or {}), "train_config": config.to_json()}
+    if callback is None:
+        hooks = Callback()
+    elif isinstance(callback, Callback):
+        hooks = callback
+    else:
+        hooks = _EpochFunction(callback)
+    run = _Run(
+        config=config,
+        data=data,
+        optimizer=make_optimizer(
+            config.learning_rate, weight_decay=config.weight_decay, **schedule_args
+        ),
+        schedule=learning_rate_schedule(config.learning_rate, **schedule_args),
+        parallel=parallel,
+        callback=hooks,
+        out=out,
+        checkpoint_meta=meta,
+        model_config=dict(model_config or {}),
+        train_key=jr.fold_in(jr.key(config.seed), 1),  # the model's key is the caller's
+        steps_per_epoch=steps_per_epoch,
+    )
+    if out is not None:
+        _prepare_out(out, resume, {"model_config": run.model_config, **meta}, config)
+    model, state, opt_state, start_epoch = _start(run, model, state, resume)
+    run.callback.on_fit_start(FitInfo(
+        config.epochs, steps_per_epoch, start_epoch, run.step, config.batch_size, num_train,
+        num_test, count_params(model), num_devices, Precision.of(config.precision).compute_dtype,
+        out, resume,
+    ))  # fmt: skip
+    epoch, stopped = start_epoch, False
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        if run.stop:
+            stopped, epoch = True, epoch - 1
+            break
+        run.callback.on_epoch_start(epoch)
+        model, state, opt_state, losses, seconds = _train_epoch(run, epoch, model, state, opt_state)
+        if losses is None:
+            stopped, epoch = True, epoch - 1
+            break
+        _end_epoch(run, epoch, model, state, opt_state, losses, seconds)
+    return _result(run, model, state, opt_state, epoch, stopped)
+
+
+def _result(run: _Run, model, state, opt_state, epoch: int, stopped: bool) -> FitResult:
+    if run.records:
+        last = run.records[-1]
+        test_loss, test_acc = last["test_loss"], last["test_accuracy"]
+        best = max(run.records, key=lambda r: r["test_accuracy"])
+        best_acc, best_epoch = best["test_accuracy"], best["epoch"]
+    elif stopped:
+        test_loss = test_acc = best_acc = math.nan
+        best_epoch = 0
+    else:  # a resumed run that had already finished, without its metrics
+        ds = run.data
+        test_loss, test_acc = evaluate(
+            model, state, ds.test_images, ds.test_labels,
+            batch_size=max(run.config.batch_size, _EVAL_BATCH_SIZE), parallel=run.parallel,
+            precision=run.config.precision,
+        )  # fmt: skip
+        best_acc, best_epoch = test_acc, epoch
+    return FitResult(
+        model, state, opt_state, list(run.records), epoch, run.step, test_loss, test_acc,
+        best_acc, best_epoch, stopped, run.compile_seconds or 0.0, run.train_seconds,
+        run.images_seen,
+    )  # fmt: skip

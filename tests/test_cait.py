@@ -1,12 +1,12 @@
 """CaiT: parity with vit_pytorch.cait.CaiT,
-loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+loaded through `reference`; configuration errors. (Input errors: test_behaviour.py;
+the full-size reference snippet: test_readme.py.)"""
 
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
 
@@ -130,47 +130,3 @@ def test_layer_dropout_random_in_training():
 def test_config_errors(change, name, no_typecheck):
     with pytest.raises(ValueError, match=name):
         ev.CaiT(**{**SMALL, **change}, key=jax.random.key(0))
-
-
-def test_input_errors(no_typecheck):
-    model = ev.CaiT(**SMALL, key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"\(3, 16, 16\).*\(1, 16, 16\)"):
-        model(jnp.zeros((1, 16, 16)))
-    with pytest.raises(ValueError, match=r"\(16, 16\).*\(3, 24, 24\)"):
-        model(jnp.zeros((3, 24, 24)))
-    with pytest.raises(ValueError, match="jax.vmap"):
-        model(jnp.zeros((2, 3, 16, 16)))
-    with pytest.raises(ValueError, match="floating"):
-        model(jnp.zeros((3, 16, 16), dtype=jnp.int32))
-
-
-def test_input_errors_under_typecheck():
-    model = ev.CaiT(**SMALL, key=jax.random.key(0))
-    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):
-        model(jnp.zeros((2, 3, 16, 16)))
-    with pytest.raises(ValueError, match="channels"):
-        model(jnp.zeros((1, 16, 16)))
-
-
-@pytest.mark.slow
-def test_readme_snippet():
-    config: dict[str, Any] = dict(
-        image_size=256,
-        patch_size=32,
-        num_classes=1000,
-        dim=1024,
-        depth=12,
-        cls_depth=2,
-        heads=16,
-        mlp_dim=2048,
-        dropout=0.1,
-        emb_dropout=0.1,
-        layer_dropout=0.05,
-    )
-    model = ev.CaiT(**config, key=jax.random.key(1))
-    image = jax.random.normal(jax.random.key(0), (3, 256, 256))
-    logits = eqx.filter_jit(lambda m, x: m(x))(eqx.nn.inference_mode(model), image)
-    assert logits.shape == (1000,)
-    assert bool(jnp.all(jnp.isfinite(logits)))
-    expected = torch_param_count(reference("cait").CaiT(**config))
-    assert count_params(model) == expected == 121_839_592

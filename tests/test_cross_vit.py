@@ -1,5 +1,6 @@
 """CrossViT: parity with vit_pytorch.cross_vit.CrossViT,
-loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+loaded through `reference`; configuration errors. (Input errors: test_behaviour.py;
+the full-size reference snippet: test_readme.py.)"""
 
 import functools
 from typing import Any
@@ -170,45 +171,3 @@ def test_default_dropout_needs_key():
 def test_config_errors(change, match, monkeypatch):
     config = {**CONFIGS[0], **change}
     raises_value_error(lambda: ev.CrossViT(**config, key=jax.random.key(0)), match, monkeypatch)
-
-
-@pytest.mark.parametrize(
-    "shape, dtype, match",
-    [
-        ((2, 3, 32, 32), jnp.float32, "a batch"),
-        ((1, 32, 32), jnp.float32, "3 input channels"),
-        ((3, 16, 16), jnp.float32, "built for images of size"),
-        ((3, 32, 32), jnp.int32, "floating-point"),
-    ],
-)
-def test_input_errors(shape, dtype, match, monkeypatch):
-    model = eqx.nn.inference_mode(build(0))
-    raises_value_error(lambda: model(jnp.zeros(shape, dtype)), match, monkeypatch)
-
-
-@pytest.mark.slow
-def test_readme_snippet():
-    args: dict[str, Any] = dict(
-        image_size=256,
-        num_classes=1000,
-        depth=4,
-        sm_dim=192,
-        sm_patch_size=16,
-        sm_enc_depth=2,
-        sm_enc_heads=8,
-        sm_enc_mlp_dim=2048,
-        lg_dim=384,
-        lg_patch_size=64,
-        lg_enc_depth=3,
-        lg_enc_heads=8,
-        lg_enc_mlp_dim=2048,
-        cross_attn_depth=2,
-        cross_attn_heads=8,
-        dropout=0.1,
-        emb_dropout=0.1,
-    )
-    model = ev.CrossViT(**args, key=jax.random.key(1))
-    img = jax.random.normal(jax.random.key(0), (3, 256, 256))
-    out = eqx.filter_jit(lambda m, x: m(x))(eqx.nn.inference_mode(model), img)
-    assert out.shape == (1000,)
-    assert count_params(model) == torch_param_count(cross_vit().CrossViT(**args)) == 55_180_176

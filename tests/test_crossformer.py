@@ -1,12 +1,11 @@
 """CrossFormer: parity with vit_pytorch.crossformer.CrossFormer,
-loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+loaded through `reference`; configuration errors. (Input errors: test_behaviour.py;
+the full-size reference snippet: test_readme.py.)"""
 
 from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
 import torch
@@ -70,11 +69,6 @@ SMALL: dict[str, Any] = CONFIGS[0][0]
 jitted = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
 
 
-@pytest.fixture(scope="module")
-def small_model():
-    return ev.CrossFormer(**SMALL, attn_dropout=0.1, key=jax.random.key(0))
-
-
 @pytest.mark.parametrize("config, shape", CONFIGS)
 def test_parity(config, shape):
     torch_model = reference("crossformer").CrossFormer(**config)
@@ -136,18 +130,6 @@ def test_position_bias_indices_reproduce_reference():
     np.testing.assert_array_equal(dpb_offsets(1)[dpb_gather_indices(1)[0, 0]], [-1.0, -1.0])
 
 
-def test_dropout_needs_key(small_model):
-    x = jnp.ones((3, 32, 32))
-    with pytest.raises(ValueError, match="key"):
-        small_model(x)
-    call = eqx.filter_jit(lambda m, x, k: m(x, key=k))
-    a = call(small_model, x, jax.random.key(1))
-    b = call(small_model, x, jax.random.key(2))
-    assert a.shape == (10,) and not np.array_equal(np.asarray(a), np.asarray(b))
-    infer = eqx.nn.inference_mode(small_model)
-    assert bool(jnp.all(jnp.isfinite(call(infer, x, None))))
-
-
 @pytest.mark.parametrize(
     "change, name",
     [
@@ -170,43 +152,3 @@ def test_dropout_needs_key(small_model):
 def test_config_errors(change, name):
     with pytest.raises(ValueError, match=name):
         ev.CrossFormer(**{**SMALL, **change}, key=jax.random.key(0))
-
-
-def test_input_errors(small_model, no_typecheck):
-    with pytest.raises(ValueError, match=r"\(3, 32, 32\).*\(1, 32, 32\)"):
-        small_model(jnp.zeros((1, 32, 32)))
-    with pytest.raises(ValueError, match="jax.vmap"):
-        small_model(jnp.zeros((2, 3, 32, 32)))
-    with pytest.raises(ValueError, match="floating"):
-        small_model(jnp.zeros((3, 32, 32), dtype=jnp.int32))
-    with pytest.raises(
-        ValueError, match=r"\(3, 32, 24\).*width.*stage-3.*multiple of local_window_size 2"
-    ):
-        small_model(jnp.zeros((3, 32, 24)))
-    with pytest.raises(ValueError, match=r"height.*multiples of 32 fit"):
-        small_model(jnp.zeros((3, 40, 32)))
-
-
-def test_input_errors_under_typecheck(small_model):
-    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):
-        small_model(jnp.zeros((2, 3, 32, 32)))
-    with pytest.raises(ValueError, match="channels"):
-        small_model(jnp.zeros((1, 32, 32)))
-
-
-@pytest.mark.slow
-def test_readme_snippet():
-    config: dict[str, Any] = dict(
-        num_classes=1000,
-        dim=(64, 128, 256, 512),
-        depth=(2, 2, 8, 2),
-        global_window_size=(8, 4, 2, 1),
-        local_window_size=7,
-    )
-    model = ev.CrossFormer(**config, key=jax.random.key(1))
-    image = jax.random.normal(jax.random.key(0), (3, 224, 224))
-    logits = eqx.filter_jit(lambda m, x: m(x))(eqx.nn.inference_mode(model), image)
-    assert logits.shape == (1000,)
-    assert bool(jnp.all(jnp.isfinite(logits)))
-    expected = torch_param_count(reference("crossformer").CrossFormer(**config))
-    assert count_params(model) == expected == 28_780_740

@@ -101,21 +101,6 @@ def test_config_errors(change, name, monkeypatch):
     raises_value_error(lambda: ev.DeepViT(**config, key=jax.random.key(0)), name, monkeypatch)
 
 
-@pytest.mark.parametrize(
-    ("shape", "dtype", "match"),
-    [
-        ((2, 3, 32, 32), jnp.float32, "jax.vmap"),
-        ((1, 32, 32), jnp.float32, "channels"),
-        ((3, 24, 24), jnp.float32, "size"),
-        ((3, 32, 32), jnp.int32, "floating"),
-    ],
-)
-def test_input_errors(shape, dtype, match, monkeypatch):
-    model = ev.DeepViT(**CONFIGS[0], key=jax.random.key(0))
-    x = jnp.zeros(shape, dtype)
-    raises_value_error(lambda: model(x), match, monkeypatch)
-
-
 def test_checkpoint_errors():
     model = ev.DeepViT(**CONFIGS[0], key=jax.random.key(0))
     state_dict = dict(reference("deepvit").DeepViT(**CONFIGS[0]).state_dict())
@@ -125,25 +110,3 @@ def test_checkpoint_errors():
     missing = {k: v for k, v in state_dict.items() if "reattn_weights" not in k}
     with pytest.raises(ev.CheckpointError, match="reattn_weights"):
         ev.from_vit_pytorch(model, missing)
-
-
-@pytest.mark.slow
-def test_readme_snippet():
-    config: dict[str, Any] = dict(
-        image_size=256,
-        patch_size=32,
-        num_classes=1000,
-        dim=1024,
-        depth=6,
-        heads=16,
-        mlp_dim=2048,
-        dropout=0.1,
-        emb_dropout=0.1,
-    )
-    model = ev.DeepViT(**config, key=jax.random.key(1))
-    image = jax.random.normal(jax.random.key(0), (3, 256, 256))
-    logits = eqx.filter_jit(lambda m, x: m(x))(eqx.nn.inference_mode(model), image)
-    assert logits.shape == (1000,)
-    assert bool(jnp.all(jnp.isfinite(logits)))
-    expected = torch_param_count(reference("deepvit").DeepViT(**config))
-    assert count_params(model) == expected == 54_632_104

@@ -1,5 +1,7 @@
 """`eqx_vision.inspect`: attention maps are the ones the forward pass uses."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from eqx_vision.inspect import (
     transformer_attention_maps,
 )
 from eqx_vision.layers import Attention, Transformer, merge_heads, split_heads
+from tiny import build
 
 
 def _output_from_probs(attn: Attention, x, probs, context=None):
@@ -77,28 +80,21 @@ def test_transformer_maps_and_output():
     np.testing.assert_allclose(maps[0], attention_probabilities(tf.layers[0].attn, x), atol=1e-6)  # pyright: ignore[reportArgumentType]
 
 
-MODELS = {
-    "ViT": lambda k: ev.ViT(
-        image_size=(16, 24), patch_size=8, num_classes=5, dim=32, depth=2, heads=2,
-        mlp_dim=32, dim_head=8, channels=1, dropout=0.1, emb_dropout=0.1, key=k,
-    ),
-    "ViT-mean": lambda k: ev.ViT(
-        image_size=16, patch_size=4, num_classes=5, dim=32, depth=1, heads=2, mlp_dim=32,
-        dim_head=8, pool="mean", key=k,
-    ),
-    "SimpleViT": lambda k: ev.SimpleViT(
-        image_size=16, patch_size=4, num_classes=5, dim=32, depth=2, heads=2, mlp_dim=32,
-        dim_head=8, key=k,
-    ),
-    "DeepViT": lambda k: ev.DeepViT(
-        image_size=16, patch_size=8, num_classes=5, dim=32, depth=3, heads=2, mlp_dim=32,
-        dim_head=8, key=k,
-    ),
-    "SmallDatasetViT": lambda k: ev.SmallDatasetViT(
-        image_size=16, patch_size=8, num_classes=5, dim=32, depth=2, heads=4, mlp_dim=32,
-        dim_head=8, key=k,
-    ),
+# Tiny presets, with what each case varies: a rectangular one-channel image and dropout,
+# mean pooling, several blocks, more heads.
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ViT": ("ViT", dict(image_size=(16, 24), patch_size=8, depth=2, channels=1, dropout=0.1,
+                        emb_dropout=0.1)),
+    "ViT-mean": ("ViT", dict(pool="mean")),
+    "SimpleViT": ("SimpleViT", dict(depth=2)),
+    "DeepViT": ("DeepViT", dict(patch_size=8, depth=3)),
+    "SmallDatasetViT": ("SmallDatasetViT", dict(patch_size=8, depth=2, heads=4)),
 }  # fmt: skip
+
+
+def build_model(case: str, key: jax.Array) -> Any:
+    name, overrides = MODELS[case]
+    return build(name, key, **overrides)[0]
 
 
 def _head(model, tokens):
@@ -115,7 +111,7 @@ def _head(model, tokens):
 def test_attention_maps_of_models(name):
     from eqx_vision.inspect import _tokens
 
-    model = MODELS[name](jr.key(0))
+    model = build_model(name, jr.key(0))
     image = jr.normal(jr.key(1), (model.channels, *np.broadcast_to(model.image_size, 2)))
     maps = attention_maps(model, image)
     tokens = _tokens(model, image)
@@ -132,7 +128,7 @@ def test_attention_maps_of_models(name):
 
 
 def test_attention_maps_errors():
-    model = MODELS["ViT"](jr.key(0))
+    model = build_model("ViT", jr.key(0))
     with pytest.raises(ValueError, match="shape"):
         attention_maps(model, jnp.zeros((1, 16, 16)))
     cait = ev.CaiT(

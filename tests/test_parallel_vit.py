@@ -114,46 +114,8 @@ def test_config_errors(change, name, monkeypatch):
     raises_value_error(lambda: ev.ParallelViT(**config, key=jax.random.key(0)), name, monkeypatch)
 
 
-@pytest.mark.parametrize(
-    ("shape", "dtype", "match"),
-    [
-        ((2, 3, 32, 32), jnp.float32, "jax.vmap"),
-        ((1, 32, 32), jnp.float32, "channels"),
-        ((3, 32, 24), jnp.float32, "size"),
-        ((3, 32, 32), jnp.int32, "floating"),
-    ],
-)
-def test_input_errors(shape, dtype, match, monkeypatch):
-    model = ev.ParallelViT(**CONFIGS[0], key=jax.random.key(0))
-    x = jnp.zeros(shape, dtype)
-    raises_value_error(lambda: model(x), match, monkeypatch)
-
-
 def test_checkpoint_branch_mismatch():
     model = ev.ParallelViT(**CONFIGS[0], key=jax.random.key(0))
     state_dict = _reference({**CONFIGS[0], "num_parallel_branches": 3}).state_dict()
     with pytest.raises(ev.CheckpointError, match="fns.2"):
         ev.from_vit_pytorch(model, state_dict)
-
-
-@pytest.mark.slow
-def test_readme_snippet():
-    config: dict[str, Any] = dict(
-        image_size=256,
-        patch_size=16,
-        num_classes=1000,
-        dim=1024,
-        depth=6,
-        heads=8,
-        mlp_dim=2048,
-        num_parallel_branches=2,
-        dropout=0.1,
-        emb_dropout=0.1,
-    )
-    model = ev.ParallelViT(**config, key=jax.random.key(1))
-    image = jax.random.normal(jax.random.key(0), (3, 256, 256))
-    logits = eqx.filter_jit(lambda m, x: m(x))(eqx.nn.inference_mode(model), image)
-    assert logits.shape == (1000,)
-    assert bool(jnp.all(jnp.isfinite(logits)))
-    expected = torch_param_count(_reference(config))
-    assert count_params(model) == expected == 77_674_472

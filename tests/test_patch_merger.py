@@ -1,13 +1,12 @@
 """ViTWithPatchMerger and PatchMerger: parity with vit_pytorch.vit_with_patch_merger,
-loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+loaded through `reference`; configuration errors. (Input errors: test_behaviour.py;
+the full-size reference snippet: test_readme.py.)"""
 
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jaxtyping
-import numpy as np
 import pytest
 
 import eqx_vision as ev
@@ -112,15 +111,6 @@ def test_split_encoder():
     assert build(depth=7).patch_merge_layer == 3
 
 
-def test_dropout_needs_key_in_training():
-    model = ev.ViTWithPatchMerger(**SMALL, dropout=0.1, key=jax.random.key(0))
-    x = jnp.ones((3, 16, 16))
-    with pytest.raises(ValueError, match="key"):
-        model(x)
-    infer = eqx.nn.inference_mode(model)
-    np.testing.assert_array_equal(np.asarray(infer(x)), np.asarray(infer(x, key=jax.random.key(1))))
-
-
 @pytest.mark.parametrize(
     "change, name",
     [
@@ -146,16 +136,7 @@ def test_patch_merger_config_errors(args, name):
         ev.PatchMerger(*args, key=jax.random.key(0))
 
 
-def test_input_errors(no_typecheck):
-    model = ev.ViTWithPatchMerger(**SMALL, channels=2, key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"\(2, 16, 16\).*\(3, 16, 16\)"):
-        model(jnp.zeros((3, 16, 16)))
-    with pytest.raises(ValueError, match=r"\(16, 16\).*\(2, 8, 16\)"):
-        model(jnp.zeros((2, 8, 16)))
-    with pytest.raises(ValueError, match="jax.vmap"):
-        model(jnp.zeros((4, 2, 16, 16)))
-    with pytest.raises(ValueError, match="floating"):
-        model(jnp.zeros((2, 16, 16), dtype=jnp.int32))
+def test_patch_merger_input_errors(no_typecheck):
     merger = ev.PatchMerger(16, 4, key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"\(seq, 16\).*\(10, 8\)"):
         merger(jnp.zeros((10, 8)))
@@ -163,41 +144,7 @@ def test_input_errors(no_typecheck):
         merger(jnp.zeros((2, 10, 16)))
 
 
-def test_input_errors_under_typecheck():
+def test_patch_merger_input_errors_under_typecheck():
     merger = ev.PatchMerger(16, 4, key=jax.random.key(0))
     with pytest.raises((ValueError, jaxtyping.TypeCheckError)):
         merger(jnp.zeros((2, 10, 16)))
-    model = ev.ViTWithPatchMerger(**SMALL, key=jax.random.key(0))
-    with pytest.raises(ValueError, match="channels"):
-        model(jnp.zeros((1, 16, 16)))
-
-
-@pytest.mark.slow
-def test_readme_snippet():
-    config: dict[str, Any] = dict(
-        image_size=256,
-        patch_size=16,
-        num_classes=1000,
-        dim=1024,
-        depth=12,
-        heads=8,
-        patch_merge_layer=6,
-        patch_merge_num_tokens=8,
-        mlp_dim=2048,
-        dropout=0.1,
-        emb_dropout=0.1,
-    )
-    model = ev.ViTWithPatchMerger(**config, key=jax.random.key(1))
-    image = jax.random.normal(jax.random.key(0), (3, 256, 256))
-    logits = eqx.filter_jit(lambda m, x: m(x))(eqx.nn.inference_mode(model), image)
-    assert logits.shape == (1000,)
-    assert bool(jnp.all(jnp.isfinite(logits)))
-    expected = torch_param_count(reference("vit_with_patch_merger").ViT(**config))
-    assert count_params(model) == expected == 77_687_272
-
-    merger = ev.PatchMerger(dim=1024, num_tokens_out=8, key=jax.random.key(2))
-    features = jax.random.normal(jax.random.key(5), (4, 256, 1024))
-    merged = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))(merger, features)
-    assert merged.shape == (4, 8, 1024)
-    expected = torch_param_count(reference("vit_with_patch_merger").PatchMerger(1024, 8))
-    assert count_params(merger) == expected == 10_240

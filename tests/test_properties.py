@@ -96,7 +96,7 @@ def test_vit_divisibility_is_checked_at_construction(size, patch):
         assert run(model, (3, size, size)).shape == (3,)
 
 
-# Every architecture: random valid variations of its tiny configuration run with the right
+# Every architecture: random valid variations of its tiny preset run with the right
 # output shape; a negative value for any integer hyper-parameter is refused at construction.
 
 
@@ -109,15 +109,14 @@ def _int_params(config: dict[str, Any]) -> list[str]:
 @SETTINGS
 @given(data=st.data())
 def test_every_architecture_runs_with_random_num_classes(data):
-    from zoo import ZOO, call
+    from tiny import NAMES, build, call, input_shape
 
-    name = data.draw(st.sampled_from(sorted(ZOO)))
-    entry = ZOO[name]
+    name = data.draw(st.sampled_from(NAMES))
     num_classes = data.draw(st.integers(1, 6))
-    model, state = entry.build(
-        jax.random.key(data.draw(st.integers(0, 3))), num_classes=num_classes
+    model, state = build(
+        name, jax.random.key(data.draw(st.integers(0, 3))), num_classes=num_classes
     )
-    out = call(entry, eqx.nn.inference_mode(model), state, jnp.ones(entry.input_shape))
+    out = call(eqx.nn.inference_mode(model), state, jnp.ones(input_shape(name)))
     assert out.shape == (num_classes,)
     assert bool(jnp.all(jnp.isfinite(out)))
 
@@ -125,12 +124,11 @@ def test_every_architecture_runs_with_random_num_classes(data):
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
 def test_every_architecture_refuses_negative_sizes(data):
-    from zoo import ZOO
+    from tiny import NAMES, build, config
 
-    name = data.draw(st.sampled_from(sorted(ZOO)))
-    entry = ZOO[name]
-    arg = data.draw(st.sampled_from(_int_params(entry.config)))
+    name = data.draw(st.sampled_from(NAMES))
+    arg = data.draw(st.sampled_from(_int_params(dict(config(name).kwargs))))
     value = data.draw(st.integers(-64, -1))
     with pytest.raises(INVALID) as info:
-        entry.build(jax.random.key(0), **{arg: value})
+        build(name, jax.random.key(0), **{arg: value})
     assert str(value) in str(info.value) or arg in str(info.value)

@@ -1,13 +1,12 @@
 """RegionViT: parity with vit_pytorch.regionvit.RegionViT,
-loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+loaded through `reference`; configuration errors. (Input errors: test_behaviour.py;
+the full-size reference snippet: test_readme.py.)"""
 
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jaxtyping
-import numpy as np
 import pytest
 import torch
 
@@ -147,56 +146,3 @@ def test_supported_sides_description(window_size, local_patch_size, three_conv):
 def test_config_errors(change, name):
     with pytest.raises(ValueError, match=name):
         ev.RegionViT(**{**SMALL, **change}, key=jax.random.key(0))
-
-
-def test_input_errors(no_typecheck):
-    model = ev.RegionViT(**SMALL, key=jax.random.key(0))  # window 2, local patch 4
-    with pytest.raises(ValueError, match=r"channels.*\(1, 16, 16\)"):
-        model(jnp.zeros((1, 16, 16)))
-    with pytest.raises(ValueError, match="jax.vmap"):
-        model(jnp.zeros((2, 3, 16, 16)))
-    with pytest.raises(ValueError, match="floating"):
-        model(jnp.zeros((3, 16, 16), dtype=jnp.int32))
-    with pytest.raises(ValueError, match=r"8, 16, 32 or any multiple of 64.*\(3, 24, 16\)"):
-        model(jnp.zeros((3, 24, 16)))
-
-
-def test_input_errors_under_typecheck():
-    model = ev.RegionViT(**SMALL, key=jax.random.key(0))
-    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):
-        model(jnp.zeros((2, 3, 16, 16)))
-    with pytest.raises(ValueError, match="channels"):
-        model(jnp.zeros((1, 16, 16)))
-
-
-def test_dropout_needs_key():
-    model = ev.RegionViT(**SMALL, attn_dropout=0.5, ff_dropout=0.5, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (3, 16, 16))
-    with pytest.raises(ValueError, match="key"):
-        model(x)
-    call = eqx.filter_jit(lambda m, x, k: m(x, key=k))
-    a, b = (np.asarray(call(model, x, jax.random.key(i))) for i in range(2))
-    assert not np.array_equal(a, b)
-    infer = eqx.nn.inference_mode(model)
-    np.testing.assert_array_equal(
-        np.asarray(call(infer, x, jax.random.key(0))), np.asarray(call(infer, x, None))
-    )
-
-
-@pytest.mark.slow
-def test_readme_snippet():
-    config: dict[str, Any] = dict(
-        dim=(64, 128, 256, 512),
-        depth=(2, 2, 8, 2),
-        window_size=7,
-        num_classes=1000,
-        tokenize_local_3_conv=False,
-        use_peg=False,
-    )
-    model = ev.RegionViT(**config, key=jax.random.key(1))
-    image = jax.random.normal(jax.random.key(0), (3, 224, 224))
-    logits = eqx.filter_jit(lambda m, x: m(x))(eqx.nn.inference_mode(model), image)
-    assert logits.shape == (1000,)
-    assert bool(jnp.all(jnp.isfinite(logits)))
-    expected = torch_param_count(reference("regionvit").RegionViT(**config))
-    assert count_params(model) == expected == 12_749_176

@@ -1,9 +1,9 @@
 """SimpleViT: parity with vit_pytorch.simple_vit.SimpleViT,
-loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+loaded through `reference`; configuration errors. (Input errors: test_behaviour.py;
+the full-size reference snippet: test_readme.py.)"""
 
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
@@ -90,32 +90,3 @@ def test_key_is_optional_and_ignored():
 def test_config_errors(change, name, monkeypatch):
     config = {**CONFIGS[0], **change}
     raises_value_error(lambda: ev.SimpleViT(**config, key=jax.random.key(0)), name, monkeypatch)
-
-
-@pytest.mark.parametrize(
-    ("shape", "dtype", "match"),
-    [
-        ((2, 3, 32, 32), jnp.float32, "jax.vmap"),
-        ((1, 32, 32), jnp.float32, "channels"),
-        ((3, 32, 24), jnp.float32, "size"),
-        ((3, 32, 32), jnp.int32, "floating"),
-    ],
-)
-def test_input_errors(shape, dtype, match, monkeypatch):
-    model = ev.SimpleViT(**CONFIGS[0], key=jax.random.key(0))
-    x = jnp.zeros(shape, dtype)
-    raises_value_error(lambda: model(x), match, monkeypatch)
-
-
-@pytest.mark.slow
-def test_readme_snippet():
-    config: dict[str, Any] = dict(
-        image_size=256, patch_size=32, num_classes=1000, dim=1024, depth=6, heads=16, mlp_dim=2048
-    )
-    model = ev.SimpleViT(**config, key=jax.random.key(1))
-    image = jax.random.normal(jax.random.key(0), (3, 256, 256))
-    logits = eqx.filter_jit(lambda m, x: m(x))(eqx.nn.inference_mode(model), image)
-    assert logits.shape == (1000,)
-    assert bool(jnp.all(jnp.isfinite(logits)))
-    expected = torch_param_count(reference("simple_vit").SimpleViT(**config))
-    assert count_params(model) == expected == 54_556_648

@@ -1,5 +1,6 @@
 """SmallDatasetViT, SPT and LSA: parity with vit_pytorch.vit_for_small_dataset,
-loaded through `reference`; configuration and input errors; and the full-size reference snippet."""
+loaded through `reference`; configuration errors. (Input errors: test_behaviour.py;
+the full-size reference snippet: test_readme.py.)"""
 
 import functools
 from typing import Any
@@ -194,20 +195,6 @@ def test_spt_config_errors(change, match, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "shape, dtype, match",
-    [
-        ((2, 3, 32, 32), jnp.float32, "a batch"),
-        ((1, 32, 32), jnp.float32, "3 input channels"),
-        ((3, 32, 24), jnp.float32, "built for images of size"),
-        ((3, 32, 32), jnp.int32, "floating-point"),
-    ],
-)
-def test_input_errors(shape, dtype, match, monkeypatch):
-    model = build(0)
-    raises_value_error(lambda: model(jnp.zeros(shape, dtype)), match, monkeypatch)
-
-
-@pytest.mark.parametrize(
     "shape, match",
     [
         ((3, 10, 8), "multiples of patch_size=4"),
@@ -219,33 +206,3 @@ def test_input_errors(shape, dtype, match, monkeypatch):
 def test_spt_input_errors(shape, match, monkeypatch):
     spt = ev.SPT(dim=16, patch_size=4, key=jax.random.key(0))
     raises_value_error(lambda: spt(jnp.zeros(shape)), match, monkeypatch)
-
-
-@pytest.mark.slow
-def test_readme_snippet():
-    args: dict[str, Any] = dict(
-        image_size=256,
-        patch_size=16,
-        num_classes=1000,
-        dim=1024,
-        depth=6,
-        heads=16,
-        mlp_dim=2048,
-        dropout=0.1,
-        emb_dropout=0.1,
-    )
-    model = ev.SmallDatasetViT(**args, key=jax.random.key(1))
-    img = jax.random.normal(jax.random.key(0), (3, 256, 256))
-    out = eqx.filter_jit(lambda m, x: m(x))(eqx.nn.inference_mode(model), img)
-    assert out.shape == (1000,)
-    assert count_params(model) == torch_param_count(small_dataset().ViT(**args)) == 55_612_910
-
-    spt = ev.SPT(dim=1024, patch_size=16, key=jax.random.key(1))
-    imgs = jax.random.normal(jax.random.key(0), (4, 3, 256, 256))
-    tokens = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))(eqx.nn.inference_mode(spt), imgs)
-    assert tokens.shape == (4, 256, 1024)
-    assert (
-        count_params(spt)
-        == torch_param_count(small_dataset().SPT(dim=1024, patch_size=16))
-        == 3_940_864
-    )

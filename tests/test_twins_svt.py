@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import eqx_vision as ev
-from compilation import compile_optimized
 from reference import check_parity, count_params, reference, torch_param_count
 
 
@@ -94,18 +93,6 @@ def test_supported_sizes_match_the_reference(no_typecheck):
             model(jnp.zeros(shape))
 
 
-def test_dropout_needs_key_in_training():
-    model = ev.TwinsSVT(**SMALL, dropout=0.5, key=jax.random.key(0))
-    x = jnp.ones((3, 32, 32))
-    with pytest.raises(ValueError, match="key"):
-        model(x)
-    call = eqx.filter_jit(lambda m, x, k: m(x, key=k))
-    a = call(model, x, jax.random.key(1))
-    b = call(model, x, jax.random.key(2))
-    assert a.shape == (10,)
-    assert not np.array_equal(np.asarray(a), np.asarray(b))
-
-
 def test_local_attention_has_no_probability_dropout():
     model = ev.TwinsSVT(**SMALL, dropout=0.5, key=jax.random.key(0))
     first = model.stages[0].first
@@ -133,34 +120,3 @@ def test_local_attention_has_no_probability_dropout():
 def test_config_errors(change, name, no_typecheck):
     with pytest.raises(ValueError, match=name):
         ev.TwinsSVT(**{**SMALL, **change}, key=jax.random.key(0))
-
-
-def test_input_errors(no_typecheck):
-    model = ev.TwinsSVT(**SMALL, key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"3 input channels.*\(1, 32, 32\)"):
-        model(jnp.zeros((1, 32, 32)))
-    with pytest.raises(ValueError, match=r"at least 16.*\(3, 24, 32\)"):
-        model(jnp.zeros((3, 24, 32)))
-    with pytest.raises(ValueError, match="jax.vmap"):
-        model(jnp.zeros((2, 3, 32, 32)))
-    with pytest.raises(ValueError, match="floating"):
-        model(jnp.zeros((3, 32, 32), dtype=jnp.int32))
-
-
-@pytest.mark.slow
-def test_readme_snippet():
-    config: dict[str, Any] = dict(
-        num_classes=1000,
-        **stages((64, 4, 7, 7, 1), (128, 2, 7, 7, 1), (256, 2, 7, 7, 5), (512, 2, 7, 7, 4)),
-        peg_kernel_size=3,
-        dropout=0.0,
-    )
-    model = ev.TwinsSVT(**config, key=jax.random.key(1))
-    assert (model.size_multiple, model.min_size) == (224, 224)
-    image = jax.random.normal(jax.random.key(0), (3, 224, 224))
-    model = eqx.nn.inference_mode(model)
-    logits = compile_optimized(lambda m, x: m(x), model, image)(model, image)
-    assert logits.shape == (1000,)
-    assert bool(jnp.all(jnp.isfinite(logits)))
-    expected = torch_param_count(reference("twins_svt").TwinsSVT(**config))
-    assert count_params(model) == expected == 252_025_096

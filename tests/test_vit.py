@@ -1,8 +1,6 @@
 from typing import Any
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 import pytest
 
 import eqx_vision as ev
@@ -52,18 +50,3 @@ def test_parity_features():
     )
     model = ev.ViT(**config, key=jax.random.key(0))
     check_parity(model, reference("vit").ViT(**config), (3, 16, 16))
-
-
-@pytest.mark.slow
-def test_readme_snippet():
-    config: dict[str, Any] = dict(
-        image_size=256, patch_size=32, num_classes=1000, dim=1024, depth=6, heads=16,
-        mlp_dim=2048, dropout=0.1, emb_dropout=0.1,
-    )  # fmt: skip
-    model = ev.ViT(**config, key=jax.random.key(0))
-    assert count_params(model) == torch_param_count(reference("vit").ViT(**config)) == 54_630_376
-    infer = eqx.nn.inference_mode(model)
-    out = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))(infer, jnp.ones((1, 3, 256, 256)))
-    assert out.shape == (1, 1000)
-    train_out = model(jnp.ones((3, 256, 256)), key=jax.random.key(1))
-    assert train_out.shape == (1000,)

@@ -1,12 +1,28 @@
 """Named model configurations for the 17 architectures, and model config files.
 
 A model configuration is an architecture (a public class of `eqx_vision`) with its
-constructor arguments. Three presets per architecture, named `<architecture>-<size>`:
+constructor arguments. `CATALOGUE` holds them: one `Architecture` block per architecture,
+with its class name, the slug of its preset names and three `Variant`s (a one-line
+description, the input size, the constructor arguments as a dict), which are the presets
+`<slug>-<size>`:
 
-- `-tiny`: one block per stage at 16 or 32 pixels, for tests and quick experiments;
+- `-tiny`: one block per stage at 16 or 32 pixels, for tests and quick experiments (the
+  test suite builds every architecture from it);
 - `-small`: sized for small images (32 pixels), e.g. the embedded digits;
 - `-reference`: the full-size configuration of the architecture's usage snippet in the
   reference README (224 or 256 pixels).
+
+```python
+Architecture(
+    "ViT", "vit",
+    tiny=Variant("ViT, 1 block, dim 32", 16, dict(
+        image_size=16, patch_size=4, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=64)),
+    small=Variant(...),
+    reference=Variant(...),
+)
+```
+
+`PRESETS` maps every preset name to its `Preset`, in the order of the catalogue.
 
 `default` is the model `eqx-vision train` trains when given no `--model`: a 4-block ViT on
 16x16 images, which reaches about 98% test accuracy on the embedded digits in a minute or
@@ -32,20 +48,25 @@ import inspect
 import json
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 
+from .layers import is_stateful, pair
+
 
 __all__ = [
     "ARCHITECTURES",
+    "CATALOGUE",
     "PRESETS",
+    "Architecture",
     "ConfigError",
     "ModelConfig",
     "Preset",
+    "Variant",
     "available_architectures",
     "get_class",
     "list_presets",
@@ -56,28 +77,6 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A model name or configuration that cannot be used."""
-
-
-# Public class name -> preset slug, for the 17 architectures.
-ARCHITECTURES: dict[str, str] = {
-    "ViT": "vit",
-    "SimpleViT": "simple-vit",
-    "CaiT": "cait",
-    "CrossFormer": "crossformer",
-    "CrossViT": "cross-vit",
-    "CvT": "cvt",
-    "DeepViT": "deepvit",
-    "LeViT": "levit",
-    "NesT": "nest",
-    "ParallelViT": "parallel-vit",
-    "ViTWithPatchMerger": "vit-patch-merger",
-    "PiT": "pit",
-    "RegionViT": "regionvit",
-    "ScalableViT": "scalable-vit",
-    "T2TViT": "t2t-vit",
-    "TwinsSVT": "twins-svt",
-    "SmallDatasetViT": "small-dataset-vit",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,668 +92,295 @@ class Preset:
     description: str
 
 
-def _vit_like(dim, depth, heads, dim_head, mlp_dim, patch, size, **extra) -> dict[str, Any]:
-    return dict(
-        image_size=size,
-        patch_size=patch,
-        dim=dim,
-        depth=depth,
-        heads=heads,
-        dim_head=dim_head,
-        mlp_dim=mlp_dim,
-        **extra,
-    )
+# The three variants of every architecture, the suffixes of its preset names.
+SIZES = ("tiny", "small", "reference")
 
 
-def _cvt(dims, depths, heads, s1_stride=4) -> dict[str, Any]:
-    kw: dict[str, Any] = {}
-    for i, (dim, depth, head) in enumerate(zip(dims, depths, heads, strict=True), start=1):
-        kw |= {f"s{i}_emb_dim": dim, f"s{i}_depth": depth, f"s{i}_heads": head}
-    kw["s1_emb_stride"] = s1_stride
-    if s1_stride < 4:
-        kw["s1_emb_kernel"] = 3
-    return kw
+class Variant(NamedTuple):
+    """One configuration of an architecture: a one-line description, the input size it is
+    meant for, and the constructor arguments (without `num_classes`, `channels`, `key`)."""
+
+    description: str
+    image_size: int
+    kwargs: dict[str, Any]
 
 
-def _twins(dims, depths, patch, local, global_k) -> dict[str, Any]:
-    kw: dict[str, Any] = {}
-    for i in range(4):
-        kw |= {
-            f"s{i + 1}_emb_dim": dims[i],
-            f"s{i + 1}_depth": depths[i],
-            f"s{i + 1}_patch_size": patch[i],
-            f"s{i + 1}_local_patch_size": local[i],
-            f"s{i + 1}_global_k": global_k[i],
-        }
-    return kw
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """An architecture of the catalogue: its public class name, the slug of its preset
+    names (`<slug>-tiny`, `<slug>-small`, `<slug>-reference`) and the three variants."""
+
+    model: str
+    slug: str
+    tiny: Variant
+    small: Variant
+    reference: Variant
+
+    def variants(self) -> dict[str, Variant]:
+        """`{"tiny": ..., "small": ..., "reference": ...}`."""
+        return {size: getattr(self, size) for size in SIZES}
 
 
-_SPECS: list[tuple[str, str, int, dict[str, Any], str]] = [
-    # (name, model, image_size, kwargs, description)
-    (
-        "default",
-        "ViT",
-        16,
-        _vit_like(64, 4, 4, 16, 128, 4, 16),
-        "ViT, 4 blocks of dim 64 on 16x16 images (patch 4): the digits model",
+def _stages(keys: tuple[str, ...], *per_stage: tuple[Any, ...]) -> dict[str, Any]:
+    """`s1_<key>`, `s2_<key>`, ... arguments from one row of values per stage."""
+    return {
+        f"s{i}_{key}": value
+        for i, row in enumerate(per_stage, start=1)
+        for key, value in zip(keys, row, strict=True)
+    }
+
+
+_TWINS = ("emb_dim", "depth", "patch_size", "local_patch_size", "global_k")
+
+DEFAULT = Variant(
+    "ViT, 4 blocks of dim 64 on 16x16 images (patch 4): the digits model", 16,
+    dict(image_size=16, patch_size=4, dim=64, depth=4, heads=4, dim_head=16, mlp_dim=128),
+)  # fmt: skip
+
+# The catalogue: one block per architecture, in the order of `eqx-vision presets`.
+# fmt: off
+CATALOGUE: tuple[Architecture, ...] = (
+    Architecture(
+        "ViT", "vit",
+        tiny=Variant("ViT, 1 block, dim 32", 16, dict(
+            image_size=16, patch_size=4, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=64)),
+        small=Variant("ViT, 6 blocks, dim 128", 32, dict(
+            image_size=32, patch_size=4, dim=128, depth=6, heads=4, dim_head=32, mlp_dim=256)),
+        reference=Variant(
+            "ViT of the reference README (256 px, patch 32, dim 1024, depth 6)", 256, dict(
+                image_size=256, patch_size=32, dim=1024, depth=6, heads=16, dim_head=64,
+                mlp_dim=2048, dropout=0.1, emb_dropout=0.1)),
     ),
-    # ViT
-    ("vit-tiny", "ViT", 16, _vit_like(32, 1, 2, 16, 64, 4, 16), "ViT, 1 block, dim 32"),
-    ("vit-small", "ViT", 32, _vit_like(128, 6, 4, 32, 256, 4, 32), "ViT, 6 blocks, dim 128"),
-    (
-        "vit-reference",
-        "ViT",
-        256,
-        _vit_like(1024, 6, 16, 64, 2048, 32, 256, dropout=0.1, emb_dropout=0.1),
-        "ViT of the reference README (256 px, patch 32, dim 1024, depth 6)",
+    Architecture(
+        "SimpleViT", "simple-vit",
+        tiny=Variant("SimpleViT, 1 block", 16, dict(
+            image_size=16, patch_size=4, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=64)),
+        small=Variant("SimpleViT, 6 blocks, dim 128", 32, dict(
+            image_size=32, patch_size=4, dim=128, depth=6, heads=4, dim_head=32, mlp_dim=256)),
+        reference=Variant("SimpleViT of the reference README", 256, dict(
+            image_size=256, patch_size=32, dim=1024, depth=6, heads=16, dim_head=64,
+            mlp_dim=2048)),
     ),
-    # SimpleViT
-    ("simple-vit-tiny", "SimpleViT", 16, _vit_like(32, 1, 2, 16, 64, 4, 16), "SimpleViT, 1 block"),
-    (
-        "simple-vit-small",
-        "SimpleViT",
-        32,
-        _vit_like(128, 6, 4, 32, 256, 4, 32),
-        "SimpleViT, 6 blocks, dim 128",
+    Architecture(
+        "CaiT", "cait",
+        tiny=Variant("CaiT, 1 self-attention and 1 class-attention block", 16, dict(
+            image_size=16, patch_size=4, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=64,
+            cls_depth=1)),
+        small=Variant("CaiT, 6 + 2 blocks, dim 128", 32, dict(
+            image_size=32, patch_size=4, dim=128, depth=6, heads=4, dim_head=32, mlp_dim=256,
+            cls_depth=2, layer_dropout=0.05)),
+        reference=Variant("CaiT of the reference README", 256, dict(
+            image_size=256, patch_size=32, dim=1024, depth=12, heads=16, dim_head=64,
+            mlp_dim=2048, cls_depth=2, dropout=0.1, emb_dropout=0.1, layer_dropout=0.05)),
     ),
-    (
-        "simple-vit-reference",
-        "SimpleViT",
-        256,
-        _vit_like(1024, 6, 16, 64, 2048, 32, 256),
-        "SimpleViT of the reference README",
+    Architecture(
+        "CrossFormer", "crossformer",
+        tiny=Variant("CrossFormer, 1 block per stage", 32, dict(
+            dim=(32, 32, 32, 32), depth=(1, 1, 1, 1), global_window_size=(2, 2, 1, 1),
+            local_window_size=1, cross_embed_kernel_sizes=((2, 4), (2, 4), (2, 4), (2, 4)),
+            cross_embed_strides=(2, 2, 2, 2))),
+        small=Variant("CrossFormer for 32 px (strides 2)", 32, dict(
+            dim=(32, 64, 128, 128), depth=(1, 1, 2, 1), global_window_size=(4, 2, 1, 1),
+            local_window_size=2, cross_embed_kernel_sizes=((2, 4), (2, 4), (2, 4), (2, 4)),
+            cross_embed_strides=(2, 2, 2, 2))),
+        reference=Variant("CrossFormer of the reference README", 224, dict(
+            dim=(64, 128, 256, 512), depth=(2, 2, 8, 2), global_window_size=(8, 4, 2, 1),
+            local_window_size=7)),
     ),
-    # CaiT
-    (
-        "cait-tiny",
-        "CaiT",
-        16,
-        _vit_like(32, 1, 2, 16, 64, 4, 16, cls_depth=1),
-        "CaiT, 1 self-attention and 1 class-attention block",
-    ),
-    (
-        "cait-small",
-        "CaiT",
-        32,
-        _vit_like(128, 6, 4, 32, 256, 4, 32, cls_depth=2, layer_dropout=0.05),
-        "CaiT, 6 + 2 blocks, dim 128",
-    ),
-    (
-        "cait-reference",
-        "CaiT",
-        256,
-        _vit_like(
-            1024,
-            12,
-            16,
-            64,
-            2048,
-            32,
-            256,
-            cls_depth=2,
-            dropout=0.1,
-            emb_dropout=0.1,
-            layer_dropout=0.05,
-        ),  # fmt: skip
-        "CaiT of the reference README",
-    ),
-    # CrossFormer
-    (
-        "crossformer-tiny",
-        "CrossFormer",
-        32,
-        dict(
-            dim=(32, 32, 32, 32),
-            depth=(1, 1, 1, 1),
-            global_window_size=(2, 2, 1, 1),
-            local_window_size=1,
-            cross_embed_kernel_sizes=((2, 4), (2, 4), (2, 4), (2, 4)),
-            cross_embed_strides=(2, 2, 2, 2),
-        ),
-        "CrossFormer, 1 block per stage",
-    ),
-    (
-        "crossformer-small",
-        "CrossFormer",
-        32,
-        dict(
-            dim=(32, 64, 128, 128),
-            depth=(1, 1, 2, 1),
-            global_window_size=(4, 2, 1, 1),
-            local_window_size=2,
-            cross_embed_kernel_sizes=((2, 4), (2, 4), (2, 4), (2, 4)),
-            cross_embed_strides=(2, 2, 2, 2),
-        ),
-        "CrossFormer for 32 px (strides 2)",
-    ),
-    (
-        "crossformer-reference",
-        "CrossFormer",
-        224,
-        dict(
-            dim=(64, 128, 256, 512),
-            depth=(2, 2, 8, 2),
-            global_window_size=(8, 4, 2, 1),
-            local_window_size=7,
-        ),
-        "CrossFormer of the reference README",
-    ),
-    # CrossViT
-    (
-        "cross-vit-tiny",
-        "CrossViT",
-        16,
-        dict(
-            image_size=16,
-            depth=1,
-            sm_dim=16,
-            sm_patch_size=4,
-            sm_enc_depth=1,
-            sm_enc_heads=2,
-            sm_enc_mlp_dim=32,
+    Architecture(
+        "CrossViT", "cross-vit",
+        tiny=Variant("CrossViT, 1 multi-scale block", 16, dict(
+            image_size=16, depth=1,
+            sm_dim=16, sm_patch_size=4, sm_enc_depth=1, sm_enc_heads=2, sm_enc_mlp_dim=32,
             sm_enc_dim_head=8,
-            lg_dim=32,
-            lg_patch_size=8,
-            lg_enc_depth=1,
-            lg_enc_heads=2,
-            lg_enc_mlp_dim=64,
+            lg_dim=32, lg_patch_size=8, lg_enc_depth=1, lg_enc_heads=2, lg_enc_mlp_dim=64,
             lg_enc_dim_head=16,
-            cross_attn_depth=1,
-            cross_attn_heads=2,
-            cross_attn_dim_head=8,
-            dropout=0.0,
-            emb_dropout=0.0,
-        ),  # fmt: skip
-        "CrossViT, 1 multi-scale block",
-    ),
-    (
-        "cross-vit-small",
-        "CrossViT",
-        32,
-        dict(
-            image_size=32,
-            depth=2,
-            sm_dim=64,
-            sm_patch_size=4,
-            sm_enc_depth=2,
-            sm_enc_heads=4,
-            sm_enc_mlp_dim=128,
+            cross_attn_depth=1, cross_attn_heads=2, cross_attn_dim_head=8,
+            dropout=0.0, emb_dropout=0.0)),
+        small=Variant("CrossViT, 2 multi-scale blocks, patches 4 and 8", 32, dict(
+            image_size=32, depth=2,
+            sm_dim=64, sm_patch_size=4, sm_enc_depth=2, sm_enc_heads=4, sm_enc_mlp_dim=128,
             sm_enc_dim_head=16,
-            lg_dim=128,
-            lg_patch_size=8,
-            lg_enc_depth=2,
-            lg_enc_heads=4,
-            lg_enc_mlp_dim=256,
+            lg_dim=128, lg_patch_size=8, lg_enc_depth=2, lg_enc_heads=4, lg_enc_mlp_dim=256,
             lg_enc_dim_head=32,
-            cross_attn_depth=1,
-            cross_attn_heads=4,
-            cross_attn_dim_head=16,
-            dropout=0.1,
-            emb_dropout=0.1,
-        ),  # fmt: skip
-        "CrossViT, 2 multi-scale blocks, patches 4 and 8",
+            cross_attn_depth=1, cross_attn_heads=4, cross_attn_dim_head=16,
+            dropout=0.1, emb_dropout=0.1)),
+        reference=Variant("CrossViT of the reference README", 256, dict(
+            image_size=256, depth=4,
+            sm_dim=192, sm_patch_size=16, sm_enc_depth=2, sm_enc_heads=8, sm_enc_mlp_dim=2048,
+            lg_dim=384, lg_patch_size=64, lg_enc_depth=3, lg_enc_heads=8, lg_enc_mlp_dim=2048,
+            cross_attn_depth=2, cross_attn_heads=8,
+            dropout=0.1, emb_dropout=0.1)),
     ),
-    (
-        "cross-vit-reference",
-        "CrossViT",
-        256,
-        dict(
-            image_size=256,
-            depth=4,
-            sm_dim=192,
-            sm_patch_size=16,
-            sm_enc_depth=2,
-            sm_enc_heads=8,
-            sm_enc_mlp_dim=2048,
-            lg_dim=384,
-            lg_patch_size=64,
-            lg_enc_depth=3,
-            lg_enc_heads=8,
-            lg_enc_mlp_dim=2048,
-            cross_attn_depth=2,
-            cross_attn_heads=8,
-            dropout=0.1,
-            emb_dropout=0.1,
-        ),  # fmt: skip
-        "CrossViT of the reference README",
+    Architecture(
+        "CvT", "cvt",
+        tiny=Variant("CvT, 1 block per stage", 16, dict(
+            s1_emb_dim=16, s1_depth=1, s1_heads=1,
+            s2_emb_dim=32, s2_depth=1, s2_heads=2,
+            s3_emb_dim=32, s3_depth=1, s3_heads=2,
+            s1_emb_stride=4)),
+        small=Variant("CvT for 32 px (stage-1 stride 2)", 32, dict(
+            s1_emb_dim=32, s1_depth=1, s1_heads=1,
+            s2_emb_dim=64, s2_depth=2, s2_heads=2,
+            s3_emb_dim=128, s3_depth=4, s3_heads=4,
+            s1_emb_stride=2, s1_emb_kernel=3)),
+        reference=Variant("CvT of the reference README", 256, dict(
+            s1_emb_dim=64, s1_emb_kernel=7, s1_emb_stride=4, s1_proj_kernel=3,
+            s1_kv_proj_stride=2, s1_heads=1, s1_depth=1, s1_mlp_mult=4,
+            s2_emb_dim=192, s2_emb_kernel=3, s2_emb_stride=2, s2_proj_kernel=3,
+            s2_kv_proj_stride=2, s2_heads=3, s2_depth=2, s2_mlp_mult=4,
+            s3_emb_dim=384, s3_emb_kernel=3, s3_emb_stride=2, s3_proj_kernel=3,
+            s3_kv_proj_stride=2, s3_heads=4, s3_depth=10, s3_mlp_mult=4,
+            dropout=0.0)),
     ),
-    # CvT
-    (
-        "cvt-tiny",
-        "CvT",
-        16,
-        _cvt((16, 32, 32), (1, 1, 1), (1, 2, 2)),
-        "CvT, 1 block per stage",
+    Architecture(
+        "DeepViT", "deepvit",
+        tiny=Variant("DeepViT, 1 block", 16, dict(
+            image_size=16, patch_size=4, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=64)),
+        small=Variant("DeepViT, 6 blocks, dim 128", 32, dict(
+            image_size=32, patch_size=4, dim=128, depth=6, heads=4, dim_head=32, mlp_dim=256)),
+        reference=Variant("DeepViT of the reference README", 256, dict(
+            image_size=256, patch_size=32, dim=1024, depth=6, heads=16, dim_head=64,
+            mlp_dim=2048, dropout=0.1, emb_dropout=0.1)),
     ),
-    (
-        "cvt-small",
-        "CvT",
-        32,
-        _cvt((32, 64, 128), (1, 2, 4), (1, 2, 4), s1_stride=2),
-        "CvT for 32 px (stage-1 stride 2)",
+    Architecture(
+        "LeViT", "levit",
+        tiny=Variant("LeViT, 2 stages of 1 block", 32, dict(
+            image_size=32, stages=2, dim=(16, 32), depth=1, heads=(1, 2), mlp_mult=2,
+            dim_key=8, dim_value=16)),
+        small=Variant("LeViT, 2 stages of 2 blocks (64 px: the stem downsamples 16x)", 64, dict(
+            image_size=64, stages=2, dim=(64, 128), depth=2, heads=(2, 4), mlp_mult=2,
+            dim_key=16, dim_value=32)),
+        reference=Variant("LeViT of the reference README", 224, dict(
+            image_size=224, stages=3, dim=(256, 384, 512), depth=4, heads=(4, 6, 8),
+            mlp_mult=2, dropout=0.1)),
     ),
-    (
-        "cvt-reference",
-        "CvT",
-        256,
-        dict(
-            s1_emb_dim=64,
-            s1_emb_kernel=7,
-            s1_emb_stride=4,
-            s1_proj_kernel=3,
-            s1_kv_proj_stride=2,
-            s1_heads=1,
-            s1_depth=1,
-            s1_mlp_mult=4,
-            s2_emb_dim=192,
-            s2_emb_kernel=3,
-            s2_emb_stride=2,
-            s2_proj_kernel=3,
-            s2_kv_proj_stride=2,
-            s2_heads=3,
-            s2_depth=2,
-            s2_mlp_mult=4,
-            s3_emb_dim=384,
-            s3_emb_kernel=3,
-            s3_emb_stride=2,
-            s3_proj_kernel=3,
-            s3_kv_proj_stride=2,
-            s3_heads=4,
-            s3_depth=10,
-            s3_mlp_mult=4,
-            dropout=0.0,
-        ),  # fmt: skip
-        "CvT of the reference README",
+    Architecture(
+        "NesT", "nest",
+        tiny=Variant("NesT, 2 hierarchies of 1 block", 16, dict(
+            image_size=16, patch_size=2, dim=16, heads=2, num_hierarchies=2,
+            block_repeats=(1, 1), dim_head=8)),
+        small=Variant("NesT, 3 hierarchies", 32, dict(
+            image_size=32, patch_size=2, dim=32, heads=2, num_hierarchies=3,
+            block_repeats=(1, 1, 2), dim_head=16)),
+        reference=Variant("NesT of the reference README", 224, dict(
+            image_size=224, patch_size=4, dim=96, heads=3, num_hierarchies=3,
+            block_repeats=(2, 2, 8))),
     ),
-    # DeepViT
-    ("deepvit-tiny", "DeepViT", 16, _vit_like(32, 1, 2, 16, 64, 4, 16), "DeepViT, 1 block"),
-    (
-        "deepvit-small",
-        "DeepViT",
-        32,
-        _vit_like(128, 6, 4, 32, 256, 4, 32),
-        "DeepViT, 6 blocks, dim 128",
+    Architecture(
+        "ParallelViT", "parallel-vit",
+        tiny=Variant("ParallelViT, 1 block of 2 branches", 16, dict(
+            image_size=16, patch_size=4, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=64,
+            num_parallel_branches=2)),
+        small=Variant("ParallelViT, 3 blocks of 2 branches", 32, dict(
+            image_size=32, patch_size=4, dim=128, depth=3, heads=4, dim_head=32, mlp_dim=256,
+            num_parallel_branches=2)),
+        reference=Variant("ParallelViT of the reference README", 256, dict(
+            image_size=256, patch_size=16, dim=1024, depth=6, heads=8, dim_head=64,
+            mlp_dim=2048, num_parallel_branches=2, dropout=0.1, emb_dropout=0.1)),
     ),
-    (
-        "deepvit-reference",
-        "DeepViT",
-        256,
-        _vit_like(1024, 6, 16, 64, 2048, 32, 256, dropout=0.1, emb_dropout=0.1),
-        "DeepViT of the reference README",
+    Architecture(
+        "ViTWithPatchMerger", "vit-patch-merger",
+        tiny=Variant("ViT with a patch merger after block 1 of 2", 16, dict(
+            image_size=16, patch_size=4, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64,
+            patch_merge_layer=1, patch_merge_num_tokens=4)),
+        small=Variant("ViT with a patch merger (64 -> 16 tokens) after block 3 of 6", 32, dict(
+            image_size=32, patch_size=4, dim=128, depth=6, heads=4, dim_head=32, mlp_dim=256,
+            patch_merge_layer=3, patch_merge_num_tokens=16)),
+        reference=Variant("ViT with patch merger of the reference README", 256, dict(
+            image_size=256, patch_size=16, dim=1024, depth=12, heads=8, dim_head=64,
+            mlp_dim=2048, patch_merge_layer=6, patch_merge_num_tokens=8, dropout=0.1,
+            emb_dropout=0.1)),
     ),
-    # LeViT
-    (
-        "levit-tiny",
-        "LeViT",
-        32,
-        dict(
-            image_size=32,
-            stages=2,
-            dim=(16, 32),
-            depth=1,
-            heads=(1, 2),
-            mlp_mult=2,
-            dim_key=8,
-            dim_value=16,
-        ),  # fmt: skip
-        "LeViT, 2 stages of 1 block",
+    Architecture(
+        "PiT", "pit",
+        tiny=Variant("PiT, 2 stages of 1 block", 16, dict(
+            image_size=16, patch_size=4, dim=16, depth=(1, 1), heads=2, mlp_dim=32,
+            dim_head=8)),
+        small=Variant("PiT, 3 stages of 2 blocks", 32, dict(
+            image_size=32, patch_size=4, dim=64, depth=(2, 2, 2), heads=(2, 4, 8),
+            mlp_dim=128, dim_head=16)),
+        reference=Variant("PiT of the reference README", 224, dict(
+            image_size=224, patch_size=14, dim=256, depth=(3, 3, 3), heads=16, mlp_dim=2048,
+            dropout=0.1, emb_dropout=0.1)),
     ),
-    (
-        "levit-small",
-        "LeViT",
-        64,
-        dict(
-            image_size=64,
-            stages=2,
-            dim=(64, 128),
-            depth=2,
-            heads=(2, 4),
-            mlp_mult=2,
-            dim_key=16,
-            dim_value=32,
-        ),  # fmt: skip
-        "LeViT, 2 stages of 2 blocks (64 px: the stem downsamples 16x)",
+    Architecture(
+        "RegionViT", "regionvit",
+        tiny=Variant("RegionViT, 1 block per stage (32 px)", 32, dict(
+            dim=(16, 16, 32, 32), depth=(1, 1, 1, 1), window_size=2, local_patch_size=2)),
+        small=Variant("RegionViT for 32 px (window 2, local patches 2)", 32, dict(
+            dim=(32, 64, 128, 128), depth=(1, 1, 2, 1), window_size=2, local_patch_size=2)),
+        reference=Variant("RegionViT of the reference README", 224, dict(
+            dim=(64, 128, 256, 512), depth=(2, 2, 8, 2), window_size=7,
+            tokenize_local_3_conv=False, use_peg=False)),
     ),
-    (
-        "levit-reference",
-        "LeViT",
-        224,
-        dict(
-            image_size=224,
-            stages=3,
-            dim=(256, 384, 512),
-            depth=4,
-            heads=(4, 6, 8),
-            mlp_mult=2,
-            dropout=0.1,
-        ),  # fmt: skip
-        "LeViT of the reference README",
+    Architecture(
+        "ScalableViT", "scalable-vit",
+        tiny=Variant("ScalableViT, 1 block per stage (32 px)", 32, dict(
+            dim=16, heads=(1, 1, 2, 2), depth=(1, 1, 1, 1), reduction_factor=(2, 2, 1, 1),
+            window_size=(2, 2, None, None), iwsa_dim_key=8, iwsa_dim_value=8, ssa_dim_key=8,
+            ssa_dim_value=8)),
+        small=Variant("ScalableViT for 32 px", 32, dict(
+            dim=32, heads=(1, 2, 4, 8), depth=(1, 1, 2, 1), reduction_factor=(2, 2, 1, 1),
+            window_size=(4, 2, None, None), iwsa_dim_key=16, iwsa_dim_value=16,
+            ssa_dim_key=16, ssa_dim_value=16)),
+        reference=Variant("ScalableViT of the reference README", 256, dict(
+            dim=64, heads=(2, 4, 8, 16), depth=(2, 2, 20, 2), ssa_dim_key=(40, 40, 40, 32),
+            reduction_factor=(8, 4, 2, 1), window_size=(64, 32, None, None), dropout=0.1)),
     ),
-    # NesT
-    (
-        "nest-tiny",
-        "NesT",
-        16,
-        dict(
-            image_size=16,
-            patch_size=2,
-            dim=16,
-            heads=2,
-            num_hierarchies=2,
-            block_repeats=(1, 1),
-            dim_head=8,
-        ),  # fmt: skip
-        "NesT, 2 hierarchies of 1 block",
+    Architecture(
+        "T2TViT", "t2t-vit",
+        tiny=Variant("T2TViT, 2 token-to-token layers, 1 block", 16, dict(
+            image_size=16, dim=32, depth=1, heads=2, mlp_dim=64, dim_head=16,
+            t2t_layers=((3, 2), (3, 2)))),
+        small=Variant("T2TViT, 4 blocks, dim 128", 32, dict(
+            image_size=32, dim=128, depth=4, heads=4, mlp_dim=256, dim_head=32,
+            t2t_layers=((3, 2), (3, 2)))),
+        reference=Variant("T2TViT of the reference README", 224, dict(
+            image_size=224, dim=512, depth=5, heads=8, mlp_dim=512,
+            t2t_layers=((7, 4), (3, 2), (3, 2)))),
     ),
-    (
-        "nest-small",
-        "NesT",
-        32,
-        dict(
-            image_size=32,
-            patch_size=2,
-            dim=32,
-            heads=2,
-            num_hierarchies=3,
-            block_repeats=(1, 1, 2),
-            dim_head=16,
-        ),  # fmt: skip
-        "NesT, 3 hierarchies",
+    Architecture(
+        "TwinsSVT", "twins-svt",
+        # one row per stage: emb_dim, depth, patch_size, local_patch_size, global_k
+        tiny=Variant("TwinsSVT, 1 block per stage (32 px)", 32, _stages(
+            _TWINS, (16, 1, 2, 2, 2), (16, 1, 2, 2, 2), (32, 1, 2, 2, 1), (32, 1, 2, 1, 1))),
+        small=Variant("TwinsSVT for 32 px (patch sizes 2)", 32, _stages(
+            _TWINS, (32, 1, 2, 4, 2), (64, 1, 2, 2, 2), (128, 2, 2, 2, 1), (128, 1, 2, 1, 1))),
+        reference=Variant("TwinsSVT of the reference README", 224, _stages(
+            _TWINS, (64, 1, 4, 7, 7), (128, 1, 2, 7, 7), (256, 5, 2, 7, 7), (512, 4, 2, 7, 7),
+        ) | dict(peg_kernel_size=3, dropout=0.0)),
     ),
-    (
-        "nest-reference",
-        "NesT",
-        224,
-        dict(
-            image_size=224,
-            patch_size=4,
-            dim=96,
-            heads=3,
-            num_hierarchies=3,
-            block_repeats=(2, 2, 8),
-        ),  # fmt: skip
-        "NesT of the reference README",
+    Architecture(
+        "SmallDatasetViT", "small-dataset-vit",
+        tiny=Variant(
+            "ViT with shifted patch tokens and locality self-attention, 1 block", 16, dict(
+                image_size=16, patch_size=4, dim=32, depth=1, heads=2, dim_head=16,
+                mlp_dim=64)),
+        small=Variant("ViT for small data sets (SPT + LSA), 6 blocks, dim 128", 32, dict(
+            image_size=32, patch_size=4, dim=128, depth=6, heads=4, dim_head=32, mlp_dim=256)),
+        reference=Variant("ViT for small data sets of the reference README", 256, dict(
+            image_size=256, patch_size=16, dim=1024, depth=6, heads=16, dim_head=64,
+            mlp_dim=2048, dropout=0.1, emb_dropout=0.1)),
     ),
-    # ParallelViT
-    (
-        "parallel-vit-tiny",
-        "ParallelViT",
-        16,
-        _vit_like(32, 1, 2, 16, 64, 4, 16, num_parallel_branches=2),
-        "ParallelViT, 1 block of 2 branches",
-    ),
-    (
-        "parallel-vit-small",
-        "ParallelViT",
-        32,
-        _vit_like(128, 3, 4, 32, 256, 4, 32, num_parallel_branches=2),
-        "ParallelViT, 3 blocks of 2 branches",
-    ),
-    (
-        "parallel-vit-reference",
-        "ParallelViT",
-        256,
-        _vit_like(
-            1024,
-            6,
-            8,
-            64,
-            2048,
-            16,
-            256,
-            num_parallel_branches=2,
-            dropout=0.1,
-            emb_dropout=0.1,
-        ),  # fmt: skip
-        "ParallelViT of the reference README",
-    ),
-    # ViTWithPatchMerger
-    (
-        "vit-patch-merger-tiny",
-        "ViTWithPatchMerger",
-        16,
-        _vit_like(32, 2, 2, 16, 64, 4, 16, patch_merge_layer=1, patch_merge_num_tokens=4),
-        "ViT with a patch merger after block 1 of 2",
-    ),
-    (
-        "vit-patch-merger-small",
-        "ViTWithPatchMerger",
-        32,
-        _vit_like(128, 6, 4, 32, 256, 4, 32, patch_merge_layer=3, patch_merge_num_tokens=16),
-        "ViT with a patch merger (64 -> 16 tokens) after block 3 of 6",
-    ),
-    (
-        "vit-patch-merger-reference",
-        "ViTWithPatchMerger",
-        256,
-        _vit_like(
-            1024,
-            12,
-            8,
-            64,
-            2048,
-            16,
-            256,
-            patch_merge_layer=6,
-            patch_merge_num_tokens=8,
-            dropout=0.1,
-            emb_dropout=0.1,
-        ),  # fmt: skip
-        "ViT with patch merger of the reference README",
-    ),
-    # PiT
-    (
-        "pit-tiny",
-        "PiT",
-        16,
-        dict(image_size=16, patch_size=4, dim=16, depth=(1, 1), heads=2, mlp_dim=32, dim_head=8),
-        "PiT, 2 stages of 1 block",
-    ),
-    (
-        "pit-small",
-        "PiT",
-        32,
-        dict(
-            image_size=32,
-            patch_size=4,
-            dim=64,
-            depth=(2, 2, 2),
-            heads=(2, 4, 8),
-            mlp_dim=128,
-            dim_head=16,
-        ),  # fmt: skip
-        "PiT, 3 stages of 2 blocks",
-    ),
-    (
-        "pit-reference",
-        "PiT",
-        224,
-        dict(
-            image_size=224,
-            patch_size=14,
-            dim=256,
-            depth=(3, 3, 3),
-            heads=16,
-            mlp_dim=2048,
-            dropout=0.1,
-            emb_dropout=0.1,
-        ),  # fmt: skip
-        "PiT of the reference README",
-    ),
-    # RegionViT
-    (
-        "regionvit-tiny",
-        "RegionViT",
-        32,
-        dict(dim=(16, 16, 32, 32), depth=(1, 1, 1, 1), window_size=2, local_patch_size=2),
-        "RegionViT, 1 block per stage (32 px)",
-    ),
-    (
-        "regionvit-small",
-        "RegionViT",
-        32,
-        dict(dim=(32, 64, 128, 128), depth=(1, 1, 2, 1), window_size=2, local_patch_size=2),
-        "RegionViT for 32 px (window 2, local patches 2)",
-    ),
-    (
-        "regionvit-reference",
-        "RegionViT",
-        224,
-        dict(
-            dim=(64, 128, 256, 512),
-            depth=(2, 2, 8, 2),
-            window_size=7,
-            tokenize_local_3_conv=False,
-            use_peg=False,
-        ),  # fmt: skip
-        "RegionViT of the reference README",
-    ),
-    # ScalableViT
-    (
-        "scalable-vit-tiny",
-        "ScalableViT",
-        32,
-        dict(
-            dim=16,
-            heads=(1, 1, 2, 2),
-            depth=(1, 1, 1, 1),
-            reduction_factor=(2, 2, 1, 1),
-            window_size=(2, 2, None, None),
-            iwsa_dim_key=8,
-            iwsa_dim_value=8,
-            ssa_dim_key=8,
-            ssa_dim_value=8,
-        ),  # fmt: skip
-        "ScalableViT, 1 block per stage (32 px)",
-    ),
-    (
-        "scalable-vit-small",
-        "ScalableViT",
-        32,
-        dict(
-            dim=32,
-            heads=(1, 2, 4, 8),
-            depth=(1, 1, 2, 1),
-            reduction_factor=(2, 2, 1, 1),
-            window_size=(4, 2, None, None),
-            iwsa_dim_key=16,
-            iwsa_dim_value=16,
-            ssa_dim_key=16,
-            ssa_dim_value=16,
-        ),  # fmt: skip
-        "ScalableViT for 32 px",
-    ),
-    (
-        "scalable-vit-reference",
-        "ScalableViT",
-        256,
-        dict(
-            dim=64,
-            heads=(2, 4, 8, 16),
-            depth=(2, 2, 20, 2),
-            ssa_dim_key=(40, 40, 40, 32),
-            reduction_factor=(8, 4, 2, 1),
-            window_size=(64, 32, None, None),
-            dropout=0.1,
-        ),  # fmt: skip
-        "ScalableViT of the reference README",
-    ),
-    # T2TViT
-    (
-        "t2t-vit-tiny",
-        "T2TViT",
-        16,
-        dict(
-            image_size=16,
-            dim=32,
-            depth=1,
-            heads=2,
-            mlp_dim=64,
-            dim_head=16,
-            t2t_layers=((3, 2), (3, 2)),
-        ),  # fmt: skip
-        "T2TViT, 2 token-to-token layers, 1 block",
-    ),
-    (
-        "t2t-vit-small",
-        "T2TViT",
-        32,
-        dict(
-            image_size=32,
-            dim=128,
-            depth=4,
-            heads=4,
-            mlp_dim=256,
-            dim_head=32,
-            t2t_layers=((3, 2), (3, 2)),
-        ),  # fmt: skip
-        "T2TViT, 4 blocks, dim 128",
-    ),
-    (
-        "t2t-vit-reference",
-        "T2TViT",
-        224,
-        dict(
-            image_size=224,
-            dim=512,
-            depth=5,
-            heads=8,
-            mlp_dim=512,
-            t2t_layers=((7, 4), (3, 2), (3, 2)),
-        ),  # fmt: skip
-        "T2TViT of the reference README",
-    ),
-    # TwinsSVT
-    (
-        "twins-svt-tiny",
-        "TwinsSVT",
-        32,
-        _twins((16, 16, 32, 32), (1, 1, 1, 1), (2, 2, 2, 2), (2, 2, 2, 1), (2, 2, 1, 1)),
-        "TwinsSVT, 1 block per stage (32 px)",
-    ),
-    (
-        "twins-svt-small",
-        "TwinsSVT",
-        32,
-        _twins((32, 64, 128, 128), (1, 1, 2, 1), (2, 2, 2, 2), (4, 2, 2, 1), (2, 2, 1, 1)),
-        "TwinsSVT for 32 px (patch sizes 2)",
-    ),
-    (
-        "twins-svt-reference",
-        "TwinsSVT",
-        224,
-        _twins((64, 128, 256, 512), (1, 1, 5, 4), (4, 2, 2, 2), (7, 7, 7, 7), (7, 7, 7, 7))
-        | {"peg_kernel_size": 3, "dropout": 0.0},
-        "TwinsSVT of the reference README",
-    ),
-    # SmallDatasetViT
-    (
-        "small-dataset-vit-tiny",
-        "SmallDatasetViT",
-        16,
-        _vit_like(32, 1, 2, 16, 64, 4, 16),
-        "ViT with shifted patch tokens and locality self-attention, 1 block",
-    ),
-    (
-        "small-dataset-vit-small",
-        "SmallDatasetViT",
-        32,
-        _vit_like(128, 6, 4, 32, 256, 4, 32),
-        "ViT for small data sets (SPT + LSA), 6 blocks, dim 128",
-    ),
-    (
-        "small-dataset-vit-reference",
-        "SmallDatasetViT",
-        256,
-        _vit_like(1024, 6, 16, 64, 2048, 16, 256, dropout=0.1, emb_dropout=0.1),
-        "ViT for small data sets of the reference README",
-    ),
-]
+)
+# fmt: on
 
-PRESETS: dict[str, Preset] = {
-    name: Preset(name, model, kwargs, size, description)
-    for name, model, size, kwargs, description in _SPECS
-}
+# Public class name -> preset slug, for the 17 architectures.
+ARCHITECTURES: dict[str, str] = {a.model: a.slug for a in CATALOGUE}
+
+
+def _presets() -> dict[str, Preset]:
+    d = DEFAULT
+    presets = {"default": Preset("default", "ViT", d.kwargs, d.image_size, d.description)}
+    for a in CATALOGUE:
+        for size, v in a.variants().items():
+            name = f"{a.slug}-{size}"
+            presets[name] = Preset(name, a.model, v.kwargs, v.image_size, v.description)
+    return presets
+
+
+PRESETS: dict[str, Preset] = _presets()
 
 
 def get_class(model: str) -> Callable[..., Any]:
@@ -921,15 +547,11 @@ def _lookup(spec: str) -> tuple[str, dict[str, Any], int | tuple[int, int] | Non
 
 
 def _pair(value: Any, what: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if (
-        isinstance(value, tuple)
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        return (value[0], value[1])
-    raise ConfigError(f"{what} must be an int or a pair of ints; got {value!r}")
+    """`layers.pair`, its error a `ConfigError`."""
+    try:
+        return pair(value, what)
+    except ValueError as e:
+        raise ConfigError(str(e).removesuffix(".")) from None
 
 
 def resolve_model(
@@ -991,9 +613,7 @@ def check_input_size(config: ModelConfig) -> eqx.Module:
 
     def forward(model, state, x):
         model = eqx.nn.inference_mode(model)
-        if any(isinstance(leaf, eqx.nn.StateIndex) for leaf in jax.tree.leaves(
-            model, is_leaf=lambda n: isinstance(n, eqx.nn.StateIndex)
-        )):  # fmt: skip
+        if is_stateful(model):
             return model(x, state)
         return model(x)
 

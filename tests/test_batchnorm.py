@@ -186,7 +186,9 @@ def test_data_parallel_train_step(name):
         assert_trees_close(
             eqx.filter(grads_4, eqx.is_inexact_array),
             eqx.filter(grads_1, eqx.is_inexact_array),
-            tol=1e-5,
+            # The sharded step sums the batch in another order: CvT's gradients differ by up
+            # to 1.4e-5 (relative) from the single-device ones after two steps.
+            tol=3e-5,
             atol=1e-7,
         )
         assert_trees_close(

@@ -14,12 +14,23 @@ The header's metadata holds, as JSON strings, `model_config` (architecture and c
 arguments, see `eqx_vision.presets.ModelConfig`), `training` (step, epoch and any other
 training metadata) and `format` (`"eqx_vision.checkpoint/1"`).
 
-Files are written atomically: to a temporary file in the same folder, flushed and
-`fsync`ed, then moved over the target with `os.replace`, so a crash or a kill at any
-moment leaves either the previous checkpoint or the new one, never a broken file.
+Files are written atomically ([`atomic_write`][eqx_vision.checkpoint.atomic_write]): to
+a temporary file `.{name}.{random}.tmp` beside the target `{name}` (e.g.
+`.last.safetensors.k3x9q2ab.tmp`), flushed and `fsync`ed, then moved over the target with
+`os.replace`, so a crash or a kill at any moment leaves either the previous checkpoint or
+the new one, never a broken file. A process killed between the two leaves its temporary
+file behind: anything matching `.{name}.*.tmp` beside a file is such a leftover and may be
+deleted (the training loop deletes those of its own files when it starts). The new file
+gets the permissions a plain `open(path, "w")` would give it: those of the file it
+replaces, or `0o666` less the umask.
 
-Loading checks the architecture, and the presence, shape and dtype of every leaf, and
-names the tensor in its error.
+A checkpoint never holds a NaN or an infinity: `save` checks every floating-point tensor
+(model, state and optimizer state) before writing anything, and raises
+`FloatingPointError` naming the first non-finite one, leaving the previous file as it was.
+
+Loading checks the header, the architecture, and the presence, shape, dtype and
+finiteness of every leaf, and names the tensor in its error: a malformed or foreign file
+is a `CheckpointFormatError`, never another exception.
 
 ```python
 from eqx_vision import checkpoint
@@ -35,7 +46,10 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
+import secrets
+import signal
+import stat
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,11 +73,15 @@ __all__ = [
 ]
 
 FORMAT = "eqx_vision.checkpoint/1"
+# The largest header read (as the safetensors library's own limit): a size field beyond it
+# is a corrupt file, not a request for gigabytes of memory.
+MAX_HEADER_BYTES = 100_000_000
 
 
 class CheckpointFormatError(ValueError):
-    """A checkpoint that cannot be loaded into the given model: a different architecture,
-    missing or extra tensors, or tensors of the wrong shape or dtype."""
+    """A checkpoint that cannot be loaded into the given model: not a checkpoint (a
+    malformed header or file), a different architecture, missing or extra tensors, or
+    tensors of the wrong shape or dtype, or with NaNs or infinities."""
 
 
 def _safetensors_numpy():
@@ -120,6 +138,28 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, order="C")  # (np.ascontiguousarray would make scalars 1-d)
 
 
+def _non_finite(value: np.ndarray) -> int:
+    """How many values of a floating-point (or complex) array are NaN or infinite; 0 for
+    other dtypes."""
+    if not jnp.issubdtype(value.dtype, jnp.inexact):
+        return 0
+    if value.dtype.kind not in "fc":  # bfloat16 and the other ml_dtypes floats
+        value = value.astype(np.float32)
+    return int(value.size - np.count_nonzero(np.isfinite(value)))
+
+
+def _rng_problem(value: np.ndarray) -> str | None:
+    """What is wrong with `value` as the key data of a `jax.random.key` (of the default
+    implementation: uint32 of shape (2,) for threefry), or None."""
+    expected = jax.eval_shape(lambda: jr.key_data(jr.key(0)))
+    if value.shape == expected.shape and value.dtype == expected.dtype:
+        return None
+    return (
+        f"has shape {tuple(value.shape)} and dtype {value.dtype}; expected the key data of a "
+        f"jax.random.key: shape {tuple(expected.shape)}, dtype {expected.dtype}"
+    )
+
+
 def _flatten(
     model: PyTree,
     state: eqx.nn.State | None,
@@ -142,19 +182,81 @@ def _flatten(
     return tensors
 
 
+_TMP_FLAGS = (
+    os.O_RDWR
+    | os.O_CREAT
+    | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
+def _create_temporary(path: str) -> tuple[int, str]:
+    """Create `.{name}.{random}.tmp` beside `path`, with the mode of the file it will
+    replace, or the one `open(path, "w")` gives a new file (`0o666` less the umask, which
+    the kernel applies to `os.open`'s mode)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode) & 0o777
+    except OSError:
+        mode = None
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, _TMP_FLAGS, 0o666)
+        except FileExistsError:
+            continue
+        if mode is not None and hasattr(os, "fchmod"):
+            try:
+                os.fchmod(fd, mode)
+            except OSError:
+                pass  # e.g. a file system without permissions: keep the default mode
+        return fd, tmp
+    raise FileExistsError(f"cannot create a temporary file for {path}")  # pragma: no cover
+
+
+# Fault injection, for the tests of what a killed process leaves behind (never set in
+# normal use): `EQX_VISION_FAULT_PAUSE=<seconds>` sleeps between writing a temporary file
+# and moving it over its target, widening the window a kill may hit;
+# `EQX_VISION_FAULT_KILL=<file name>:<n>` kills the process (SIGKILL) there, at the n-th
+# write of a file of that name in this process.
+_FAULT_WRITES: dict[str, int] = {}
+
+
+def _fault_point(path: str) -> None:
+    pause = os.environ.get("EQX_VISION_FAULT_PAUSE")
+    if pause:
+        time.sleep(float(pause))
+    kill = os.environ.get("EQX_VISION_FAULT_KILL")
+    if kill:
+        name, _, n = kill.rpartition(":")
+        if name == os.path.basename(path):
+            _FAULT_WRITES[name] = count = _FAULT_WRITES.get(name, 0) + 1
+            if count == int(n):
+                os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     """Open a temporary file beside `path`; on success, flush, `fsync` and move it over
     `path` (`os.replace`, atomic on POSIX and Windows); on failure, remove it and leave
-    `path` untouched."""
+    `path` untouched.
+
+    The temporary file is `.{name}.{random}.tmp` in the folder of `path` (`name` its file
+    name). The file written has the permissions of the file it replaces, or, for a new
+    file, those of `open(path, "w")`: `0o666` less the umask. Text modes write UTF-8.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fd, tmp = _create_temporary(path)
     try:
-        with os.fdopen(fd, mode) as f:
+        encoding = None if "b" in mode else "utf-8"
+        with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _fault_point(path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -177,6 +279,7 @@ def save(
     rng: jax.Array | None = None,
     model_config: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
+    allow_non_finite: bool = False,
 ) -> None:
     """Write a checkpoint atomically.
 
@@ -190,9 +293,23 @@ def save(
     - `model_config`: JSON-serialisable model description (e.g. `ModelConfig.to_json()`),
       whose `"model"` entry names the architecture checked at load.
     - `training`: JSON-serialisable training metadata (step, epoch, options, ...).
+    - `allow_non_finite`: write NaNs and infinities too. By default a floating-point
+      tensor with any raises `FloatingPointError` naming it, before anything is written.
     """
     st = _safetensors_numpy()
     tensors = _flatten(model, state, opt_state, rng)
+    problem = None if rng is None else _rng_problem(tensors["rng"])
+    if problem:
+        raise ValueError(f"not saving {os.fspath(path)}: rng {problem}")
+    if not allow_non_finite:
+        for name, value in tensors.items():
+            count = _non_finite(value)
+            if count:
+                raise FloatingPointError(
+                    f"not saving {os.fspath(path)}: tensor {name!r} has {count} non-finite "
+                    f"value(s) of {value.size}; expected only finite values "
+                    "(allow_non_finite=True saves them anyway)"
+                )
     metadata = {
         "format": FORMAT,
         "model_config": json.dumps(dict(model_config or {})),
@@ -203,34 +320,77 @@ def save(
         f.write(data)
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of a checkpoint, decoded: `{"format", "model_config", "training"}`.
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    Reads only the JSON header of the file, not the tensors.
+
+def _json_object(text: Any, what: str, path: str) -> dict[str, Any]:
+    """`text`, a JSON string of the header's metadata, decoded; it must be an object."""
+    if not isinstance(text, str):
+        raise CheckpointFormatError(
+            f"{path} has a corrupt header: {what} must be a JSON string; got {type(text).__name__}"
+        )
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise CheckpointFormatError(f"{path} has a corrupt header: {what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise CheckpointFormatError(
+            f"{path} has a corrupt header: {what} must be a JSON object; got {type(value).__name__}"
+        )
+    return value
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a checkpoint, decoded: `{"format", "model_config", "training"}`
+    (the last two are `dict`s; `training`'s `step` and `epoch`, when present, are
+    non-negative integers).
+
+    Reads only the JSON header of the file, not the tensors. Raises
+    `CheckpointFormatError` for a file that is not a checkpoint of this format.
     """
     path = os.fspath(path)
+    with open(path, "rb") as f:
+        size_bytes = f.read(8)
+        if len(size_bytes) != 8:
+            raise CheckpointFormatError(f"{path} is not a safetensors file (too short)")
+        size = int.from_bytes(size_bytes, "little")
+        available = os.fstat(f.fileno()).st_size - 8
+        if size > min(available, MAX_HEADER_BYTES):
+            raise CheckpointFormatError(
+                f"{path} is not a safetensors file: its header size is {size} bytes; "
+                f"expected at most {min(available, MAX_HEADER_BYTES)}"
+            )
+        raw = f.read(size)
     try:
-        with open(path, "rb") as f:
-            size_bytes = f.read(8)
-            if len(size_bytes) != 8:
-                raise CheckpointFormatError(f"{path} is not a safetensors file (too short)")
-            size = int.from_bytes(size_bytes, "little")
-            if size > os.path.getsize(path) - 8:
-                raise CheckpointFormatError(f"{path} is not a safetensors file (bad header size)")
-            header = json.loads(f.read(size))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointFormatError(f"{path} is not a safetensors file") from None
-    meta = header.get("__metadata__") or {}
-    if meta.get("format") != FORMAT:
-        raise CheckpointFormatError(f"{path} is not an eqx_vision checkpoint")
-    try:
-        return {
-            "format": meta["format"],
-            "model_config": json.loads(meta.get("model_config", "{}")),
-            "training": json.loads(meta.get("training", "{}")),
-        }
-    except json.JSONDecodeError:
-        raise CheckpointFormatError(f"{path} has a corrupt header") from None
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError too
+        raise CheckpointFormatError(
+            f"{path} is not a safetensors file: its header is not UTF-8 JSON"
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(
+            f"{path} is not a safetensors file: its header is a JSON {type(header).__name__}, "
+            "expected an object"
+        )
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        shown = "no format" if found is None else f"format {_short(found)}"
+        raise CheckpointFormatError(
+            f"{path} is not an eqx_vision checkpoint: expected format {FORMAT!r}; got {shown}"
+        )
+    model_config = _json_object(meta.get("model_config", "{}"), "model_config", path)
+    training = _json_object(meta.get("training", "{}"), "training", path)
+    for key in ("step", "epoch"):
+        value = training.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointFormatError(
+                f"{path} has a corrupt header: training {key} must be a non-negative "
+                f"integer; got {_short(value)}"
+            )
+    return {"format": FORMAT, "model_config": model_config, "training": training}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +411,7 @@ def _fill(
     tensors: Mapping[str, np.ndarray],
     used: set[str],
     path: str,
+    allow_non_finite: bool,
     is_leaf=None,
 ) -> PyTree:
     leaves, treedef = jax.tree_util.tree_flatten(like, is_leaf=is_leaf)
@@ -272,6 +433,12 @@ def _fill(
                 f"{path}: tensor {name!r} has dtype {value.dtype}; the model expects "
                 f"{expected.dtype}"
             )
+        count = 0 if allow_non_finite else _non_finite(value)
+        if count:
+            raise CheckpointFormatError(
+                f"{path}: tensor {name!r} has {count} non-finite value(s) of {value.size}; "
+                "expected only finite values"
+            )
         leaves[i] = jnp.asarray(value)
         used.add(name)
     return jax.tree_util.tree_unflatten(treedef, leaves)
@@ -284,6 +451,7 @@ def load(
     *,
     like_opt_state: PyTree | None = None,
     model_name: str | None = None,
+    allow_non_finite: bool = False,
 ) -> Checkpoint:
     """Read a checkpoint into the structure of a given model.
 
@@ -295,16 +463,20 @@ def load(
       needed) or from `ModelConfig.build_like()`.
     - `like_opt_state`: the optimizer state's structure, to load it too.
     - `model_name`: the expected architecture; a checkpoint of another one is an error.
+    - `allow_non_finite`: accept NaNs and infinities in the tensors loaded (model, state,
+      optimizer state); by default they are an error.
 
     **Returns:** a [`Checkpoint`][eqx_vision.checkpoint.Checkpoint]. Raises
-    `CheckpointFormatError` naming the tensor for a missing, extra or mis-shaped leaf.
+    `CheckpointFormatError` for a file that is not a checkpoint, and naming the tensor for
+    a missing, extra, mis-shaped or non-finite leaf or a malformed `rng`.
     """
     path = os.fspath(path)
     header = read_header(path)
     found = header["model_config"].get("model")
     if model_name is not None and found != model_name:
+        shown = found if isinstance(found, str) else _short(found)
         raise CheckpointFormatError(
-            f"{path} holds a {found} checkpoint; expected a {model_name} checkpoint"
+            f"{path} holds a {shown} checkpoint; expected a {model_name} checkpoint"
         )
     st = _safetensors_numpy()
     try:
@@ -313,15 +485,21 @@ def load(
         raise CheckpointFormatError(f"cannot read {path}: {e}") from None
     used: set[str] = set()
     names = [n for n, _ in _named_leaves(like_model, "model")]
-    model = _fill(like_model, names, tensors, used, path)
+    model = _fill(like_model, names, tensors, used, path, allow_non_finite)
     state = None
     if like_state is not None:
-        state = _fill(like_state, _state_names(like_model, like_state), tensors, used, path)
+        names = _state_names(like_model, like_state)
+        state = _fill(like_state, names, tensors, used, path, allow_non_finite)
     opt_state = None
     if like_opt_state is not None:
         names = [n for n, _ in _named_leaves(like_opt_state, "opt_state")]
-        opt_state = _fill(like_opt_state, names, tensors, used, path)
-    rng = jnp.asarray(tensors["rng"]) if "rng" in tensors else None
+        opt_state = _fill(like_opt_state, names, tensors, used, path, allow_non_finite)
+    rng = None
+    if "rng" in tensors:
+        problem = _rng_problem(tensors["rng"])
+        if problem:
+            raise CheckpointFormatError(f"{path}: tensor 'rng' {problem}")
+        rng = jnp.asarray(tensors["rng"])
     used.add("rng")
     extra = sorted(
         n

@@ -97,11 +97,14 @@ def size_errors(name: str) -> list[tuple[dict[str, Any], tuple[int, ...], str]]:
 def rejected_shapes(name: str) -> list[tuple[dict[str, Any], tuple[int, ...], str]]:
     """Inputs the model must reject, with the message: a batch, wrong channels, sizes."""
     c, h, w = input_shape(name)
+    # The expected shape as the message shows it: sides by name for models of any size.
+    shape = rf"\({c}, {h}, {w}\)" if exact_size(name) else rf"\({c}, height, width\)"
     return [
         ({}, (1, c, h, w), r"a batch\? map the model over it with jax.vmap"),
         ({}, (2, c, h, w), rf"\(2, {c}, {h}, {w}\).*jax.vmap"),
-        ({}, (c + 1, h, w), rf"{c} input channels.*\({c}, {h}, {w}\).*\({c + 1}, {h}, {w}\)"),
-        ({}, (1, h, w), rf"{c} input channels.*\({c}, {h}, {w}\).*\(1, {h}, {w}\)"),
+        ({}, (c + 1, h, w), rf"{c} input channels, shape {shape}.*\({c + 1}, {h}, {w}\)\.$"),
+        ({}, (1, h, w), rf"{c} input channels, shape {shape}.*\(1, {h}, {w}\)\.$"),
+        ({}, (h, w, c), rf"{c} input channels, shape {shape}.*\({h}, {w}, {c}\) \(channels last"),
         *size_errors(name),
     ]
 

@@ -107,3 +107,47 @@ def test_an_unsupported_module_names_the_supported_ones():
     assert "no vit-pytorch converter for MapFeedForward" in message
     for cls in CONVERTERS:
         assert cls.__name__ in message
+
+
+def test_a_stateless_model_built_with_its_state_loads_with_it(pair):
+    """`eqx.nn.make_with_state` serves every model: a stateless one's empty state is taken
+    and returned as given."""
+    _, sd = pair
+    model, state = eqx.nn.make_with_state(ev.ViT)(**CONFIG, key=jax.random.key(0))
+    loaded, same = ev.from_vit_pytorch(model, sd, state=state)
+    assert same is state
+    assert eqx.tree_equal(loaded, ev.from_vit_pytorch(model, sd))
+    with pytest.raises(TypeError, match=r"state must be the eqx\.nn\.State.*got dict"):
+        ev.from_vit_pytorch(model, sd, state={})
+
+
+def test_a_model_with_batchnorm_needs_its_state():
+    config = dict(image_size=32, num_classes=5, dim=(8, 12), depth=1, heads=1, mlp_mult=2,
+                  stages=2)  # fmt: skip
+    model, _ = eqx.nn.make_with_state(ev.LeViT)(**config, key=jax.random.key(0))
+    sd = reference("levit").LeViT(**config).state_dict()
+    with pytest.raises(ValueError, match=r"LeViT keeps BatchNorm statistics.*state=state"):
+        ev.from_vit_pytorch(model, sd)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_])
+def test_integer_tensors_are_not_cast_to_float(pair, dtype):
+    model, sd = pair
+    sd = {k: v.numpy() for k, v in sd.items()}
+    sd["mlp_head.bias"] = sd["mlp_head.bias"].astype(dtype)
+    with pytest.raises(
+        ev.CheckpointError,
+        match=rf"dtype mismatch for 'mlp_head\.bias': the model expects float32, the state "
+        rf"dict has {np.dtype(dtype)}",
+    ):
+        ev.from_vit_pytorch(model, sd)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_floating_tensors_of_another_precision_are_converted(pair, dtype):
+    model, sd = pair
+    sd = {k: v.numpy() for k, v in sd.items()}
+    sd["mlp_head.bias"] = sd["mlp_head.bias"].astype(dtype)
+    loaded = ev.from_vit_pytorch(model, sd)
+    assert loaded.mlp_head.bias.dtype == np.float32
+    np.testing.assert_array_equal(loaded.mlp_head.bias, sd["mlp_head.bias"].astype(np.float32))

@@ -43,25 +43,33 @@ def check_divisible(
     return ih // ph, iw // pw
 
 
-def check_image(x: Array, expected: tuple[int, int, int], model: str) -> None:
+AXES = ("channels", "height", "width")
+
+
+def check_image(x: Array, expected: tuple[int, int | None, int | None], model: str) -> None:
     """Raise a ValueError unless `x` is one float image of shape `expected`.
 
-    Runs on static shapes only, so it is free under `jax.jit`.
+    `expected` is `(channels, height, width)`; a side given as `None` is not checked here
+    (models that take several sizes check the sides themselves), and the messages then
+    show it by name. Runs on static shapes only, so it is free under `jax.jit`.
     """
     c, h, w = expected
+    named = [a if v is None else str(v) for a, v in zip(AXES, expected, strict=True)]
+    shown = "(" + ", ".join(named) + ")"
     if x.ndim != 3:
         hint = " (a batch? map the model over it with jax.vmap)" if x.ndim == 4 else ""
         raise ValueError(
-            f"{model} takes one image of shape (channels, height, width) = {expected}; "
+            f"{model} takes one image of shape (channels, height, width) = {shown}; "
             f"got an array of shape {tuple(x.shape)}{hint}."
         )
     if x.shape[0] != c:
+        hint = " (channels last? the channel axis comes first)" if x.shape[-1] == c else ""
         raise ValueError(
-            f"{model} expects {c} input channels, shape {expected}; got shape {tuple(x.shape)}."
+            f"{model} expects {c} input channels, shape {shown}; got shape {tuple(x.shape)}{hint}."
         )
-    if tuple(x.shape[1:]) != (h, w):
+    if (h is not None and x.shape[1] != h) or (w is not None and x.shape[2] != w):
         raise ValueError(
-            f"{model} was built for images of size {(h, w)}, shape {expected}; got shape "
+            f"{model} was built for images of size {(h, w)}, shape {shown}; got shape "
             f"{tuple(x.shape)}."
         )
     if not jnp.issubdtype(x.dtype, jnp.floating):

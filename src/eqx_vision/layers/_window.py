@@ -85,8 +85,8 @@ def check_windowed_image(
     `smallest_size`). Runs on static shapes only, so it is free under `jax.jit`.
     """
     example = size_multiple or smallest_size
-    height, width = (x.shape[1], x.shape[2]) if x.ndim == 3 else (example, example)
-    check_image(x, (channels, height, width), model)
+    check_image(x, (channels, None, None), model)
+    height, width = x.shape[1], x.shape[2]
     for side, axis in ((height, "height"), (width, "width")):
         reason = f"it has {side} pixels" if side < 1 else fit(side)
         if reason is not None:

@@ -280,8 +280,8 @@ class CvT(eqx.Module):
         inference mode).
         """
         check_key(self, key)
-        height, width = x.shape[-2:] if x.ndim >= 2 else (0, 0)
-        check_image(x, (self.channels, height, width), type(self).__name__)
+        check_image(x, (self.channels, None, None), type(self).__name__)
+        height, width = x.shape[1:]
         min_h, min_w = self.min_image_size
         if height < min_h or width < min_w:
             raise ValueError(

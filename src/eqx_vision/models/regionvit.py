@@ -446,8 +446,8 @@ class RegionViT(eqx.Module):
         **Returns:** the logits, `(num_classes,)`.
         """
         name = type(self).__name__
-        height, width = (int(n) for n in x.shape[-2:]) if x.ndim >= 2 else (0, 0)
-        check_image(x, (self.channels, height, width), name)
+        check_image(x, (self.channels, None, None), name)
+        height, width = (int(n) for n in x.shape[1:])
         if not self.supports(height, width):
             raise ValueError(
                 f"{name}(window_size={self.window_size}, "

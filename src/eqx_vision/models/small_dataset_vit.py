@@ -122,8 +122,8 @@ class SPT(eqx.Module):
         **Returns:** the patch tokens `(num_patches, dim)`, patches in row-major order.
         """
         p = self.patch_size
-        height, width = x.shape[-2:] if x.ndim >= 2 else (p, p)
-        check_image(x, (self.channels, height, width), "SPT")
+        check_image(x, (self.channels, None, None), "SPT")
+        height, width = x.shape[1:]
         if height % p or width % p:
             raise ValueError(
                 f"SPT needs an image whose height and width are multiples of patch_size={p}; "

@@ -272,10 +272,7 @@ class TwinsSVT(eqx.Module):
         **Returns:** the logits, `(num_classes,)`.
         """
         name = type(self).__name__
-        if x.ndim == 3:
-            check_image(x, (CHANNELS, x.shape[1], x.shape[2]), name)
-        else:
-            check_image(x, (CHANNELS, self.min_size, self.min_size), name)
+        check_image(x, (CHANNELS, None, None), name)
         m, low = self.size_multiple, self.min_size
         if any(side % m or side < low for side in x.shape[1:]):
             raise ValueError(

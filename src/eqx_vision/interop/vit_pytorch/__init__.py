@@ -12,6 +12,7 @@ from typing import Any
 import equinox as eqx
 import jax
 
+from ...layers import is_stateful
 from ...models import (
     LSA,
     SPT,
@@ -89,8 +90,10 @@ def from_vit_pytorch(model: eqx.Module, state_dict: Mapping[str, Any], *, state:
       (`ev.ViT(...)` for `vit_pytorch.vit.ViT(...)`, and so on).
     - `state_dict`: a mapping of names to arrays: `torch_module.state_dict()`, or the same
       with NumPy arrays. torch is not needed to call this function.
-    - `state`: for models with BatchNorm (built with `eqx.nn.make_with_state`), their
-      `eqx.nn.State`; the running statistics are loaded into it.
+    - `state`: the model's `eqx.nn.State`, if it was built with
+      `eqx.nn.make_with_state`. Required for models with BatchNorm (CvT, LeViT): their
+      running statistics are loaded into it. A stateless model's (empty) state is returned
+      as given.
 
     **Returns:**
 
@@ -99,8 +102,11 @@ def from_vit_pytorch(model: eqx.Module, state_dict: Mapping[str, Any], *, state:
     **Raises:**
 
     `CheckpointError` (a `ValueError`) on a missing, unexpected or mis-shaped tensor,
-    naming the key and both shapes. Nothing is modified when it raises. `TypeError` for a
-    model of a class that has no vit-pytorch counterpart, naming the supported ones.
+    naming the key and both shapes, or on an integer tensor where the model has a
+    floating-point one (or the reverse; floating-point tensors of another precision, such
+    as float16 or bfloat16, are converted to the model's dtype). Nothing is modified when
+    it raises. `TypeError` for a model of a class that has no vit-pytorch counterpart,
+    naming the supported ones; `ValueError` for a model with BatchNorm given no `state`.
     """
     converter = CONVERTERS.get(type(model))
     if converter is None:
@@ -108,12 +114,28 @@ def from_vit_pytorch(model: eqx.Module, state_dict: Mapping[str, Any], *, state:
         raise TypeError(
             f"no vit-pytorch converter for {type(model).__name__}; known models: {known}."
         )
+    name = type(model).__name__
+    if state is not None and not isinstance(state, eqx.nn.State):
+        raise TypeError(
+            f"state must be the eqx.nn.State of the model (from eqx.nn.make_with_state); got "
+            f"{type(state).__name__}."
+        )
+    stateful = is_stateful(model)
+    if stateful and state is None:
+        raise ValueError(
+            f"{name} keeps BatchNorm statistics in an eqx.nn.State: build it with "
+            f"`model, state = eqx.nn.make_with_state(ev.{name})(...)` and pass "
+            "`from_vit_pytorch(model, state_dict, state=state)`, which returns (model, state)."
+        )
     sd = StateDict(state_dict)
-    if state is None:
-        out = converter(model, sd)
-    else:
-        # A copy: `State.set` retires the object it is called on, and a failed load must
-        # leave the caller's state usable.
-        out = converter(model, sd, jax.tree.map(lambda a: a, state))
+    if not stateful:
+        # A stateless model built with `eqx.nn.make_with_state` has an empty state: it is
+        # returned as given, so that one call serves every model.
+        model = converter(model, sd)
+        sd.finish()
+        return model if state is None else (model, state)
+    # A copy: `State.set` retires the object it is called on, and a failed load must
+    # leave the caller's state usable.
+    out = converter(model, sd, jax.tree.map(lambda a: a, state))
     sd.finish()
     return out

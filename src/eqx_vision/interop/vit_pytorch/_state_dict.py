@@ -97,6 +97,12 @@ class StateDict:
                 f"shape mismatch for {key!r}: the model expects {expected}, the state dict "
                 f"has {tuple(value.shape)}."
             )
+        if np.issubdtype(value.dtype, np.floating) != jnp.issubdtype(like.dtype, jnp.floating):
+            raise CheckpointError(
+                f"dtype mismatch for {key!r}: the model expects {like.dtype}, the state dict "
+                f"has {value.dtype} (floating-point and integer tensors are not converted "
+                "into each other)."
+            )
         value = transform(value) if transform is not None else value.reshape(like.shape)
         if tuple(value.shape) != tuple(like.shape):  # a converter bug, not a user error
             raise AssertionError(f"{key!r} converted to {value.shape}, expected {like.shape}")

@@ -53,16 +53,9 @@ def _convert_block(
     return eqx.tree_at(lambda b: (b.attn, b.ff), m, (attn, ff)), state
 
 
-def convert_cvt(
-    model: CvT, sd: StateDict, state: eqx.nn.State | None = None
-) -> tuple[CvT, eqx.nn.State]:
+def convert_cvt(model: CvT, sd: StateDict, state: eqx.nn.State) -> tuple[CvT, eqx.nn.State]:
     """The weights of a `vit_pytorch.cvt.CvT` state dict, and its BatchNorm statistics into
     `state`."""
-    if state is None:
-        raise ValueError(
-            "CvT keeps BatchNorm statistics in an eqx.nn.State: load it with "
-            "`model, state = from_vit_pytorch(model, state_dict, state=state)`."
-        )
     stages = []
     for i, stage in enumerate(model.stages):
         prefix = f"layers.{i}."

@@ -63,16 +63,9 @@ def _convert_block(
     return eqx.tree_at(lambda b: (b.attn, b.ff), m, (attn, ff)), state
 
 
-def convert_levit(
-    model: LeViT, sd: StateDict, state: eqx.nn.State | None = None
-) -> tuple[LeViT, eqx.nn.State]:
+def convert_levit(model: LeViT, sd: StateDict, state: eqx.nn.State) -> tuple[LeViT, eqx.nn.State]:
     """The weights of a `vit_pytorch.levit.LeViT` state dict, and its BatchNorm statistics into
     `state`."""
-    if state is None:
-        raise ValueError(
-            "LeViT keeps BatchNorm statistics in an eqx.nn.State: load it with "
-            "`model, state = from_vit_pytorch(model, state_dict, state=state)`."
-        )
     convs = tuple(
         convert_conv(conv, sd, f"conv_embedding.{i}.")
         for i, conv in enumerate(model.conv_embedding)

@@ -16,7 +16,7 @@ training metadata) and `format` (`"eqx_vision.checkpoint/1"`).
 
 Files are written atomically ([`atomic_write`][eqx_vision.checkpoint.atomic_write]): to
 a temporary file `.{name}.{random}.tmp` beside the target `{name}` (e.g.
-`.last.safetensors.k3x9q2ab.tmp`), flushed and `fsync`ed, then moved over the target with
+`.last.safetensors.3f9a1c2e.tmp`), flushed and `fsync`ed, then moved over the target with
 `os.replace`, so a crash or a kill at any moment leaves either the previous checkpoint or
 the new one, never a broken file. A process killed between the two leaves its temporary
 file behind: anything matching `.{name}.*.tmp` beside a file is such a leftover and may be
@@ -482,7 +482,7 @@ def load(
     try:
         tensors = st.load_file(path)
     except Exception as e:
-        raise CheckpointFormatError(f"cannot read {path}: {e}") from None
+        raise CheckpointFormatError(f"cannot read {path}: {' '.join(str(e).split())}") from None
     used: set[str] = set()
     names = [n for n, _ in _named_leaves(like_model, "model")]
     model = _fill(like_model, names, tensors, used, path, allow_non_finite)

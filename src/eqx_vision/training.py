@@ -80,9 +80,12 @@ faster, and AdamW's update alone of 21.6M parameters 1.4x faster (see the
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
+import numbers
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -201,6 +204,7 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     clip_norm: float | None = 1.0,
+    skip_non_finite: int = 0,
 ) -> optax.GradientTransformation:
     """AdamW with a linear warm-up from 0 and a cosine decay (optax).
 
@@ -214,6 +218,11 @@ def make_optimizer(
     - `end_learning_rate`: the final rate.
     - `b1`, `b2`: Adam's moment decay rates.
     - `clip_norm`: clip the gradients to this global norm first; `None` for no clipping.
+    - `skip_non_finite`: if positive, the whole optimizer is wrapped in
+      `optax.apply_if_finite(..., max_consecutive_errors=skip_non_finite)`: an update whose
+      gradients hold a NaN or an infinity is skipped (parameters and optimizer state kept),
+      up to this many in a row. Its state is then an `optax.ApplyIfFiniteState` around the
+      state of the default, `0` (no wrapping).
 
     **Returns:** an `optax.GradientTransformation`.
     """
@@ -229,10 +238,16 @@ def make_optimizer(
         total_steps=total_steps,
         end_learning_rate=end_learning_rate,
     )
-    adamw = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
-    if clip_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+    if isinstance(skip_non_finite, bool) or not isinstance(skip_non_finite, numbers.Integral):
+        raise ValueError(f"skip_non_finite must be an int; got {skip_non_finite!r}.")
+    if skip_non_finite < 0:
+        raise ValueError(f"skip_non_finite must be >= 0; got {skip_non_finite}.")
+    optimizer = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    if clip_norm is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
+    if skip_non_finite:
+        optimizer = optax.apply_if_finite(optimizer, skip_non_finite)
+    return optimizer
 
 
 def learning_rate_schedule(
@@ -509,11 +524,52 @@ METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 # The batch size of the evaluation after each epoch (or the training batch, if larger).
 _EVAL_BATCH_SIZE = 256
+# The largest seed: `jax.random.key` keeps the low 32 bits of a seed (without x64).
+MAX_SEED = 2**32 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _fit_step(model, state, opt_state, images, labels, key, *, optimizer, parallel, precision):
+    """`train_step`, and whether its update was made of finite numbers: the gradients'
+    (checked by `optax.apply_if_finite`, whose skipped steps also keep the old model state)
+    or, without it, the loss's."""
+    new_model, new_state, opt_state, loss = train_step(
+        model, state, opt_state, images, labels, key,
+        optimizer=optimizer, parallel=parallel, precision=precision,
+    )  # fmt: skip
+    if isinstance(opt_state, optax.ApplyIfFiniteState):
+        finite = opt_state.last_finite
+        # The step's BatchNorm statistics are those of the non-finite batch: keep the old.
+        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+    else:
+        finite = jnp.isfinite(loss)
+    return new_model, new_state, opt_state, loss, finite
+
+
 # A step function that donates the model, its state and the optimizer state: the loop of
 # `fit` rebinds them at every step and passes a fresh batch and key, so XLA writes the new
 # parameters and optimizer state over the old ones instead of into fresh memory. Created
 # once, so that every `fit` in a process shares its compiled programs.
-_donating_train_step = eqx.filter_jit(train_step, donate="all")
+_donating_fit_step = eqx.filter_jit(_fit_step, donate="all")
+
+
+@eqx.filter_jit
+def _finite_leaves(tree: PyTree) -> Array:
+    """Whether each inexact array leaf of `tree` is all finite, as one bool vector."""
+    leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def _first_non_finite(model: PyTree, state: eqx.nn.State, opt_state: PyTree) -> str | None:
+    """The name of the first array of the model, its state or the optimizer state that
+    holds a NaN or an infinity, or None."""
+    tree = {"model": model, "state": state, "opt_state": opt_state}
+    finite = np.asarray(_finite_leaves(tree))
+    if finite.all():
+        return None
+    paths = jax.tree_util.tree_flatten_with_path(eqx.filter(tree, eqx.is_inexact_array))[0]
+    path = paths[int(np.argmin(finite))][0]
+    return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -539,6 +595,16 @@ class TrainConfig:
       `"linear"`, `"inputs"`, `"all"` (see
       [`remat`][eqx_vision.remat]); `None` keeps the model's
       own. Results are the same whatever the choice, so it may change when resuming.
+    - `skip_non_finite`: how many consecutive steps with NaN or infinite gradients to
+      skip (parameters, state and optimizer state kept as they were) before the run
+      stops; `0`, the default, stops at the first (see
+      [`make_optimizer`][eqx_vision.training.make_optimizer], whose optimizer state
+      changes structure when it is positive). The skipped steps are counted in the
+      metrics (`skipped_steps`).
+
+    A warm-up longer than the run is a warm-up over the whole run. Every number is checked
+    at construction: `seed` must be in `0 .. 2**32 - 1` (what `jax.random.key` keeps of a
+    seed), the learning rate and weight decay at most float32's largest value.
     """
 
     epochs: int = 15
@@ -549,16 +615,26 @@ class TrainConfig:
     seed: int = 0
     precision: str = "float32"
     remat: str | None = None
+    skip_non_finite: int = 0
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(
-                f"epochs and batch_size must be positive; got {self.epochs} and {self.batch_size}."
-            )
+        for name, low in (("epochs", 1), ("batch_size", 1), ("seed", 0), ("skip_non_finite", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}; got {value!r}.")
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed must be in 0 .. {MAX_SEED}; got {self.seed}.")
         for name in ("learning_rate", "weight_decay", "warmup_epochs"):
             value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number; got {value!r}.")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number; got {value!r}.")
+            if name != "warmup_epochs" and float(value) > _FLOAT32_MAX:
+                raise ValueError(
+                    f"{name} must be at most {_FLOAT32_MAX:.4g} (float32's largest value); "
+                    f"got {value!r}."
+                )
         if self.precision not in COMPUTE_DTYPES:
             raise ValueError(
                 f"precision must be {' or '.join(COMPUTE_DTYPES)}; got {self.precision!r}."
@@ -569,6 +645,20 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         """The settings as a JSON object (as saved in `config.json`)."""
         return dataclasses.asdict(self)
+
+    def changes_from(self, saved: Mapping[str, Any]) -> list[str]:
+        """How these settings differ from saved ones (a `to_json()`, e.g. the
+        `train_config` of a run's `config.json`), as `"name=saved, not now"` strings; a
+        setting the saved ones lack counts as its default, and `remat`, which does not
+        change the results, is left out."""
+        changed = []
+        for field in dataclasses.fields(self):
+            if field.name == "remat":
+                continue
+            now, before = getattr(self, field.name), saved.get(field.name, field.default)
+            if before != now or isinstance(before, bool) != isinstance(now, bool):
+                changed.append(f"{field.name}={before!r}, not {now!r}")
+        return changed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -642,7 +732,7 @@ class FitResult:
     - `model`, `state`, `opt_state`: after the last step.
     - `metrics`: one dict per epoch of the whole run (the earlier ones of a resumed run
       included): `epoch`, `step`, `train_loss`, `test_loss`, `test_accuracy`,
-      `learning_rate`, `epoch_seconds`, `images_per_second`.
+      `learning_rate`, `epoch_seconds`, `images_per_second`, `skipped_steps`.
     - `epoch`, `step`: the epochs and steps done.
     - `test_loss`, `test_accuracy`: after the last epoch (`nan` if a stopped run has
       finished none).
@@ -650,6 +740,8 @@ class FitResult:
     - `stopped`: whether a callback stopped the run before its last epoch.
     - `compile_seconds`, `train_seconds`, `images_seen`: timing of this call: the first
       step (which compiles), the other steps, and the images they trained on.
+    - `skipped_steps`: the steps of the whole run skipped for non-finite gradients (with
+      `TrainConfig.skip_non_finite`).
     """
 
     model: PyTree
@@ -666,6 +758,7 @@ class FitResult:
     compile_seconds: float
     train_seconds: float
     images_seen: int
+    skipped_steps: int = 0
 
 
 def _atomic_text(path: str, text: str) -> None:
@@ -675,18 +768,35 @@ def _atomic_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _read_metrics(path: str, last_epoch: int) -> list[dict[str, Any]]:
     """The records of `metrics.jsonl` up to `last_epoch` (a killed run may have written
-    one more than its checkpoint holds)."""
+    one more than its checkpoint holds); lines that are not such a record are left out."""
     records = []
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 with contextlib.suppress(json.JSONDecodeError):
                     record = json.loads(line)
-                    if isinstance(record, dict) and record.get("epoch", 0) <= last_epoch:
+                    if (
+                        isinstance(record, dict)
+                        and _is_count(record.get("epoch"))
+                        and 1 <= record["epoch"] <= last_epoch
+                        and all(_is_number(record.get(k)) for k in _PLOTTED)
+                    ):
                         records.append(record)
     return records
+
+
+# The entries of a metrics record that `fit` reads back (for its result and the curves).
+_PLOTTED = ("train_loss", "test_loss", "test_accuracy")
 
 
 def _plot_curves(path: str, records: list[dict[str, Any]]) -> None:
@@ -737,50 +847,148 @@ class _Run:
     compile_seconds: float | None = None
     train_seconds: float = 0.0
     images_seen: int = 0
+    consecutive_skipped: int = 0  # steps skipped in a row, up to the last one read
+    skipped: int = 0  # steps skipped in the whole run
+    epoch_skipped: int = 0  # steps skipped in the current epoch
 
 
-def _prepare_out(out: str, resume: bool, run_json: dict[str, Any], config: TrainConfig):
-    """Check `out` (a fresh folder, or the run to resume) and clear the temporary files
-    of a run killed while writing."""
-    paths = {name: os.path.join(out, name) for name in (CONFIG, CHECKPOINT, METRICS)}
-    if resume:
-        if not os.path.isfile(paths[CHECKPOINT]):
-            raise FileNotFoundError(f"nothing to resume in {out}: no {CHECKPOINT}")
-        saved = None
-        if os.path.isfile(paths[CONFIG]):
-            with open(paths[CONFIG], encoding="utf-8") as f:
-                saved = json.load(f).get("train_config")
-        if isinstance(saved, dict):
-            now = config.to_json()
-            changed = [k for k in now if k != "remat" and k in saved and saved[k] != now[k]]
-            if changed:
-                shown = ", ".join(f"{k}={saved[k]!r}, not {now[k]!r}" for k in changed)
-                raise ValueError(f"{out} was trained with {shown}; resume with its settings.")
-    elif os.path.exists(out) and not os.path.isdir(out):
+# The temporary files `checkpoint.atomic_write` leaves beside a run's files when the
+# process is killed while writing one: `.{name}.{random}.tmp`.
+_OWN_TEMPORARY = re.compile(
+    r"\.(?:" + "|".join(map(re.escape, (CONFIG, CHECKPOINT, METRICS, CURVES))) + r")\.\w+\.tmp"
+)
+_MISSING = object()
+
+
+def _differences(saved: Any, now: Any, where: str = "") -> list[str]:
+    """Where two JSON values differ, as `"path: saved, not now"` strings."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        found = []
+        for k in [*saved, *(k for k in now if k not in saved)]:
+            found += _differences(saved.get(k, _MISSING), now.get(k, _MISSING), f"{where}{k}.")
+        return found
+    if saved == now and isinstance(saved, bool) == isinstance(now, bool):
+        return []
+    shown = ["none" if v is _MISSING else repr(v) for v in (saved, now)]
+    return [f"{where[:-1]}: {shown[0]}, not {shown[1]}"]
+
+
+def _read_run_json(path: str) -> dict[str, Any] | None:
+    """A run's `config.json`, or None if it cannot be read as a JSON object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _check_out(out: str, resume: bool, run_json: dict[str, Any], config: TrainConfig) -> bool:
+    """Check the folder `out` before anything is written into it. Returns whether the run
+    continues from the checkpoint in `out`; otherwise it starts from the beginning: in a
+    new folder, or in the folder of a run that stopped before its first checkpoint (only
+    its `config.json` and metrics), which `resume` starts again, as does a call that would
+    write the same `config.json`."""
+    if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"{out} exists and is not a folder")
-    elif any(os.path.exists(p) for p in paths.values()):
+    config_path = os.path.join(out, CONFIG)
+    has_checkpoint = os.path.isfile(os.path.join(out, CHECKPOINT))
+    has_config = os.path.isfile(config_path)
+    saved = _read_run_json(config_path) if has_config else None
+    if resume:
+        if not has_checkpoint and not has_config:
+            raise FileNotFoundError(f"nothing to resume in {out}: no {CHECKPOINT}")
+        if has_config and saved is None:
+            raise ValueError(f"{config_path} does not hold a JSON object: resume needs it whole")
+        saved_config = (saved or {}).get("train_config")
+        if isinstance(saved_config, dict):
+            changed = config.changes_from(saved_config)
+            if changed:
+                shown = ", ".join(changed)
+                raise ValueError(f"{out} was trained with {shown}; resume with its settings.")
+        return has_checkpoint
+    if has_checkpoint or (os.path.exists(os.path.join(out, METRICS)) and not has_config):
         raise FileExistsError(f"{out} already holds a run: resume it, or choose another folder")
-    os.makedirs(out, exist_ok=True)
-    for name in os.listdir(out):
-        if name.startswith(".") and name.endswith(".tmp"):
+    if has_config:
+        expected = json.loads(json.dumps(run_json))
+        if saved is not None and isinstance(saved.get("train_config"), dict):
+            saved = {**saved, "train_config": {**saved["train_config"], "remat": config.remat}}
+        differences = (
+            ["config.json cannot be read"] if saved is None else _differences(saved, expected)
+        )
+        if differences:
+            shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+            raise FileExistsError(
+                f"{out} holds a run that stopped before its first checkpoint, with other "
+                f"settings ({shown}): start it again with the same settings, resume it, or "
+                "choose another folder"
+            )
+    return False
+
+
+def _lock(out: str) -> int | None:
+    """Lock the folder `out` for this process: an advisory `flock` on the folder itself,
+    released when the process ends (even killed), so that two runs never write into one
+    folder. Returns the descriptor to close, or None where there are no such locks."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BlockingIOError(
+            errno.EAGAIN,
+            f"{out} is in use by another training run: wait for it to end, or choose another "
+            "folder",
+        ) from None
+    except OSError:  # pragma: no cover - a file system without locks
+        pass
+    return fd
+
+
+def _open_out(run: _Run, resumed: bool, run_json: dict[str, Any]) -> None:
+    """Write the run's first files: clear the temporary files of a run killed while writing
+    one (only those: `.{name}.{random}.tmp` of the run's own files), then write
+    `config.json` and an empty `metrics.jsonl` for a run that starts, or cut
+    `metrics.jsonl` to the checkpoint's epochs for one that resumes."""
+    assert run.out is not None
+    for name in os.listdir(run.out):
+        if _OWN_TEMPORARY.fullmatch(name):
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(out, name))
-    if not resume:
-        _atomic_text(paths[CONFIG], json.dumps(run_json, indent=2) + "\n")
-        _atomic_text(paths[METRICS], "")
+                os.unlink(os.path.join(run.out, name))
+    metrics = "".join(json.dumps(r) + "\n" for r in run.records)
+    if not resumed:
+        _atomic_text(os.path.join(run.out, CONFIG), json.dumps(run_json, indent=2) + "\n")
+    _atomic_text(os.path.join(run.out, METRICS), metrics)
+
+
+def _checkpoint_count(training: dict[str, Any], key: str, path: str) -> int:
+    from .checkpoint import CheckpointFormatError
+
+    value = training.get(key, 0)
+    if not _is_count(value):
+        raise CheckpointFormatError(
+            f"{path}: the training metadata's {key!r} must be a non-negative integer; got {value!r}"
+        )
+    return value
 
 
 def _start(run: _Run, model: PyTree, state: eqx.nn.State, resume: bool):
     """The model, state and optimizer state to start from: the given ones, or those of
-    the checkpoint in `run.out`, whose metrics are then kept up to its epoch."""
+    the checkpoint in `run.out`, whose metrics are then kept up to its epoch. Reads, never
+    writes."""
     from . import checkpoint
 
     start_epoch = 0
     if resume:
         assert run.out is not None
+        path = os.path.join(run.out, CHECKPOINT)
         like_model, like_state = eqx.filter_eval_shape(lambda m, s: (m, s), model, state)
         ckpt = checkpoint.load(
-            os.path.join(run.out, CHECKPOINT),
+            path,
             like_model,
             like_state,
             like_opt_state=init_optimizer(run.optimizer, like_model),
@@ -788,15 +996,16 @@ def _start(run: _Run, model: PyTree, state: eqx.nn.State, resume: bool):
         )
         assert ckpt.state is not None and ckpt.opt_state is not None
         model, state, opt_state = ckpt.model, ckpt.state, ckpt.opt_state
-        start_epoch = int(ckpt.training.get("epoch", 0))
-        run.step = int(ckpt.training.get("step", 0))
+        start_epoch = _checkpoint_count(ckpt.training, "epoch", path)
+        run.step = _checkpoint_count(ckpt.training, "step", path)
         if ckpt.rng is not None:
             run.train_key = jr.wrap_key_data(ckpt.rng)
-        metrics_path = os.path.join(run.out, METRICS)
-        run.records = _read_metrics(metrics_path, start_epoch)
-        _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in run.records))
+        run.records = _read_metrics(os.path.join(run.out, METRICS), start_epoch)
     else:
         opt_state = init_optimizer(run.optimizer, model)
+    if isinstance(opt_state, optax.ApplyIfFiniteState):
+        run.consecutive_skipped = int(opt_state.notfinite_count)
+        run.skipped = int(opt_state.total_notfinite)
     if run.config.remat is not None:
         # An ordinary field of the stacks: the optimizer state does not depend on it.
         model = remat(model, run.config.remat)
@@ -805,23 +1014,52 @@ def _start(run: _Run, model: PyTree, state: eqx.nn.State, resume: bool):
     return model, state, opt_state, start_epoch
 
 
-def _read_loss(value: Array, step: int, epoch: int) -> float:
-    loss = float(value)
+def _stopped(run: _Run, epoch: int) -> str:
+    """What is left of a run that stops during `epoch`."""
+    if run.out is None:
+        return "training stopped"
+    if epoch > 1:
+        kept = os.path.join(run.out, CHECKPOINT)
+        return f"training stopped; {kept} keeps epoch {epoch - 1}"
+    return "training stopped before its first checkpoint"
+
+
+def _read_step(run: _Run, pending: tuple[Array, Array], step: int, epoch: int,
+               losses: list[float]) -> None:  # fmt: skip
+    """Read one step's loss and whether its update was finite (one step behind the one
+    in flight): count a skipped step, or stop the run."""
+    loss, finite = float(pending[0]), bool(pending[1])
+    allowed = run.config.skip_non_finite
+    if allowed and not finite:
+        run.consecutive_skipped += 1
+        run.skipped += 1
+        run.epoch_skipped += 1
+        if run.consecutive_skipped > allowed:
+            raise FloatingPointError(
+                f"the gradients are NaN or infinite at {run.consecutive_skipped} steps in a "
+                f"row, the last step {step} (epoch {epoch}), more than the "
+                f"{allowed} skip_non_finite allows: {_stopped(run, epoch)} (try a lower "
+                "learning rate)"
+            )
+        return
+    run.consecutive_skipped = 0
     if not math.isfinite(loss):
         raise FloatingPointError(
-            f"the training loss is {loss} at step {step} (epoch {epoch}): training stopped, "
-            "nothing of this epoch was saved (try a lower learning rate)"
+            f"the training loss is {loss} at step {step} (epoch {epoch}): "
+            f"{_stopped(run, epoch)} (try a lower learning rate)"
         )
-    return loss
+    losses.append(loss)
 
 
 def _train_epoch(run: _Run, epoch: int, model, state, opt_state):
-    """One epoch's steps; returns the arrays, the epoch's losses and its seconds (the
-    compilation of the first step left out), or `losses=None` if a callback stopped."""
+    """One epoch's steps; returns the arrays, the epoch's losses (of the steps not skipped)
+    and its seconds (the compilation of the first step left out), or `losses=None` if a
+    callback stopped."""
     ds, batch_size, parallel = run.data, run.config.batch_size, run.parallel
     order = batches(len(ds.train_labels), batch_size, seed=run.config.seed, epoch=epoch)
     epoch_start = time.perf_counter()
     losses: list[float] = []
+    run.epoch_skipped = 0
     pending = None
     for idx in order:
         if run.stop:
@@ -829,7 +1067,7 @@ def _train_epoch(run: _Run, epoch: int, model, state, opt_state):
         step_start = time.perf_counter()
         batch = (ds.train_images[idx], ds.train_labels[idx])
         x, y = jax.tree.map(jnp.asarray, batch) if parallel is None else parallel.shard_batch(batch)
-        model, state, opt_state, loss = _donating_train_step(
+        model, state, opt_state, loss, finite = _donating_fit_step(
             model, state, opt_state, x, y, jr.fold_in(run.train_key, run.step),
             optimizer=run.optimizer, parallel=parallel, precision=run.config.precision,
         )  # fmt: skip
@@ -839,24 +1077,31 @@ def _train_epoch(run: _Run, epoch: int, model, state, opt_state):
             jax.block_until_ready(loss)
             run.compile_seconds = compiled = time.perf_counter() - step_start
             epoch_start += compiled
-        if pending is not None:  # read the previous loss: keeps one step in flight
-            losses.append(_read_loss(pending, run.step - 1, epoch))
-        pending = loss
+        if pending is not None:  # read the previous step: keeps one step in flight
+            _read_step(run, pending, run.step - 1, epoch, losses)
+        pending = (loss, finite)
         elapsed = max(time.perf_counter() - epoch_start, 1e-9)
         info = StepInfo(epoch, run.step, losses[-1] if losses else None,
                         len(losses) * batch_size / elapsed, compiled)  # fmt: skip
         run.stop = bool(run.callback.on_step(info)) or run.stop
     if pending is not None:
-        losses.append(_read_loss(pending, run.step, epoch))
+        _read_step(run, pending, run.step, epoch, losses)
     jax.block_until_ready(model)
     return model, state, opt_state, losses, time.perf_counter() - epoch_start
 
 
 def _end_epoch(run: _Run, epoch: int, model, state, opt_state, losses, seconds) -> None:
-    """Evaluate, then append the epoch's metrics and save the checkpoint and curves."""
+    """Check that every array is finite, evaluate, then append the epoch's metrics and
+    save the checkpoint and curves."""
     from . import checkpoint
 
     config, ds = run.config, run.data
+    bad = _first_non_finite(model, state, opt_state)
+    if bad is not None:  # e.g. a last step whose loss was finite but its update was not
+        raise FloatingPointError(
+            f"{bad} holds a NaN or an infinity after step {run.step} (epoch {epoch}): "
+            f"{_stopped(run, epoch)} (try a lower learning rate)"
+        )
     test_loss, test_acc = evaluate(
         model, state, ds.test_images, ds.test_labels,
         batch_size=max(config.batch_size, _EVAL_BATCH_SIZE), parallel=run.parallel,
@@ -868,12 +1113,14 @@ def _end_epoch(run: _Run, epoch: int, model, state, opt_state, losses, seconds) 
     record = {
         "epoch": epoch,
         "step": run.step,
-        "train_loss": float(np.mean(losses)),
+        "train_loss": float(np.mean(losses)) if losses else math.nan,
         "test_loss": test_loss,
         "test_accuracy": test_acc,
-        "learning_rate": float(np.asarray(run.schedule(run.step))),
+        # The optimizer's own count (and its schedule) skips the skipped steps.
+        "learning_rate": float(np.asarray(run.schedule(run.step - run.skipped))),
         "epoch_seconds": round(seconds, 3),
         "images_per_second": round(images / max(seconds, 1e-9), 1),
+        "skipped_steps": run.epoch_skipped,
     }
     run.records.append(record)
     if run.out is not None:
@@ -889,6 +1136,10 @@ def _end_epoch(run: _Run, epoch: int, model, state, opt_state, losses, seconds) 
         )  # fmt: skip
         _plot_curves(os.path.join(run.out, CURVES), run.records)
     run.stop = bool(run.callback.on_epoch_end(dict(record))) or run.stop
+
+
+def _is_abstract(tree: PyTree) -> bool:
+    return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
 
 
 def fit(
@@ -917,8 +1168,9 @@ def fit(
 
     **Arguments:**
 
-    - `model`: the model to train. When resuming, only its structure is used: it may be
-      abstract (e.g. from `eqx.filter_eval_shape` or `ModelConfig.build_like()`).
+    - `model`: the model to train. When resuming from a checkpoint, only its structure is
+      used: it may be abstract (e.g. from `eqx.filter_eval_shape` or
+      `ModelConfig.build_like()`).
     - `state`: its `eqx.nn.State`, from `eqx.nn.make_with_state`; `None` for a stateless
       model.
     - `data`: an [`eqx_vision.data.Dataset`][eqx_vision.data.Dataset]: model-ready train
@@ -929,10 +1181,15 @@ def fit(
       settings, `model_config` and `metadata`), `last.safetensors` (model, state,
       optimizer state, step and key, written atomically after every epoch; see
       [`eqx_vision.checkpoint`][eqx_vision.checkpoint]), `metrics.jsonl` (one line per
-      epoch) and `curves.png` (if matplotlib is installed). A folder that already holds a
-      run is an error unless `resume`.
+      epoch) and `curves.png` (if matplotlib is installed). Everything is checked before
+      anything is written, and the folder is locked while the run lasts (a second run in
+      it is an error). A folder that already holds a run is an error unless `resume`, but
+      for one that stopped before its first checkpoint (a `config.json` and no
+      `last.safetensors`): the same call (the same `config.json`) starts it again from the
+      beginning.
     - `resume`: continue the run in `out` from its checkpoint (with the same `config`;
-      `remat` and `parallel` may differ).
+      `remat` and `parallel` may differ); a run that stopped before its first checkpoint
+      starts again from the beginning (then `model` must be a real one).
     - `parallel`: a [`DataParallel`][eqx_vision.training.DataParallel] to train over
       several devices; one device when `None`.
     - `callback`: a [`Callback`][eqx_vision.training.Callback], or a function called after
@@ -947,8 +1204,11 @@ def fit(
     **Returns:** a [`FitResult`][eqx_vision.training.FitResult]: the trained model, state
     and optimizer state, the metrics of every epoch and the best test accuracy.
 
-    Raises `FloatingPointError` if the training loss becomes NaN or infinite (the epoch is
-    not saved), `FileExistsError` if `out` holds a run and `resume` is false.
+    Raises `FloatingPointError` if the training loss becomes NaN or infinite, or an array
+    of the model, its state or the optimizer state at the end of an epoch (that epoch is
+    not saved: the checkpoint of the one before stays), unless `config.skip_non_finite`
+    lets it skip the step; `FileExistsError` if `out` holds a run and `resume` is false;
+    `ValueError` if `resume` is given other settings than the run's.
     """
     config = TrainConfig() if config is None else config
     state = eqx.nn.State(model) if state is None else state
@@ -963,7 +1223,9 @@ def fit(
         raise ValueError("resume needs `out`, the folder of the run to continue.")
     steps_per_epoch = num_train // config.batch_size
     total_steps = config.epochs * steps_per_epoch
-    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
+    # A warm-up longer than the run is the whole run (and never an overflow).
+    warmup_steps = min(round(min(config.warmup_epochs, config.epochs) * steps_per_epoch),
+                       total_steps)  # fmt: skip
     schedule_args = dict(warmup_steps=warmup_steps, total_steps=total_steps)
     out = None if out is None else os.fspath(out)
     data_info = {"source": data.source, "class_names": list(data.class_names),
@@ -979,8 +1241,11 @@ def fit(
         config=config,
         data=data,
         optimizer=make_optimizer(
-            config.learning_rate, weight_decay=config.weight_decay, **schedule_args
-        ),
+            config.learning_rate,
+            weight_decay=config.weight_decay,
+            skip_non_finite=config.skip_non_finite,
+            **schedule_args,
+        ),  # fmt: skip
         schedule=learning_rate_schedule(config.learning_rate, **schedule_args),
         parallel=parallel,
         callback=hooks,
@@ -990,26 +1255,48 @@ def fit(
         train_key=jr.fold_in(jr.key(config.seed), 1),  # the model's key is the caller's
         steps_per_epoch=steps_per_epoch,
     )
-    if out is not None:
-        _prepare_out(out, resume, {"model_config": run.model_config, **meta}, config)
-    model, state, opt_state, start_epoch = _start(run, model, state, resume)
-    run.callback.on_fit_start(FitInfo(
-        config.epochs, steps_per_epoch, start_epoch, run.step, config.batch_size, num_train,
-        num_test, count_params(model), num_devices, Precision.of(config.precision).compute_dtype,
-        out, resume,
-    ))  # fmt: skip
-    epoch, stopped = start_epoch, False
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        if run.stop:
-            stopped, epoch = True, epoch - 1
-            break
-        run.callback.on_epoch_start(epoch)
-        model, state, opt_state, losses, seconds = _train_epoch(run, epoch, model, state, opt_state)
-        if losses is None:
-            stopped, epoch = True, epoch - 1
-            break
-        _end_epoch(run, epoch, model, state, opt_state, losses, seconds)
-    return _result(run, model, state, opt_state, epoch, stopped)
+    run_json = {"model_config": run.model_config, **meta}
+    lock = None
+    try:
+        resumed = False
+        if out is not None:
+            # Nothing is written before every check has passed and the start is loaded.
+            if os.path.isdir(out):
+                lock = _lock(out)
+            resumed = _check_out(out, resume, run_json, config)
+            if not resumed and _is_abstract((model, state)):
+                raise ValueError(
+                    f"{out} has no checkpoint to resume from: give a built model (not an "
+                    "abstract one) to start the run from the beginning."
+                )
+        model, state, opt_state, start_epoch = _start(run, model, state, resumed)
+        if out is not None:
+            os.makedirs(out, exist_ok=True)
+            if lock is None:
+                lock = _lock(out)
+            _open_out(run, resumed, run_json)
+        run.callback.on_fit_start(FitInfo(
+            config.epochs, steps_per_epoch, start_epoch, run.step, config.batch_size,
+            num_train, num_test, count_params(model), num_devices,
+            Precision.of(config.precision).compute_dtype, out, resumed,
+        ))  # fmt: skip
+        epoch, stopped = start_epoch, False
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            if run.stop:
+                stopped, epoch = True, epoch - 1
+                break
+            run.callback.on_epoch_start(epoch)
+            model, state, opt_state, losses, seconds = _train_epoch(
+                run, epoch, model, state, opt_state
+            )
+            if losses is None:
+                stopped, epoch = True, epoch - 1
+                break
+            _end_epoch(run, epoch, model, state, opt_state, losses, seconds)
+        return _result(run, model, state, opt_state, epoch, stopped)
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _result(run: _Run, model, state, opt_state, epoch: int, stopped: bool) -> FitResult:
@@ -1032,5 +1319,5 @@ def _result(run: _Run, model, state, opt_state, epoch: int, stopped: bool) -> Fi
     return FitResult(
         model, state, opt_state, list(run.records), epoch, run.step, test_loss, test_acc,
         best_acc, best_epoch, stopped, run.compile_seconds or 0.0, run.train_seconds,
-        run.images_seen,
+        run.images_seen, run.skipped,
     )  # fmt: skip

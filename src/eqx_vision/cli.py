@@ -22,11 +22,15 @@ Every random choice derives from `--seed`: the initial weights, each step's drop
 (from the seed and the step number) and each epoch's data order (from the seed and the
 epoch number), so a run resumed with `--resume` ends exactly as an uninterrupted one.
 
-Bad input (an unknown model, missing or empty data, an unreadable image, an image size
-the model does not take, a checkpoint of another architecture, ...) is reported in one
-line on stderr with exit code 2, before anything is written. A training loss that becomes
-NaN or infinite stops the run with one line on stderr and exit code 1; the checkpoint of
-the last good epoch is kept.
+Bad input (an unknown option or a value out of range, an unknown model, missing or empty
+data, an unreadable image, an image size the model does not take, a checkpoint of another
+architecture, a malformed config.json or checkpoint header, data changed since the run was
+saved, ...) is reported in one line on stderr with exit code 2, before anything is
+written. A training loss (or, at the end of an epoch, a parameter) that becomes NaN or
+infinite stops the run with one line on stderr and exit code 1; the checkpoint of the last
+good epoch is kept (`--skip-non-finite N` skips up to N such steps in a row instead). A
+run stopped before its first checkpoint starts again from the beginning with the same
+command, or with `--resume`.
 """
 
 import argparse
@@ -38,7 +42,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 # Recomputation policies of `--remat` (`eqx_vision.remat`), and compute dtypes of
 # `--precision`; neither needs the training extra.
@@ -65,14 +69,27 @@ DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 2.0,
     "seed": 0,
     "precision": "float32",
+    "skip_non_finite": 0,
 }
 SETTINGS = tuple(DEFAULTS)
 # Settings a run saved by an earlier version may lack, with the value it was trained with.
-LATER_SETTINGS: dict[str, Any] = {"precision": "float32"}
+LATER_SETTINGS: dict[str, Any] = {"precision": "float32", "skip_non_finite": 0}
+# The seeds `jax.random.key` tells apart (it keeps a seed's low 32 bits), as
+# `eqx_vision.training.MAX_SEED`.
+MAX_SEED = 2**32 - 1
+# The largest learning rate or weight decay: float32's largest value.
+MAX_RATE = 3.4028234663852886e38
 
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors are `UsageError`s: one line on stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def _require(command: str, modules: Sequence[str]) -> None:
@@ -83,14 +100,26 @@ def _require(command: str, modules: Sequence[str]) -> None:
         raise UsageError(f"{PROG} {command} needs {shown}, which is not installed: {INSTALL}")
 
 
-def _positive_int(text: str) -> int:
+def _integer(text: str, low: int, high: int | None, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _integer(text, 1, None, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    return _integer(text, 0, None, "a non-negative integer")
+
+
+def _seed(text: str) -> int:
+    return _integer(text, 0, MAX_SEED, f"an integer from 0 to {MAX_SEED}")
 
 
 def _non_negative_float(text: str) -> float:
@@ -116,7 +145,7 @@ def _image_size(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `eqx-vision` and its sub-commands."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Train, evaluate and run the vision transformers of eqx_vision.",
     )
@@ -159,7 +188,19 @@ def _add_train_parser(sub: Any) -> None:
         type=_non_negative_float,
         help="linear warm-up before the cosine decay, in epochs (default: 2)",
     )
-    train.add_argument("--seed", type=int, help="seed of every random choice (default: 0)")
+    train.add_argument(
+        "--seed",
+        type=_seed,
+        help=f"seed of every random choice, 0 to {MAX_SEED} (default: 0)",
+    )
+    train.add_argument(
+        "--skip-non-finite",
+        type=_non_negative_int,
+        metavar="N",
+        help="skip a step whose gradients hold a NaN or an infinity (the model and optimizer "
+        "state kept), up to N in a row; the run stops at the next (default: 0, stop at the "
+        "first)",
+    )
     train.add_argument(
         "--precision",
         metavar="{" + ",".join(COMPUTE_DTYPES) + "}",
@@ -179,7 +220,14 @@ def _add_train_parser(sub: Any) -> None:
     train.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its last checkpoint, with its saved settings",
+        help="continue the run in --out from its last checkpoint, with its saved settings "
+        "(a run stopped before its first checkpoint starts again from the beginning)",
+    )
+    train.add_argument(
+        "--allow-changed-data",
+        action="store_true",
+        help="with --resume, continue even if the data changed since the run was saved "
+        "(other images, class names or channels)",
     )
     train.add_argument(
         "--devices",
@@ -238,6 +286,17 @@ def _echo(*args: Any) -> None:
     print(*args, flush=True)
 
 
+def _printable(text: str) -> str:
+    """`text` with every non-printable character (a newline, a tab, an escape code, ...)
+    written as its Python escape, so that it stays on one line and shows as it is."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = _printable(repr(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _checkpoint_path(path: str) -> str:
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
@@ -250,11 +309,19 @@ def _read_json(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON or UTF-8
+        raise UsageError(f"cannot read {path}: {_printable(str(e))}") from None
     if not isinstance(obj, dict):
         raise UsageError(f"{path} does not hold a JSON object")
     return obj
+
+
+def _entry(meta: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """`meta[key]`, a JSON object ({} if absent); anything else is a UsageError."""
+    value = meta.get(key, {})
+    if not isinstance(value, dict):
+        raise UsageError(f"{where}: {key!r} must be a JSON object; got {_short(value)}")
+    return value
 
 
 def _load_checkpoint(path: str, config: Any) -> Any:
@@ -269,23 +336,60 @@ def _load_checkpoint(path: str, config: Any) -> Any:
 
 
 def _read_checkpoint_header(path: str) -> dict[str, Any]:
+    """A checkpoint's header, whose `model_config` and `training` are JSON objects."""
     from . import checkpoint
 
     try:
-        return checkpoint.read_header(path)
+        header = checkpoint.read_header(path)
     except (checkpoint.CheckpointFormatError, OSError) as e:
         raise UsageError(str(e)) from None
+    for key in ("model_config", "training"):
+        _entry(header, key, f"{path}: the header")
+    return header
 
 
 def _model_config(obj: Any, where: str):
-    from .presets import ConfigError, ModelConfig
+    """The `ModelConfig` saved in `where`, checked by building its model abstractly (no
+    arrays computed) and running one image through it."""
+    from .presets import ConfigError, ModelConfig, check_input_size
 
+    if not isinstance(obj, dict):
+        raise UsageError(f"{where}: the model config must be a JSON object; got {_short(obj)}")
     try:
         config = ModelConfig.from_json(obj)
         config.cls  # noqa: B018 - raises for an unknown or unavailable architecture
+        config.num_classes  # noqa: B018 - raises for a missing or malformed one
+        check_input_size(config)
     except ConfigError as e:
-        raise UsageError(f"{where}: {e}") from None
+        raise UsageError(f"{where}: {_printable(str(e))}") from None
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+        raise UsageError(
+            f"{where}: invalid model config ({type(e).__name__}: {_printable(str(e))})"
+        ) from None
     return config
+
+
+def _load_data(spec: str) -> Any:
+    from . import data as data_mod
+
+    try:
+        return data_mod.load_dataset(spec)
+    except ValueError as e:  # a DataError, or a path the operating system refuses
+        raise UsageError(_printable(str(e))) from None
+
+
+# What a run records of its data, compared on --resume (and by evaluate).
+DATA_FACTS = ("source", "class_names", "channels", "num_train", "num_test")
+
+
+def _data_facts(raw: Any) -> dict[str, Any]:
+    return {
+        "source": raw.source,
+        "class_names": list(raw.class_names),
+        "channels": raw.channels,
+        "num_train": len(raw.train_labels),
+        "num_test": len(raw.test_labels),
+    }
 
 
 def _parallel(devices: int | None):
@@ -309,12 +413,63 @@ def _precision(name: Any, where: str = "--precision"):
 # train
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _setting_problem(name: str, value: Any) -> str | None:
+    """What is wrong with a value of a `train` setting (as the flags take it), or None."""
+    if name in ("model", "data"):
+        ok = isinstance(value, str) and value != ""
+        return None if ok else "must be a non-empty string"
+    if name == "image_size":
+        ok = value is None or (
+            isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value)
+        )
+        return None if ok else "must be null or two positive integers [height, width]"
+    if name in ("epochs", "batch_size"):
+        return None if _is_int(value) and value > 0 else "must be a positive integer"
+    if name == "skip_non_finite":
+        return None if _is_int(value) and value >= 0 else "must be a non-negative integer"
+    if name == "seed":
+        ok = _is_int(value) and 0 <= value <= MAX_SEED
+        return None if ok else f"must be an integer from 0 to {MAX_SEED}"
+    if name in ("lr", "weight_decay", "warmup_epochs"):
+        if not (_is_number(value) and math.isfinite(value) and value >= 0):
+            return "must be a non-negative number"
+        if name != "warmup_epochs" and value > MAX_RATE:
+            return f"must be at most {MAX_RATE:.4g} (float32's largest value)"
+        return None
+    if name == "precision":
+        ok = isinstance(value, str) and value in COMPUTE_DTYPES
+        return None if ok else f"must be {' or '.join(COMPUTE_DTYPES)}"
+    raise AssertionError(name)  # pragma: no cover
+
+
+def _check_settings(settings: dict[str, Any], where: Any) -> None:
+    """Check every setting with the rules of the flags; `where(name)` names it."""
+    for name in SETTINGS:
+        problem = _setting_problem(name, settings[name])
+        if problem:
+            raise UsageError(f"{where(name)} {problem}; got {_short(settings[name])}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The run's settings (explicit options over defaults, or the saved ones with
-    `--resume`) and, with `--resume`, the saved config.json."""
+    `--resume`), checked, and, with `--resume`, the saved config.json."""
     given = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
     if not args.resume:
-        return {**DEFAULTS, **given}, None
+        settings = {**DEFAULTS, **given}
+        _check_settings(settings, _flag)
+        return settings, None
     if not args.out:
         raise UsageError("--resume needs --out DIR, the folder of the run to continue")
     config_path = os.path.join(args.out, CONFIG)
@@ -322,10 +477,18 @@ def _resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[st
         raise UsageError(f"nothing to resume in {args.out}: no {CONFIG}")
     saved_json = _read_json(config_path)
     saved = saved_json.get("settings")
-    if isinstance(saved, dict):
-        saved = {**LATER_SETTINGS, **saved}
-    if not isinstance(saved, dict) or set(saved) != set(SETTINGS):
-        raise UsageError(f"{config_path} has no valid 'settings'")
+    if not isinstance(saved, dict):
+        raise UsageError(f"{config_path} has no valid 'settings': expected a JSON object")
+    saved = {**LATER_SETTINGS, **saved}
+    if set(saved) != set(SETTINGS):
+        missing, extra = sorted(set(SETTINGS) - set(saved)), sorted(set(saved) - set(SETTINGS))
+        shown = "; ".join(
+            f"{what} {', '.join(map(_short, names))}"
+            for what, names in (("missing", missing), ("unknown", extra))
+            if names
+        )
+        raise UsageError(f"{config_path} has no valid 'settings' ({shown})")
+    _check_settings(saved, lambda name: f"{config_path}: settings.{name}")
     for k, v in given.items():
         if k == "model" and v != saved[k]:
             from .presets import ConfigError, _lookup
@@ -334,16 +497,16 @@ def _resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[st
                 arch = _lookup(v)[0]
             except ConfigError:
                 arch = v
-            saved_arch = saved_json.get("model_config", {}).get("model")
+            saved_config = saved_json.get("model_config")
+            saved_arch = saved_config.get("model") if isinstance(saved_config, dict) else None
             raise UsageError(
-                f"{args.out} holds a run of {saved_arch} ({saved[k]}), not {arch} ({v}): a "
-                "checkpoint of another architecture cannot be resumed"
+                f"{args.out} holds a run of {_short(saved_arch)} ({saved[k]}), not {arch} "
+                f"({v}): a checkpoint of another architecture cannot be resumed"
             )
         if v != saved[k]:
-            flag = "--" + k.replace("_", "-")
             raise UsageError(
-                f"{args.out} was trained with {flag} {saved[k]}, not {v}; --resume continues "
-                "with the saved settings (leave the option out or use another --out)"
+                f"{args.out} was trained with {_flag(k)} {saved[k]}, not {v}; --resume "
+                "continues with the saved settings (leave the option out or use another --out)"
             )
     return dict(saved), saved_json
 
@@ -359,25 +522,58 @@ def _default_out(model: str) -> str:
     return out
 
 
+def _check_same_data(saved: dict[str, Any], now: dict[str, Any], where: str, allow: bool) -> None:
+    """Refuse to resume on data that differs from the data a run was saved with."""
+    changed = []
+    for key in DATA_FACTS:
+        if key in saved and saved[key] != now[key]:
+            if key == "class_names" and isinstance(saved[key], list):
+                gone = [c for c in saved[key] if c not in now[key]]
+                new = [c for c in now[key] if c not in saved[key]]
+                detail = "in another order"
+                if gone or new:
+                    detail = f"removed {_short(gone)}, added {_short(new)}"
+                changed.append(f"class names {detail}")
+            else:
+                changed.append(f"{key} {_short(saved[key])} -> {_short(now[key])}")
+    if changed and not allow:
+        raise UsageError(
+            f"the data changed since {where} was saved ({'; '.join(changed)}): pass "
+            "--allow-changed-data to continue with the data as it is now"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     _require("train", ["optax", "safetensors", "tqdm", "matplotlib"])
     if args.precision is not None:
         _precision(args.precision)
     if args.remat is not None and args.remat not in REMAT:
         raise UsageError(f"--remat must be {' or '.join(REMAT)}; got {args.remat!r}")
+    if args.allow_changed_data and not args.resume:
+        raise UsageError("--allow-changed-data goes with --resume")
     settings, saved_json = _resolve_settings(args)
     if settings["data"] != "digits":
         _require("train", ["PIL"])
 
-    from . import data as data_mod, presets
+    from . import presets, training
 
-    # ---- validate everything before writing anything ------------------------------------
-    try:
-        raw = data_mod.load_dataset(settings["data"])
-    except data_mod.DataError as e:
-        raise UsageError(str(e)) from None
+    # ---- check everything before writing anything ---------------------------------------
+    raw = _load_data(settings["data"])
+    data_info = _data_facts(raw)
+    out = args.out or _default_out(settings["model"])
+    config_path, ckpt_path = os.path.join(out, CONFIG), os.path.join(out, CHECKPOINT)
+    # --resume continues from the checkpoint, or, for a run stopped before its first one,
+    # starts again from the beginning.
+    from_checkpoint = saved_json is not None and os.path.isfile(ckpt_path)
+    header = _read_checkpoint_header(ckpt_path) if from_checkpoint else None
     if saved_json is not None:
-        config = _model_config(saved_json.get("model_config"), os.path.join(args.out, CONFIG))
+        config = _model_config(saved_json.get("model_config"), config_path)
+        # The data the run last trained on: the checkpoint's, else config.json's.
+        if header is not None and "data" in header["training"]:
+            saved_data, where = _entry(header["training"], "data", ckpt_path), ckpt_path
+        else:
+            saved_data, where = _entry(saved_json, "data", config_path), config_path
+        _check_same_data(saved_data, data_info, where, args.allow_changed_data)
     else:
         try:
             config = presets.resolve_model(
@@ -388,6 +584,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 if settings["image_size"] is None
                 else tuple(settings["image_size"]),
             )
+            presets.check_input_size(config)
         except presets.ConfigError as e:
             raise UsageError(str(e)) from None
     if config.num_classes != raw.num_classes:
@@ -395,10 +592,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"the model has {config.num_classes} classes; the data {settings['data']} has "
             f"{raw.num_classes}"
         )
-    try:
-        presets.check_input_size(config)
-    except presets.ConfigError as e:
-        raise UsageError(str(e)) from None
     parallel = _parallel(args.devices)
     batch_size = settings["batch_size"]
     if batch_size % parallel.num_devices:
@@ -410,37 +603,64 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--batch-size {batch_size} is larger than the {num_train} training images"
         )
-    out = args.out or _default_out(settings["model"])
-    ckpt_path = os.path.join(out, CHECKPOINT)
-    if saved_json is not None:
-        if not os.path.isfile(ckpt_path):
-            raise UsageError(f"nothing to resume in {out}: no {CHECKPOINT}")
-        header = _read_checkpoint_header(ckpt_path)
+    try:
+        train_config = training.TrainConfig(
+            epochs=settings["epochs"],
+            batch_size=batch_size,
+            learning_rate=float(settings["lr"]),
+            weight_decay=float(settings["weight_decay"]),
+            warmup_epochs=float(settings["warmup_epochs"]),
+            seed=settings["seed"],
+            precision=settings["precision"],
+            remat=args.remat or "linear",
+            skip_non_finite=settings["skip_non_finite"],
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if saved_json is not None and "train_config" in saved_json:  # (not in 0.1.0's runs)
+        saved_train = _entry(saved_json, "train_config", config_path)
+        changed = train_config.changes_from(saved_train)
+        if changed:
+            raise UsageError(
+                f"{config_path}: its train_config disagrees with its settings "
+                f"({_printable(', '.join(changed))})"
+            )
+    if header is not None:
         found = header["model_config"].get("model")
         if found != config.model:
             raise UsageError(
-                f"{ckpt_path} holds a {found} checkpoint, but the run in {out} trains "
+                f"{ckpt_path} holds a {_short(found)} checkpoint, but the run in {out} trains "
                 f"{config.model}: a checkpoint of another architecture"
             )
-    elif os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out} exists and is not a folder")
-    elif os.path.isdir(out) and any(
-        os.path.exists(os.path.join(out, f)) for f in (CONFIG, CHECKPOINT, METRICS)
-    ):
-        raise UsageError(
-            f"{out} already holds a run: continue it with --resume, or choose another --out"
-        )
-    return _train(args, settings, config, raw, parallel, out, saved_json is not None)
+    elif saved_json is None:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise UsageError(f"--out {out} exists and is not a folder")
+        if os.path.isfile(ckpt_path) or (
+            os.path.exists(os.path.join(out, METRICS)) and not os.path.exists(config_path)
+        ):
+            raise UsageError(
+                f"{out} already holds a run: continue it with --resume, or choose another --out"
+            )
+        # A config.json without a checkpoint: a run stopped before its first checkpoint,
+        # which `fit` starts again if its config.json is the one this command writes.
+    return _train(
+        args, settings, train_config, config, raw, data_info, parallel, out,
+        resume=saved_json is not None, from_checkpoint=from_checkpoint,
+    )  # fmt: skip
 
 
 def _train(
     args: argparse.Namespace,
     settings: dict[str, Any],
+    train_config: Any,
     config: Any,
     raw: Any,
+    data_info: dict[str, Any],
     parallel: Any,
     out: str,
+    *,
     resume: bool,
+    from_checkpoint: bool,
 ) -> int:
     """Run `training.fit` with the checked settings, reporting its progress, then print
     the summary."""
@@ -449,35 +669,20 @@ def _train(
     from . import checkpoint, data as data_mod, training
 
     ds = data_mod.prepare(raw, channels=config.channels, image_size=config.image_size)
-    train_config = training.TrainConfig(
-        epochs=settings["epochs"],
-        batch_size=settings["batch_size"],
-        learning_rate=float(settings["lr"]),
-        weight_decay=float(settings["weight_decay"]),
-        warmup_epochs=float(settings["warmup_epochs"]),
-        seed=settings["seed"],
-        precision=settings["precision"],
-        remat=args.remat or "linear",
-    )
-    if resume:  # the structure only: the checkpoint fills it
+    if from_checkpoint:  # the structure only: the checkpoint fills it
         model, state = config.build_like()
     else:
         model, state = config.build(jr.fold_in(jr.key(settings["seed"]), 0))
-    data_info = {
-        "source": raw.source,
-        "class_names": list(raw.class_names),
-        "channels": raw.channels,
-        "num_train": len(ds.train_labels),
-        "num_test": len(ds.test_labels),
-    }
     name = config.preset or config.model
     shape = "x".join(map(str, (config.channels, *config.image_size)))
     data_line = (
-        f"data     {settings['data']}: {len(ds.train_labels)} train / {len(ds.test_labels)} "
-        f"test images, {raw.num_classes} classes, input {shape}"
+        f"data     {_printable(settings['data'])}: {len(ds.train_labels)} train / "
+        f"{len(ds.test_labels)} test images, {raw.num_classes} classes, input {shape}"
     )
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     report = _reporter(f"{name} ({config.model}", data_line, progress, args.stop_after_steps)
+    if resume and not from_checkpoint:
+        _echo(f"{out} stopped before its first checkpoint: starting it again from the beginning")
     start = time.perf_counter()
     try:
         result = training.fit(
@@ -562,11 +767,13 @@ def _reporter(model: str, data_line: str, progress: bool, stop_after: int | None
             epoch = metrics["epoch"]
             self.epoch_times.append(time.perf_counter() - self.epoch_start)  # with evaluation
             remaining = (self.epochs - epoch) * sum(self.epoch_times) / len(self.epoch_times)
+            skipped = metrics.get("skipped_steps", 0)
             _echo(
                 f"epoch {epoch:>{len(str(self.epochs))}}/{self.epochs}  train loss "
                 f"{metrics['train_loss']:.4f}  test loss {metrics['test_loss']:.4f}  test acc "
                 f"{metrics['test_accuracy']:.4f}  {metrics['images_per_second']:.0f} img/s  "
                 f"{metrics['epoch_seconds']:.1f}s  eta {remaining:.0f}s"
+                + (f"  skipped {skipped} non-finite step(s)" if skipped else "")
             )
 
         def close(self) -> None:
@@ -590,6 +797,8 @@ def _summary(result: Any, model_line: str, batch_size: int, out: str, wall: floa
         )
     _echo(f"  best test acc  {result.best_accuracy:.4f} (epoch {result.best_epoch})")
     _echo(f"  test loss      {result.test_loss:.4f}")
+    if result.skipped_steps:
+        _echo(f"  skipped        {result.skipped_steps} steps with non-finite gradients")
     _echo(f"  output         {out} ({CONFIG}, {CHECKPOINT}, {METRICS}, {CURVES})")
     _echo(f"test accuracy: {result.test_accuracy:.2f}")
 
@@ -599,47 +808,72 @@ def _summary(result: Any, model_line: str, batch_size: int, out: str, wall: floa
 
 
 def _open_checkpoint(path: str):
-    """(path, header, model config) of a checkpoint folder or file."""
+    """(path, header, model config, the header's data entry) of a checkpoint folder or
+    file, all checked."""
     ckpt_path = _checkpoint_path(path)
     header = _read_checkpoint_header(ckpt_path)
     config = _model_config(header["model_config"], ckpt_path)
-    return ckpt_path, header, config
+    data_meta = _entry(header["training"], "data", f"{ckpt_path}: training")
+    return ckpt_path, header, config, data_meta
 
 
 def _saved_precision(training_meta: dict[str, Any], ckpt_path: str):
     """The precision a checkpoint was trained with (float32 if it does not say)."""
     name = None
     for key in ("train_config", "settings"):  # written by `training.fit`, by the CLI
-        settings = training_meta.get(key)
-        if isinstance(settings, dict) and settings.get("precision"):
+        settings = _entry(training_meta, key, f"{ckpt_path}: training")
+        if settings.get("precision"):
             name = settings["precision"]
     return _precision(name or LATER_SETTINGS["precision"], f"{ckpt_path}: the precision")
 
 
+def _class_names(data_meta: dict[str, Any], ckpt_path: str, num_classes: int) -> list[str]:
+    """The class names a checkpoint records (numbers if it records none)."""
+    names = data_meta.get("class_names")
+    if names is None or names == []:
+        return [str(i) for i in range(num_classes)]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UsageError(f"{ckpt_path}: the class names must be a list of strings")
+    if len(names) != num_classes:
+        raise UsageError(
+            f"{ckpt_path}: {len(names)} class names for the model's {num_classes} classes"
+        )
+    return names
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _require("evaluate", ["optax", "safetensors"])
-    from . import data as data_mod, presets, training
+    from . import data as data_mod, training
 
-    ckpt_path, header, config = _open_checkpoint(args.checkpoint)
+    ckpt_path, header, config, data_meta = _open_checkpoint(args.checkpoint)
     training_meta = header["training"]
     precision = _saved_precision(training_meta, ckpt_path)
-    spec = args.data or training_meta.get("data", {}).get("source")
-    if not spec:
+    class_names = _class_names(data_meta, ckpt_path, config.num_classes)
+    spec = args.data or data_meta.get("source")
+    if not spec or not isinstance(spec, str):
         raise UsageError(f"{ckpt_path} does not record its data: give --data")
     if spec != "digits":
         _require("evaluate", ["PIL"])
-    try:
-        raw = data_mod.load_dataset(spec)
-    except data_mod.DataError as e:
-        raise UsageError(str(e)) from None
+    raw = _load_data(spec)
+    shown = _printable(spec)
     if raw.num_classes != config.num_classes:
         raise UsageError(
-            f"{spec} has {raw.num_classes} classes; the checkpoint's model has {config.num_classes}"
+            f"{shown} has {raw.num_classes} classes; the checkpoint's model has "
+            f"{config.num_classes}"
         )
-    try:
-        presets.check_input_size(config)
-    except presets.ConfigError as e:
-        raise UsageError(str(e)) from None
+    if "class_names" in data_meta and list(raw.class_names) != class_names:
+        differ = next(i for i, c in enumerate(class_names) if c != raw.class_names[i])
+        raise UsageError(
+            f"{shown} has other classes than {ckpt_path} was trained on: class {differ} is "
+            f"{_short(raw.class_names[differ])} in the data, {_short(class_names[differ])} in "
+            "the checkpoint"
+        )
+    channels = data_meta.get("channels")
+    if _is_int(channels) and channels != raw.channels:
+        raise UsageError(
+            f"{shown} has {raw.channels}-channel images; {ckpt_path} was trained on "
+            f"{channels}-channel images"
+        )
     parallel = _parallel(args.devices)
     ckpt = _load_checkpoint(ckpt_path, config)
     ds = data_mod.prepare(raw, channels=config.channels, image_size=config.image_size)
@@ -658,7 +892,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"epoch {training_meta.get('epoch', '?')}, step {training_meta.get('step', '?')}"
     )
     _echo(
-        f"data       {spec}: {len(ds.test_labels)} test images, {raw.num_classes} classes, "
+        f"data       {shown}: {len(ds.test_labels)} test images, {raw.num_classes} classes, "
         f"{precision.compute_dtype}"
     )
     _echo(f"test loss: {loss:.4f}")
@@ -675,12 +909,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from . import data as data_mod
 
-    ckpt_path, header, config = _open_checkpoint(args.checkpoint)
+    ckpt_path, header, config, data_meta = _open_checkpoint(args.checkpoint)
     precision = _saved_precision(header["training"], ckpt_path)
-    data_meta = header["training"].get("data", {})
-    class_names = data_meta.get("class_names") or [str(i) for i in range(config.num_classes)]
-    if len(class_names) != config.num_classes:
-        raise UsageError(f"{ckpt_path}: class names do not match the model's classes")
+    # Names written by an older release may hold a newline or an escape code: shown escaped.
+    class_names = [_printable(c) for c in _class_names(data_meta, ckpt_path, config.num_classes)]
     images = []
     for path in args.images:
         try:
@@ -688,7 +920,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 data_mod.load_image(path, channels=config.channels, image_size=config.image_size)
             )
         except data_mod.DataError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(_printable(str(e))) from None
     ckpt = _load_checkpoint(ckpt_path, config)
     from .training import eval_step
 
@@ -701,7 +933,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     k = min(args.top_k, config.num_classes)
     width = max(len(c) for c in class_names)
     for path, p in zip(args.images, probs, strict=True):
-        _echo(path)
+        _echo(_printable(path))
         for i in np.argsort(-p, kind="stable")[:k]:
             _echo(f"  {class_names[i]:<{width}}  {p[i]:.4f}")
     return 0
@@ -732,8 +964,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Bad input is reported as one line on stderr, with exit code 2; a training loss that
     becomes NaN or infinite, with exit code 1.
     """
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)

@@ -14,10 +14,45 @@ together with its labels.
 
 - a folder of images, one sub-folder per class (`root/cat/1.png`, `root/dog/2.jpg`, ...),
   read with Pillow; or a folder with `train/` and `test/` (or `val/`) sub-folders laid out
-  the same way;
-- an `.npz` file with `images` (`(N, H, W)` grey, `(N, C, H, W)` or `(N, H, W, C)` with 1,
-  3 or 4 channels; uint8 in 0..255 or floats in 0..1) and integer `labels` `(N,)`, and
-  optionally `test_images`, `test_labels` and `class_names`.
+  the same way. A folder is read as a folder whatever its name (a folder named `x.npz`
+  too). Files with an image extension (`.png`, `.jpg`, `.jpeg`, `.bmp`, `.gif`, `.tif`,
+  `.tiff`, `.webp`, `.ppm`, `.pgm`) are read from each class folder and its
+  sub-folders; names starting with `.` are skipped.
+- an `.npz` file (a zip of `.npy` arrays, as `numpy.savez` writes) with `images`
+  (`(N, H, W)` grey, `(N, C, H, W)` or `(N, H, W, C)` with 1, 3 or 4 channels, the
+  fourth, alpha, dropped; height, width and channels at least 1) and integer `labels`
+  `(N,)`, and optionally `test_images` and `test_labels` (both or neither) and
+  `class_names` (a 1-D array of strings, one per class). Arrays of Python objects are
+  not read.
+
+What is read, exactly, and what is refused with a `DataError`:
+
+- **Pixel values.** Integer pixels are scaled by the range of their type, never by the
+  values found: 8-bit images and uint8 arrays by 255; 16-bit grey images (Pillow modes
+  `I;16`, `I;16B`, `I;16L`, and `I` from 16-bit PNG and PGM files) and uint16 arrays by
+  65535. Other integer types (signed, 32-bit) are refused. Float pixels (float arrays,
+  32-bit float TIFF images) must lie in 0..1; values outside, NaN and infinities are
+  refused, with the minimum and maximum found.
+- **Channels.** A folder whose images are all grey (1-bit, 8-bit or 16-bit grey, with or
+  without alpha) is read as one channel; otherwise every image is read as RGB (grey
+  images repeated to three channels, at their full precision; palette, CMYK, ... images
+  converted by Pillow; alpha dropped). `RawDataset.channels` is what was read: 1 or 3.
+- **Image size.** An image of more pixels than Pillow's limit
+  (`PIL.Image.MAX_IMAGE_PIXELS`) is refused as a possible decompression bomb.
+- **Labels.** Class indices from 0; they must be below the number of `class_names`
+  when these are given, and below `MAX_CLASSES` (2**20) otherwise.
+- **Classes.** Without `class_names`, the classes of an `.npz` are 0 .. the largest
+  label. A class without any training image (an empty class folder, a gap in the
+  labels, a class name no label uses) is refused, naming the classes; with
+  `keep_empty_classes=True` it is kept and a warning names it. A class with training
+  images but none in an explicit test split is fine. Class names (folder names and
+  `class_names` entries) must be non-empty, distinct and printable: no line breaks,
+  tabs or other control characters.
+- **Links.** A class folder may be a symbolic link to a folder outside the data folder.
+  A class folder that resolves to the data folder or a folder that contains it, or to a
+  folder that another class folder also reads (or that contains it or lies inside it),
+  is refused: its images would be read twice or under two labels. Links to folders
+  inside a class folder are not followed.
 
 Without an explicit test split, a fixed stratified 20% of each class is held out (the same
 for every run, whatever the training seed).
@@ -25,13 +60,21 @@ for every run, whatever the training seed).
 Images become float32 arrays `(N, channels, height, width)`: scaled to 0..1, converted
 to the model's channels (grey repeated to 3 channels, or colour averaged to 1), resized
 bilinearly to the model's image size, then normalised to -1..1 by `(x - 0.5) / 0.5`.
+Every `DataError` message is one line.
 """
 
 import dataclasses
 import io
+import math
 import os
-from collections.abc import Sequence
+import re
+import struct
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterable, Sequence
 from importlib import resources
+from typing import NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -40,18 +83,24 @@ import numpy as np
 
 __all__ = [
     "DIGITS",
+    "MAX_CLASSES",
     "DataError",
     "Dataset",
     "RawDataset",
     "load_dataset",
     "load_digits",
+    "load_folder",
     "load_image",
+    "load_npz",
     "prepare",
     "prepare_images",
 ]
 
 DIGITS = "digits"
 """The name of the embedded digits data set, for `load_dataset`."""
+
+MAX_CLASSES = 2**20
+"""The most classes a data set may have (labels are below it)."""
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -68,10 +117,42 @@ IMAGE_EXTENSIONS = (
     ".pgm",
 )
 MEAN, STD = 0.5, 0.5
+NPZ_KEYS = ("images", "labels", "test_images", "test_labels", "class_names")
+# The first bytes of a zip archive (a file, or an empty archive) and of an .npy array.
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+NPY_MAGIC = b"\x93NUMPY"
+# Pillow modes of grey-scale images; every other mode is read as RGB.
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# Formats whose Pillow mode "I" holds 16-bit unsigned values (PNG, PGM with maxval > 255).
+SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")
+# What Pillow's decoders raise on malformed files, besides its own OSError subclasses.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError)
+NPZ_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+)
+
+
+def _one_line(text: str) -> str:
+    """`text` with every non-printable character (line breaks, tabs, ...) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class DataError(ValueError):
-    """A data set or an image that cannot be used: missing, empty, unreadable or malformed."""
+    """A data set or an image that cannot be used: missing, empty, unreadable or malformed.
+
+    The message is one line: line breaks and other control characters (of a file name,
+    say) are escaped.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(_one_line(message))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,27 +242,86 @@ def _pillow():
     return Image
 
 
-def _read_image(path: str, mode: str | None):
-    """An image file as a PIL image in `mode` ("L" or "RGB"; None keeps grey as "L" and
-    turns everything else into "RGB")."""
-    image_mod = _pillow()
-    try:
-        with image_mod.open(path) as img:
-            img.load()
-            if mode is None:
-                mode = "L" if img.mode in ("1", "L", "I", "I;16", "F", "LA") else "RGB"
-            if img.mode in ("I", "I;16", "F") and mode == "L":
-                arr = np.asarray(img, dtype=np.float32)
-                scale = 65535.0 if arr.max() > 255 else 255.0
-                return image_mod.fromarray(np.clip(arr / scale * 255, 0, 255).astype(np.uint8))
-            return img.convert(mode)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
+def _names(names: Iterable[str], limit: int = 10) -> str:
+    """Class names for a message: quoted, the first `limit` of them."""
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
 
 
-def _to_chw(img) -> np.ndarray:
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+def _check_class_name(name: str, where: str) -> None:
+    if not name or not name.isprintable():
+        raise DataError(
+            f"{where}: class name {name!r} is empty or holds a line break, tab or other "
+            "non-printable character; class names must be printable text"
+        )
+
+
+def _check_unit_range(arr: np.ndarray, what: str) -> None:
+    """Float pixels must be finite and lie in 0..1."""
+    if not arr.size:
+        return
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise DataError(
+            f"{what} holds {int(arr.size - finite.sum())} NaN or infinite values; "
+            "pixels must be finite floats in 0..1"
+        )
+    low, high = float(arr.min()), float(arr.max())
+    if low < 0 or high > 1:
+        raise DataError(
+            f"{what} must hold floats in 0..1 (or integers: uint8 0..255, uint16 "
+            f"0..65535); found values from {low:g} to {high:g}"
+        )
+
+
+def _pixels(img, path: str, grey: bool) -> np.ndarray:
+    """A loaded PIL image as float32 `(channels, height, width)` in 0..1: one channel for
+    grey modes, three for the others; `grey` converts colour images to grey (Pillow's
+    "L")."""
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and img.format in SIXTEEN_BIT_I_FORMATS):
+        arr = np.asarray(img)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):  # not from a 16-bit file
+            raise DataError(f"image {path}: 16-bit values out of 0..65535")
+        arr = arr.astype(np.float32) / np.float32(65535)
+    elif mode == "I":
+        raise DataError(
+            f"image {path}: {img.format} images of 32-bit or signed integers (Pillow mode "
+            "I) are not read; grey images must be 8- or 16-bit unsigned, or floats in 0..1"
+        )
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        _check_unit_range(arr, f"image {path}")
+    elif mode in GREY_MODES or grey:
+        arr = np.asarray(img.convert("L"), dtype=np.float32) / np.float32(255)
+    else:
+        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255)
     return arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
+
+
+def _read_pixels(path: str, *, grey: bool = False) -> np.ndarray:
+    """An image file as float32 `(channels, height, width)` in 0..1: one channel for grey
+    images, three for colour ones (or one with `grey`)."""
+    image_mod = _pillow()
+    bombs = (image_mod.DecompressionBombError, image_mod.DecompressionBombWarning)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", image_mod.DecompressionBombWarning)
+            with image_mod.open(path) as img:
+                img.load()
+                return _pixels(img, path, grey)
+    except DataError:
+        raise
+    except bombs as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f" ({found.group(1)} pixels)" if found else ""
+        raise DataError(
+            f"image {path} is larger{size} than the limit of {image_mod.MAX_IMAGE_PIXELS} "
+            "pixels (PIL.Image.MAX_IMAGE_PIXELS): refused as a possible decompression bomb"
+        ) from None
+    except IMAGE_ERRORS as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
 
 
 def load_image(path: str, *, channels: int, image_size: tuple[int, int]) -> np.ndarray:
@@ -189,57 +329,130 @@ def load_image(path: str, *, channels: int, image_size: tuple[int, int]) -> np.n
 
     **Arguments:**
 
-    - `path`: an image file Pillow can read.
+    - `path`: an image file Pillow can read (see the module docstring for what is read).
     - `channels`: 1 (grey) or 3 (RGB).
     - `image_size`: `(height, width)` to resize to (bilinear).
+
+    Raises `DataError` if the file is missing, unreadable or refused.
     """
+    if os.path.isdir(path):
+        raise DataError(f"expected an image file; {path} is a folder")
     if not os.path.isfile(path):
         raise DataError(f"image not found: {path}")
-    img = _read_image(path, "L" if channels == 1 else "RGB")
-    return prepare_images([_to_chw(img)], channels=channels, image_size=image_size)[0]
+    pixels = _read_pixels(path, grey=channels == 1)
+    return prepare_images([pixels], channels=channels, image_size=image_size)[0]
+
+
+def _raise(error: OSError) -> NoReturn:
+    raise DataError(f"cannot read folder {error.filename}: {error.strerror or error}")
 
 
 def _list_classes(root: str) -> list[str]:
+    """The sub-folders of `root` (links to folders included), sorted, hidden ones skipped."""
+    try:
+        entries = os.listdir(root)
+    except OSError as e:
+        _raise(e)
     return sorted(
-        d
-        for d in os.listdir(root)
-        if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
+        d for d in entries if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
     )
 
 
-def _scan_folder(root: str, class_names: Sequence[str]) -> list[tuple[str, int]]:
+def _folder_hint(root: str) -> str:
+    return " (it is a folder, not an .npz file)" if root.lower().endswith(".npz") else ""
+
+
+def _contains(outer: str, inner: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def _check_links(folders: Sequence[str], root: str) -> None:
+    """Refuse class folders that resolve to the data folder (or a folder containing it),
+    or that overlap another class folder: their images would be read twice."""
+    real_root = os.path.realpath(root)
+    real = [os.path.realpath(f) for f in folders]
+    for folder, target in zip(folders, real, strict=True):
+        if _contains(target, real_root):
+            raise DataError(
+                f"class folder {folder} is a link to {target}, which holds the data folder "
+                f"{root}: it would read the data again; links that loop back are not followed"
+            )
+    index: dict[str, str] = {}
+    for folder, target in zip(folders, real, strict=True):
+        if target in index:
+            _overlap(index[target], folder)
+        index[target] = folder
+    for folder, target in zip(folders, real, strict=True):
+        parent = os.path.dirname(target)
+        while True:
+            if parent in index:
+                _overlap(index[parent], folder)
+            if parent == os.path.dirname(parent):
+                break
+            parent = os.path.dirname(parent)
+
+
+def _overlap(first: str, second: str) -> NoReturn:
+    raise DataError(
+        f"class folders {first} and {second} read the same images (one is a link to the "
+        "other or to a folder inside it, or holds it): each image must belong to one class"
+    )
+
+
+def _scan_folder(root: str, class_names: Sequence[str]) -> list[list[str]]:
+    """The image files of each class folder, in a fixed order (none for a missing one)."""
     files = []
-    for label, name in enumerate(class_names):
-        folder = os.path.join(root, name)
-        for dirpath, dirnames, filenames in os.walk(folder):
+    for name in class_names:
+        found = []
+        if not os.path.isdir(os.path.join(root, name)):
+            files.append(found)
+            continue
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), onerror=_raise):
             dirnames.sort()
             for f in sorted(filenames):
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                    files.append((os.path.join(dirpath, f), label))
+                    found.append(os.path.join(dirpath, f))
+        files.append(found)
     return files
 
 
-def _read_files(files: list[tuple[str, int]], mode: str) -> tuple[list[np.ndarray], np.ndarray]:
-    images = [_to_chw(_read_image(path, mode)) for path, _ in files]
-    return images, np.array([label for _, label in files], dtype=np.int32)
+def _check_empty_classes(
+    counts: np.ndarray, class_names: Sequence[str], source: str, keep: bool
+) -> None:
+    """`counts[c]`: the training images of class `c`."""
+    empty = [class_names[int(c)] for c in np.flatnonzero(counts == 0)]
+    if not empty:
+        return
+    message = (
+        f"{source}: {len(empty)} of {len(class_names)} classes have no training image: "
+        f"{_names(empty)}"
+    )
+    if not keep:
+        raise DataError(f"{message} (pass keep_empty_classes=True to keep them)")
+    warnings.warn(_one_line(message), stacklevel=3)
 
 
-def _folder_mode(files: list[tuple[str, int]]) -> str:
-    image_mod = _pillow()
-    for path, _ in files:
-        try:
-            with image_mod.open(path) as img:
-                if img.mode not in ("1", "L", "I", "I;16", "F", "LA"):
-                    return "RGB"
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
-    return "L"
+def _read_files(files: Sequence[str]) -> list[np.ndarray]:
+    return [_read_pixels(path) for path in files]
 
 
-def load_folder(root: str) -> RawDataset:
+def _labels(files: Sequence[Sequence[str]]) -> np.ndarray:
+    return np.repeat(np.arange(len(files), dtype=np.int32), [len(f) for f in files])
+
+
+def load_folder(root: str, *, keep_empty_classes: bool = False) -> RawDataset:
     """A folder of images in class sub-folders (or with `train/` and `test/` or `val/`
     sub-folders of class sub-folders). Grey-scale data stays one channel; anything else is
-    read as RGB."""
+    read as RGB. See the module docstring for what is read and what is refused.
+
+    **Arguments:**
+
+    - `root`: the folder.
+    - `keep_empty_classes`: keep class folders without any training image (with a
+        warning naming them) instead of refusing them.
+
+    Raises `DataError` with a one-line message if the folder cannot be used.
+    """
     if not os.path.exists(root):
         raise DataError(f"data folder not found: {root}")
     if not os.path.isdir(root):
@@ -247,37 +460,52 @@ def load_folder(root: str) -> RawDataset:
     top = _list_classes(root)
     test_dir = next((d for d in ("test", "val") if d in top), None)
     if "train" in top and test_dir is not None:
-        class_names = _list_classes(os.path.join(root, "train"))
+        train_root, test_root = os.path.join(root, "train"), os.path.join(root, test_dir)
+        class_names = _list_classes(train_root)
         if not class_names:
-            raise DataError(f"no class sub-folders in {os.path.join(root, 'train')}")
-        train_files = _scan_folder(os.path.join(root, "train"), class_names)
-        test_files = _scan_folder(os.path.join(root, test_dir), class_names)
-        extra = set(_list_classes(os.path.join(root, test_dir))) - set(class_names)
+            raise DataError(f"no class sub-folders in {train_root}")
+        test_names = _list_classes(test_root)
+        extra = set(test_names) - set(class_names)
         if extra:
-            raise DataError(
-                f"{os.path.join(root, test_dir)} has classes missing from train/: {sorted(extra)}"
-            )
+            raise DataError(f"{test_root} has classes missing from train/: {sorted(extra)}")
+        folders = [os.path.join(train_root, c) for c in class_names]
+        folders += [os.path.join(test_root, c) for c in test_names]
     else:
+        train_root, test_root = root, None
         class_names = top
         if not class_names:
-            raise DataError(f"no class sub-folders in {root}: expected root/<class>/<image>")
-        train_files = _scan_folder(root, class_names)
-        test_files = []
-    if not train_files:
-        raise DataError(f"no images found in the class sub-folders of {root}")
+            raise DataError(
+                f"no class sub-folders in {root}: expected root/<class>/<image>{_folder_hint(root)}"
+            )
+        folders = [os.path.join(root, c) for c in class_names]
+    for name in class_names:
+        _check_class_name(name, os.path.join(train_root, name))
+    _check_links(folders, root)
+    train_files = _scan_folder(train_root, class_names)
+    test_files = _scan_folder(test_root, class_names) if test_root is not None else []
+    if not any(train_files):
+        raise DataError(f"no images found in the class sub-folders of {root}{_folder_hint(root)}")
     if len(class_names) < 2:
         raise DataError(f"need at least 2 classes; {root} has {len(class_names)}")
-    mode = _folder_mode(train_files + test_files)
-    train_images, train_labels = _read_files(train_files, mode)
-    if test_files:
-        test_images, test_labels = _read_files(test_files, mode)
-    else:
+    counts = np.array([len(f) for f in train_files])
+    _check_empty_classes(counts, class_names, train_root, keep_empty_classes)
+    train_images = _read_files([f for files in train_files for f in files])
+    train_labels = _labels(train_files)
+    test_images = _read_files([f for files in test_files for f in files])
+    test_labels = _labels(test_files) if test_files else np.zeros(0, np.int32)
+    channels = max((im.shape[0] for im in train_images + test_images), default=1)
+    if channels == 3:
+        train_images = [_convert_channels(im, 3) for im in train_images]
+        test_images = [_convert_channels(im, 3) for im in test_images]
+    if test_root is None:
         train_idx, test_idx = stratified_split(train_labels)
         test_images = [train_images[i] for i in test_idx]
         test_labels = train_labels[test_idx]
         train_images = [train_images[i] for i in train_idx]
         train_labels = train_labels[train_idx]
     if not len(test_labels):
+        if test_root is not None:
+            raise DataError(f"no test images in the class sub-folders of {test_root}")
         raise DataError(f"no test images in {root}: every class needs at least 2 images")
     return RawDataset(
         train_images,
@@ -285,12 +513,74 @@ def load_folder(root: str) -> RawDataset:
         test_images,
         test_labels,
         tuple(class_names),
-        1 if mode == "L" else 3,
+        channels,
         os.path.abspath(root),
     )
 
 
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, path: str):
+    """One `.npy` member of an `.npz`, after checking its header: no Python objects, and
+    the size its shape and dtype announce."""
+    with archive.open(info) as fp:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version in ((2, 0), (3, 0)):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise DataError(
+                f"{path} is not an .npz archive as numpy.savez writes: its member "
+                f"{info.filename!r} has an unknown .npy format version {version}"
+            )
+        offset = fp.tell()
+    if dtype.hasobject:
+        raise DataError(
+            f"{path}: array {key!r} holds Python objects (dtype {dtype}), which are not "
+            "read; save numbers (images, labels) or strings (class_names)"
+        )
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != info.file_size - offset:
+        raise DataError(
+            f"{path}: array {key!r} is malformed: its header gives {dtype} of shape {shape} "
+            f"({expected} bytes) but it holds {info.file_size - offset} bytes"
+        )
+    with archive.open(info) as fp:
+        return np.lib.format.read_array(fp, allow_pickle=False)
+
+
+def _read_npz(path: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays of `NPZ_KEYS` an `.npz` holds, and the names of all its arrays."""
+    not_npz = f"{path} is not an .npz archive (a zip of .npy arrays, as numpy.savez writes)"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    if magic.startswith(NPY_MAGIC):
+        raise DataError(f"{not_npz}: it is a single .npy array")
+    if not magic.startswith(ZIP_MAGIC):
+        raise DataError(not_npz)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {
+                info.filename[: -len(".npy")]: info
+                for info in archive.infolist()
+                if info.filename.endswith(".npy") and not info.is_dir()
+            }
+            arrays = {
+                key: _read_member(archive, members[key], key, path)
+                for key in NPZ_KEYS
+                if key in members
+            }
+    except DataError:
+        raise
+    except NPZ_ERRORS as e:
+        raise DataError(f"{not_npz}: {type(e).__name__}: {e}") from None
+    return arrays, sorted(members)
+
+
 def _npz_images(arr: np.ndarray, name: str, path: str) -> np.ndarray:
+    shape = arr.shape
     if arr.ndim == 3:
         arr = arr[:, None]
     elif arr.ndim == 4:
@@ -298,55 +588,109 @@ def _npz_images(arr: np.ndarray, name: str, path: str) -> np.ndarray:
             arr = np.moveaxis(arr, 3, 1)
         elif arr.shape[1] not in (1, 3, 4):
             raise DataError(
-                f"{path}: {name} of shape {arr.shape} has no channel axis of size 1, 3 or 4"
+                f"{path}: {name} of shape {shape} has no channel axis of size 1, 3 or 4"
             )
     else:
         raise DataError(
-            f"{path}: {name} must be (N, H, W), (N, C, H, W) or (N, H, W, C); got shape {arr.shape}"
+            f"{path}: {name} must be (N, H, W), (N, C, H, W) or (N, H, W, C); got shape {shape}"
+        )
+    if 0 in arr.shape[2:]:
+        raise DataError(
+            f"{path}: {name} of shape {shape} has images of height or width 0; "
+            "expected at least 1 pixel"
         )
     if arr.shape[1] == 4:
         arr = arr[:, :3]
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    if np.issubdtype(arr.dtype, np.floating):
+    kind, size = arr.dtype.kind, arr.dtype.itemsize
+    if kind == "u" and size in (1, 2):
+        return arr.astype(np.float32) / np.float32(255 if size == 1 else 65535)
+    if kind == "f":
+        _check_unit_range(arr, f"{path}: {name}")
         return arr.astype(np.float32)
-    raise DataError(f"{path}: {name} must be uint8 (0..255) or float (0..1); got {arr.dtype}")
+    raise DataError(
+        f"{path}: {name} must be uint8 (0..255), uint16 (0..65535) or floats in 0..1; "
+        f"got {arr.dtype}"
+    )
 
 
-def _npz_labels(arr: np.ndarray, n: int, name: str, path: str) -> np.ndarray:
-    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
+def _npz_labels(arr: np.ndarray, n: int, name: str, path: str, limit: int, of: str) -> np.ndarray:
+    """Labels as int32, checked: `n` integers in 0..`limit` - 1."""
+    if arr.shape != (n,) or arr.dtype.kind not in "iu":
         raise DataError(
             f"{path}: {name} must be {n} integers; got {arr.dtype} of shape {arr.shape}"
         )
-    if n and arr.min() < 0:
-        raise DataError(f"{path}: {name} must be non-negative class indices")
+    if n:
+        low, high = int(arr.min()), int(arr.max())
+        if low < 0 or high >= limit:
+            raise DataError(
+                f"{path}: {name} must be class indices 0..{limit - 1} ({of}); "
+                f"found {low if low < 0 else high}"
+            )
     return arr.astype(np.int32)
 
 
-def load_npz(path: str) -> RawDataset:
-    """An `.npz` file with `images` and `labels` (and optional `test_images`, `test_labels`,
-    `class_names`)."""
-    if not os.path.isfile(path):
-        raise DataError(f"data file not found: {path}")
+def _npz_class_names(arr: np.ndarray, path: str) -> tuple[str, ...]:
+    if arr.ndim != 1 or arr.dtype.kind not in "US":
+        raise DataError(
+            f"{path}: class_names must be a 1-D array of strings; got {arr.dtype} of "
+            f"shape {arr.shape}"
+        )
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} as .npz: {e}") from None
+        names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in arr.tolist())
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: class_names holds bytes that are not UTF-8: {e}") from None
+    for name in names:
+        _check_class_name(name, f"{path}: class_names")
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(f"{path}: class_names must be distinct; repeated: {_names(twice)}")
+    return names
+
+
+def load_npz(path: str, *, keep_empty_classes: bool = False) -> RawDataset:
+    """An `.npz` file with `images` and `labels` (and optional `test_images`, `test_labels`,
+    `class_names`). See the module docstring for what is read and what is refused.
+
+    **Arguments:**
+
+    - `path`: the file.
+    - `keep_empty_classes`: keep classes without any training image (with a warning naming
+        them) instead of refusing them.
+
+    Raises `DataError` with a one-line message if the file cannot be used.
+    """
+    if os.path.isdir(path):
+        raise DataError(f"expected an .npz file; {path} is a folder")
+    if not os.path.exists(path):
+        raise DataError(f"data file not found: {path}")
+    if not os.path.isfile(path):
+        raise DataError(f"expected an .npz file; {path} is not a regular file")
+    arrays, names = _read_npz(path)
     for k in ("images", "labels"):
         if k not in arrays:
-            raise DataError(f"{path} has no array '{k}' (it has {sorted(arrays)})")
-    images = _npz_images(arrays["images"], "images", path)
-    labels = _npz_labels(arrays["labels"], len(images), "labels", path)
-    if not len(images):
-        raise DataError(f"{path} holds no images")
+            raise DataError(f"{path} has no array '{k}' (it has {names})")
     if ("test_images" in arrays) != ("test_labels" in arrays):
         raise DataError(f"{path}: give both test_images and test_labels, or neither")
+    class_names = None
+    if "class_names" in arrays:
+        class_names = _npz_class_names(arrays["class_names"], path)
+        limit, of = len(class_names), f"one per class name, {len(class_names)}"
+    else:
+        limit, of = MAX_CLASSES, "MAX_CLASSES"
+    images = _npz_images(arrays["images"], "images", path)
+    if not len(images):
+        raise DataError(f"{path} holds no images")
+    labels = _npz_labels(arrays["labels"], len(images), "labels", path, limit, of)
     if "test_images" in arrays:
         test_images = _npz_images(arrays["test_images"], "test_images", path)
-        test_labels = _npz_labels(arrays["test_labels"], len(test_images), "test_labels", path)
+        test_labels = _npz_labels(
+            arrays["test_labels"], len(test_images), "test_labels", path, limit, of
+        )
         if test_images.shape[1] != images.shape[1]:
-            raise DataError(f"{path}: images and test_images have different channels")
+            raise DataError(
+                f"{path}: images have {images.shape[1]} channels and test_images "
+                f"{test_images.shape[1]}; expected the same"
+            )
     else:
         train, test = stratified_split(labels)
         images, labels, test_images, test_labels = (
@@ -355,17 +699,13 @@ def load_npz(path: str) -> RawDataset:
             images[test],
             labels[test],
         )
-    num_classes = int(max(labels.max(), test_labels.max() if len(test_labels) else 0)) + 1
-    if "class_names" in arrays:
-        class_names = tuple(str(c) for c in arrays["class_names"].tolist())
-        if len(class_names) < num_classes:
-            raise DataError(
-                f"{path}: {len(class_names)} class_names for labels up to {num_classes - 1}"
-            )
-    else:
-        class_names = tuple(str(c) for c in range(num_classes))
+    if class_names is None:
+        top = max(labels.max(), test_labels.max() if len(test_labels) else 0)
+        class_names = tuple(str(c) for c in range(int(top) + 1))
     if len(class_names) < 2:
         raise DataError(f"{path}: need at least 2 classes; found {len(class_names)}")
+    counts = np.bincount(labels, minlength=len(class_names))
+    _check_empty_classes(counts, class_names, path, keep_empty_classes)
     if not len(test_labels):
         raise DataError(f"{path}: no test images (every class needs at least 2 images)")
     return RawDataset(
@@ -379,16 +719,23 @@ def load_npz(path: str) -> RawDataset:
     )
 
 
-def load_dataset(spec: str) -> RawDataset:
-    """Read a data set: `"digits"` (embedded), a folder of class sub-folders, or an `.npz`.
+def load_dataset(spec: str, *, keep_empty_classes: bool = False) -> RawDataset:
+    """Read a data set: `"digits"` (embedded), a folder of class sub-folders (whatever its
+    name), or an `.npz` file.
+
+    **Arguments:**
+
+    - `spec`: `"digits"`, a folder or an `.npz` file.
+    - `keep_empty_classes`: keep classes without any training image (with a warning naming
+        them) instead of refusing them.
 
     Raises `DataError` (a `ValueError`) with a one-line message if it cannot be used.
     """
     if spec == DIGITS:
         return load_digits()
-    if spec.lower().endswith(".npz"):
-        return load_npz(spec)
-    return load_folder(spec)
+    if not os.path.isdir(spec) and spec.lower().endswith(".npz"):
+        return load_npz(spec, keep_empty_classes=keep_empty_classes)
+    return load_folder(spec, keep_empty_classes=keep_empty_classes)
 
 
 def _convert_channels(image: np.ndarray, channels: int) -> np.ndarray:

@@ -382,6 +382,16 @@ def test_bad_npz_class_names(tmp_path, class_names, match):
     refused(data.load_dataset, path, match=match)
 
 
+def test_files_that_are_not_regular_are_refused(tmp_path):
+    """A named pipe among the images would block reading; a broken link cannot be read."""
+    root = two_classes(tmp_path / "d")
+    os.mkfifo(root / "a" / "pipe.png")
+    refused(data.load_dataset, str(root), match=f"{root / 'a' / 'pipe.png'} is not a regular")
+    os.remove(root / "a" / "pipe.png")
+    os.symlink(tmp_path / "nowhere.png", root / "b" / "broken.png")
+    refused(data.load_dataset, str(root), match="broken.png is not a regular file")
+
+
 def test_file_names_with_line_breaks_give_one_line_messages(tmp_path):
     root = two_classes(tmp_path / "d")
     (root / "a" / "bad\nname.png").write_bytes(b"not an image")
@@ -491,7 +501,7 @@ def valid_images(draw, n: int) -> np.ndarray:
 KEYS = ["images", "labels", "test_images", "test_labels", "class_names"]
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_random_npz_arrays(draws):
     """A valid `.npz` with one array (or all, or none) replaced by a random one, or removed:
@@ -527,7 +537,7 @@ def valid_files(tmp: str) -> tuple[str, str]:
     return path, png
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     kind=st.sampled_from(["npz", "png"]),
     damage=st.sampled_from(["truncate", "flip", "random"]),

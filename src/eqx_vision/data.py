@@ -303,6 +303,8 @@ def _pixels(img, path: str, grey: bool) -> np.ndarray:
 def _read_pixels(path: str, *, grey: bool = False) -> np.ndarray:
     """An image file as float32 `(channels, height, width)` in 0..1: one channel for grey
     images, three for colour ones (or one with `grey`)."""
+    if not os.path.isfile(path):  # a named pipe would block, a broken link not open
+        raise DataError(f"expected an image file; {path} is not a regular file")
     image_mod = _pillow()
     bombs = (image_mod.DecompressionBombError, image_mod.DecompressionBombWarning)
     try:

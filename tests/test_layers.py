@@ -17,6 +17,8 @@ from eqx_vision.layers import (
     ChannelLayerNorm,
     Conv2d,
     DepthwiseConv2d,
+    FeedForward,
+    LayerDrop,
     LayerNorm,
     Linear,
     PatchEmbedding,
@@ -102,6 +104,90 @@ def test_norms_and_linear_match_torch():
     assert rel_err(ours(jnp.asarray(x.numpy())), lin(x).detach().numpy()) < 1e-6
 
 
+# One row per scale of the normalised features: where the variance is far below eps (1e-5),
+# eps sets the output (a LayerNorm with eps 1e-6 gives outputs 2.3x too large on the first
+# row); where it is far above, eps is invisible.
+NORM_SCALES = (1e-3, 3e-3, 1e-2, 1.0, 30.0)
+# The largest error against the reference over these rows, measured: 1.0e-7 (LayerNorm) and
+# 2.1e-7 (ChannelLayerNorm), relative to each row's largest output; the tolerance is 5x over
+# them (eps 1e-6 instead of 1e-5 is off by 1.3 on the first row).
+NORM_TOL = 1e-6
+
+
+def _rows_at_scales(dim: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(4)
+    scales = torch.tensor(NORM_SCALES)[:, None]
+    return scales * torch.randn(len(NORM_SCALES), dim, generator=gen) + 0.5 * scales
+
+
+def _row_errors(actual, expected) -> list[float]:
+    return [rel_err(a, e) for a, e in zip(np.asarray(actual), np.asarray(expected), strict=True)]
+
+
+def test_layer_norm_matches_torch_where_eps_matters():
+    """`LayerNorm` against `torch.nn.LayerNorm` (eps 1e-5) on features of standard deviation
+    1e-3 to 30, with a random affine map; and its default eps is torch's."""
+    torch.manual_seed(5)
+    ref = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    ours = _set(LayerNorm(16), weight=ref.weight, bias=ref.bias)
+    assert ours.eps == ref.eps == 1e-5
+    x = _rows_at_scales(16)
+    errors = _row_errors(ours(jnp.asarray(x.numpy())), ref(x).detach().numpy())
+    assert max(errors) <= NORM_TOL, dict(zip(NORM_SCALES, errors, strict=True))
+
+
+def test_channel_layer_norm_matches_the_reference_where_eps_matters():
+    """`ChannelLayerNorm` against the channel LayerNorm of vit-pytorch's CvT (eps 1e-5, the
+    one CvT, NesT, Twins, CrossFormer, ScalableViT and RegionViT share), at every pixel
+    of maps whose channels have standard deviation 1e-3 to 30."""
+    from reference import reference
+
+    torch.manual_seed(6)
+    ref = reference("cvt").LayerNorm(8)
+    with torch.no_grad():
+        ref.g.normal_()
+        ref.b.normal_()
+    ours = _set(ChannelLayerNorm(8), weight=ref.g.reshape(-1), bias=ref.b.reshape(-1))
+    assert ours.eps == ref.eps == 1e-5
+    # (rows, channels) -> (rows, channels, 2, 3): the same channel values at every pixel,
+    # plus a little noise so that the pixels differ.
+    base = _rows_at_scales(8)[:, :, None, None]
+    gen = torch.Generator().manual_seed(7)
+    x = base * (1 + 0.1 * torch.randn(len(NORM_SCALES), 8, 2, 3, generator=gen))
+    out = jax.vmap(ours)(jnp.asarray(x.numpy()))
+    errors = _row_errors(out, ref(x).detach().numpy())
+    assert max(errors) <= NORM_TOL, dict(zip(NORM_SCALES, errors, strict=True))
+
+
+def test_feedforward_matches_torch():
+    """`FeedForward` (LayerNorm, Linear, exact GELU, Linear) against vit-pytorch's, with
+    hidden pre-activations spread beyond [-4, 4]. Measured error 2.9e-7 relative to the
+    largest output; the tolerance is 7x over it (the tanh form of GELU is off by 1.4e-4)."""
+    from reference import reference
+
+    torch.manual_seed(8)
+    ref = reference("vit").FeedForward(12, 24)
+    norm, fc1, _, _, fc2, _ = ref.net
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        fc1.weight.mul_(4.0)
+    ours = FeedForward(12, 24, key=jax.random.key(0))
+    ours = eqx.tree_at(
+        lambda f: (f.norm.weight, f.norm.bias, f.fc1.weight, f.fc1.bias, f.fc2.weight, f.fc2.bias),
+        ours,
+        tuple(jnp.asarray(t.detach().numpy()) for t in
+              (norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias)),
+    )  # fmt: skip
+    x = torch.randn(40, 12)
+    hidden = fc1(norm(x)).detach().numpy()
+    assert hidden.min() < -4 and hidden.max() > 4, (hidden.min(), hidden.max())
+    assert rel_err(ours(jnp.asarray(x.numpy())), ref(x).detach().numpy()) <= 2e-6
+
+
 def test_gelu_and_its_derivatives_match_torch():
     x = torch.linspace(-12.0, 12.0, 2001).requires_grad_()
     y = torch.nn.functional.gelu(x)
@@ -174,6 +260,69 @@ def test_stack_scan_equals_a_loop_over_its_blocks():
         stack[3]
 
 
+def _binomial_bounds(n: int, p: float, sigmas: float = 5.0) -> tuple[float, float]:
+    """The range of a Binomial(n, p) count within `sigmas` standard deviations of its mean."""
+    sd = (n * p * (1 - p)) ** 0.5
+    return n * p - sigmas * sd, n * p + sigmas * sd
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_layer_drop_skips_each_layer_with_probability_p(p):
+    """The masks of 1000 keys x 8 layers: each layer is dropped with probability `p`, in
+    total and at every position (within 5 binomial standard deviations: for p = 0.1 the
+    total 800 +- 67, where a rate of 1 - p would drop 7200); never all of them."""
+    depth, draws = 8, 1000
+    keys = jax.random.split(jax.random.key(0), draws)
+    masks = np.asarray(jax.jit(jax.vmap(lambda k: LayerDrop(p)(depth, key=k)))(keys))
+    assert masks.shape == (draws, depth) and masks.dtype == bool
+    low, high = _binomial_bounds(draws * depth, p)
+    assert low <= masks.sum() <= high, (masks.sum(), low, high)
+    low, high = _binomial_bounds(draws, p)
+    per_layer = masks.sum(axis=0)
+    assert np.all((low <= per_layer) & (per_layer <= high)), (per_layer, low, high)
+    assert not masks.all(axis=1).any()
+
+
+def test_layer_drop_keeps_one_layer_when_it_draws_all():
+    """At p = 0.9 over 2 layers, both are drawn for dropping with probability 0.81; one of
+    the two, chosen uniformly, is then kept: each layer is skipped with probability
+    0.09 + 0.81 / 2 = 0.495 and exactly one is skipped with probability 0.99."""
+    keys = jax.random.split(jax.random.key(1), 2000)
+    masks = np.asarray(jax.jit(jax.vmap(lambda k: LayerDrop(0.9)(2, key=k)))(keys))
+    assert not masks.all(axis=1).any()
+    low, high = _binomial_bounds(2000, 0.495)
+    assert np.all((low <= masks.sum(axis=0)) & (masks.sum(axis=0) <= high)), masks.sum(axis=0)
+    low, high = _binomial_bounds(2000, 0.99)
+    assert low <= (masks.sum(axis=1) == 1).sum() <= high
+
+
+class _Marker(eqx.Module):
+    """Block `index` of a stack adds 1 at position `index`: the output shows which ran."""
+
+    onehot: jax.Array
+
+    def __init__(self, index, depth, *, key):
+        self.onehot = jnp.zeros(depth).at[index].set(1.0)
+
+    def __call__(self, x, *, key=None):
+        return x + self.onehot
+
+
+def test_stack_layer_dropout_skips_blocks_with_probability_p():
+    """A `Stack` with `layer_dropout=0.2` skips each block with probability 0.2 in training
+    (the blocks that ran, read off the output, over 1000 keys) and none in inference."""
+    depth, p, draws = 6, 0.2, 1000
+    stack = Stack(lambda i, key: _Marker(i, depth, key=key), depth, layer_dropout=p,
+                  key=jax.random.key(0))  # fmt: skip
+    keys = jax.random.split(jax.random.key(2), draws)
+    ran = np.asarray(eqx.filter_jit(jax.vmap(lambda k: stack(jnp.zeros(depth), key=k)))(keys))
+    assert set(np.unique(ran)) <= {0.0, 1.0}
+    low, high = _binomial_bounds(draws * depth, p)
+    assert low <= (ran == 0).sum() <= high, ((ran == 0).sum(), low, high)
+    infer = eqx.nn.inference_mode(stack)
+    np.testing.assert_array_equal(infer(jnp.zeros(depth), key=keys[0]), np.ones(depth))
+
+
 def test_stacked_stateful_blocks_get_stacked_state():
     """Blocks with BatchNorm, stacked: one `StateIndex` per position, holding the stacked
     initial values; restacking the blocks keeps the indices the state was made for."""
@@ -234,8 +383,8 @@ def test_attention_shapes(heads, dim_head, seq, ctx, variant):
     attn = Attention(
         dim, heads=heads, dim_head=dim_head, fused_qkv=ctx == 0, key=jax.random.key(0), **options
     )
-    x = jnp.ones((seq, dim))
-    context = jnp.ones((ctx, dim)) if ctx else None
+    x = jax.random.normal(jax.random.key(1), (seq, dim))
+    context = jax.random.normal(jax.random.key(2), (ctx, dim)) if ctx else None
     out = attn(x, context)
     assert out.shape == (seq, dim)
     assert bool(jnp.all(jnp.isfinite(out))) or (variant == "locality" and seq == 1 and ctx == 0)

@@ -145,6 +145,43 @@ def test_bfloat16_against_float32(name):
     assert m["grad_cosine"] > MIN_GRAD_COSINE, m
 
 
+class _Normalise(eqx.Module):
+    """A model that is a LayerNorm over the width of each row of each channel, and a channel
+    LayerNorm over the channels of each pixel."""
+
+    norm: ev.layers.LayerNorm
+    channel_norm: ev.layers.ChannelLayerNorm
+
+    def __call__(self, x, *, key=None):
+        return jnp.concatenate([self.norm(x).ravel(), self.channel_norm(x).ravel()])
+
+
+def test_layer_norm_statistics_are_float32_under_bfloat16():
+    """Images of values 1000 + 4k (k a random integer in [-3, 3]): exact in bfloat16 (whose
+    spacing there is 4), with means that are not, and a standard deviation of ~8. The
+    bfloat16 policy must normalise them as float32 does and round the result once: its
+    error is then bfloat16's rounding of the output, measured 7.8e-3 at most (outputs of
+    magnitude <= 2.1). Statistics taken in bfloat16 (a mean rounded to a multiple of 4,
+    `x - mean` and the variance rounded) are off by ~0.3; the tolerance is 3e-2."""
+    k = jr.randint(jr.key(0), (3, 8, 2, 64), -3, 4)
+    images = (1000.0 + 4.0 * k).astype(jnp.float32)
+    assert bool(jnp.all(images.astype(jnp.bfloat16).astype(jnp.float32) == images))
+    for axis in (1, 3):  # the means the two norms take
+        mean = images.mean(axis=axis)
+        assert bool(jnp.mean(mean.astype(jnp.bfloat16).astype(jnp.float32) != mean) > 0.5)
+    model = _Normalise(ev.layers.LayerNorm(64), ev.layers.ChannelLayerNorm(8))
+    state = eqx.nn.State(model)
+    run = eqx.filter_jit(training.apply_model)
+    wide, _ = run(model, state, images, precision="float32")
+    low, _ = run(model, state, images, precision="bfloat16")
+    assert low.dtype == jnp.float32  # apply_model casts the output back
+    assert float(jnp.max(jnp.abs(wide))) > 1.5
+    half = wide.shape[1] // 2
+    for name, part in (("LayerNorm", slice(0, half)), ("ChannelLayerNorm", slice(half, None))):
+        error = float(jnp.max(jnp.abs(low[:, part] - wide[:, part])))
+        assert error <= 3e-2, (name, error)
+
+
 def _dot_dtypes(fn: Callable[..., Any], *args: Any) -> set[tuple[str, ...]]:
     """The operand dtypes of every `dot_general` in the program of `fn(*args)`."""
     eqns = _equations(jax.make_jaxpr(fn)(*args).jaxpr)

@@ -10,8 +10,11 @@ model (`training.is_stateful`), or is a small table in the one test module that 
 import dataclasses
 from typing import Any
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 
+from eqx_vision.layers import BatchNorm
 from eqx_vision.presets import CATALOGUE, ModelConfig, resolve_model
 from eqx_vision.training import is_stateful
 
@@ -30,8 +33,31 @@ def config(name: str, **overrides: Any) -> ModelConfig:
 
 
 def build(name: str, key: jax.Array, **overrides: Any) -> tuple[Any, Any]:
-    """`(model, state)` of the tiny preset (`state` is empty for stateless models)."""
-    return config(name, **overrides).build(key)
+    """`(model, state)` of the tiny preset (`state` is empty for stateless models), with
+    every output depending on the input (see `_without_zero_scales`)."""
+    model, state = config(name, **overrides).build(key)
+    return _without_zero_scales(model), state
+
+
+def _without_zero_scales(model: Any) -> Any:
+    """`model` with the BatchNorm scales initialised to zero set to one.
+
+    LeViT zero-initialises the scale of the BatchNorm after every attention, as its
+    reference does: its downsampling block, which has no residual, then outputs a constant,
+    and so does the whole model, whatever the image. A test comparing outputs (batched
+    against single, bfloat16 against float32) would compare constants. With the scales at
+    one, as after some training, every part of the model reaches the output. Other models
+    are unchanged (their BatchNorm scales start at one).
+    """
+
+    def unzero(node: Any) -> Any:
+        if isinstance(node, BatchNorm):
+            return eqx.tree_at(
+                lambda bn: bn.weight, node, jnp.where(node.weight == 0, 1.0, node.weight)
+            )
+        return node
+
+    return jax.tree.map(unzero, model, is_leaf=lambda node: isinstance(node, BatchNorm))
 
 
 def input_shape(name: str) -> tuple[int, int, int]:

@@ -804,3 +804,37 @@ def test_default_train_reaches_95_percent(tmp_path):
     assert last.startswith("test accuracy: ")
     assert float(last.split(": ")[1]) >= 0.95, out
     print(f"default train: {elapsed:.0f}s")
+
+
+def test_keep_empty_classes(tmp_path, capsys):
+    """A class folder without images is an error naming it and the option that keeps it;
+    with the option, one warning line names it and the run goes on."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    for name in ("a", "b"):
+        for i in range(6):
+            pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
+    argv = ["train", "--model", "vit-tiny", "--image-size", "8", "--epochs", "1",
+            "--batch-size", "4", "--data", str(tmp_path / "data"), "--no-progress"]  # fmt: skip
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "refused"))
+    assert code == 2
+    assert err.strip() == (
+        f"eqx-vision: error: {tmp_path / 'data'}: 1 of 3 classes have no training image: "
+        "'c' (pass --keep-empty-classes to keep them)"
+    )
+    assert not (tmp_path / "refused").exists()
+    out = str(tmp_path / "kept")
+    code, stdout, err = run(capsys, *argv, "--out", out, "--keep-empty-classes")
+    assert code == 0, err
+    assert err.splitlines() == [
+        f"eqx-vision: warning: {tmp_path / 'data'}: 1 of 3 classes have no training image: 'c'"
+    ]
+    assert "3 classes" in stdout
+    code, _, err = run(capsys, "evaluate", "--checkpoint", out)
+    assert code == 2 and "--keep-empty-classes" in err
+    code, _, err = run(capsys, "evaluate", "--checkpoint", out, "--keep-empty-classes")
+    assert code == 0, err

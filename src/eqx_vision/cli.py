@@ -223,6 +223,7 @@ def _add_train_parser(sub: Any) -> None:
         help="continue the run in --out from its last checkpoint, with its saved settings "
         "(a run stopped before its first checkpoint starts again from the beginning)",
     )
+    _add_keep_empty_classes(train)
     train.add_argument(
         "--allow-changed-data",
         action="store_true",
@@ -245,6 +246,16 @@ def _add_train_parser(sub: Any) -> None:
     train.add_argument("--stop-after-steps", type=_positive_int, help=argparse.SUPPRESS)
 
 
+def _add_keep_empty_classes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep-empty-classes",
+        action="store_true",
+        help="keep classes that have no training image (a class folder without images, a "
+        "class index or name no label uses), with a warning naming them; by default they "
+        "are an error",
+    )
+
+
 def _add_evaluate_parser(sub: Any) -> None:
     evaluate = sub.add_parser(
         "evaluate",
@@ -258,6 +269,7 @@ def _add_evaluate_parser(sub: Any) -> None:
         help="a train --out folder or a .safetensors file",
     )
     evaluate.add_argument("--data", help="data to evaluate on (default: the training data)")
+    _add_keep_empty_classes(evaluate)
     evaluate.add_argument("--batch-size", type=_positive_int, default=256)
     evaluate.add_argument("--devices", type=_positive_int, metavar="N")
 
@@ -369,13 +381,23 @@ def _model_config(obj: Any, where: str):
     return config
 
 
-def _load_data(spec: str) -> Any:
+def _load_data(spec: str, keep_empty_classes: bool = False) -> Any:
+    """The data set `spec`; with `keep_empty_classes`, classes without training images are
+    kept and named in one warning line on stderr."""
+    import warnings
+
     from . import data as data_mod
 
     try:
-        return data_mod.load_dataset(spec)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            raw = data_mod.load_dataset(spec, keep_empty_classes=keep_empty_classes)
     except ValueError as e:  # a DataError, or a path the operating system refuses
-        raise UsageError(_printable(str(e))) from None
+        message = str(e).replace("keep_empty_classes=True", "--keep-empty-classes")
+        raise UsageError(_printable(message)) from None
+    for w in caught:
+        print(f"{PROG}: warning: {_printable(str(w.message))}", file=sys.stderr, flush=True)
+    return raw
 
 
 # What a run records of its data, compared on --resume (and by evaluate).
@@ -558,7 +580,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import presets, training
 
     # ---- check everything before writing anything ---------------------------------------
-    raw = _load_data(settings["data"])
+    raw = _load_data(settings["data"], args.keep_empty_classes)
     data_info = _data_facts(raw)
     out = args.out or _default_out(settings["model"])
     config_path, ckpt_path = os.path.join(out, CONFIG), os.path.join(out, CHECKPOINT)
@@ -854,7 +876,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"{ckpt_path} does not record its data: give --data")
     if spec != "digits":
         _require("evaluate", ["PIL"])
-    raw = _load_data(spec)
+    raw = _load_data(spec, args.keep_empty_classes)
     shown = _printable(spec)
     if raw.num_classes != config.num_classes:
         raise UsageError(

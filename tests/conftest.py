@@ -1,5 +1,6 @@
 import gc
 import os
+import re
 
 from compilation import suite_flags
 
@@ -49,3 +50,45 @@ def _seed_torch():
     import torch
 
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def exact_zero_gradients():
+    """For a parity test (`reference.check_parity`), the parameters whose exact gradient is
+    zero: a shift that a later softmax or normalisation removes whatever its value (a bias
+    added to every score of a query, a shift of every channel before a LayerNorm). Both
+    sides hold only rounding noise there, of any relative size, and a comparison of noise
+    would need a tolerance that lets every other parameter through.
+
+    `stop = exact_zero_gradients(torch_model, theirs, ours)` switches off torch's gradient
+    for the parameters whose names match the regular expression `theirs` (their gradient is
+    then `None`, compared as zeros) and returns `stop(model)`, the model with
+    `jax.lax.stop_gradient` on the leaves whose paths match `ours`, for the `call` passed to
+    `check_parity`: both sides are then exactly zero there, and every other parameter is
+    compared at the test's relative tolerance with no absolute one. Each pattern must match
+    at least one parameter; one that matches too few leaves noise on one side, which fails.
+    """
+    import equinox as eqx
+
+    def apply(torch_model, theirs: str, ours: str):
+        matched = [n for n, p in torch_model.named_parameters() if re.search(theirs, n)]
+        assert matched, f"no parameter of the reference matches {theirs!r}"
+        for name, param in torch_model.named_parameters():
+            if name in matched:
+                param.requires_grad_(False)
+
+        def stop(model):
+            def leaf(path, x):
+                if eqx.is_inexact_array(x) and re.search(ours, jax.tree_util.keystr(path)):
+                    found.append(path)
+                    return jax.lax.stop_gradient(x)
+                return x
+
+            found: list = []
+            model = jax.tree_util.tree_map_with_path(leaf, model)
+            assert found, f"no leaf of the model matches {ours!r}"
+            return model
+
+        return stop
+
+    return apply

@@ -65,19 +65,24 @@ CONFIGS: list[tuple[dict[str, Any], tuple[int, int, int]]] = [
 
 SMALL: dict[str, Any] = CONFIGS[0][0]
 
-# One compilation for the forward pass and one for its gradient.
-jitted = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
+# The largest errors of the parity tests below against vit-pytorch, measured (float32, this
+# suite's CPU): outputs 5.2e-7 (relative to the largest output), gradients 8.2e-6 (of the input
+# and of every parameter, each relative to its own largest); the tolerances are 5.8x and
+# 4.9x over them.
+TOL, GRAD_TOL = 3e-6, 4e-5
 
 
 @pytest.mark.parametrize("config, shape", CONFIGS)
-def test_parity(config, shape):
+def test_parity(config, shape, exact_zero_gradients):
     torch_model = reference("crossformer").CrossFormer(**config)
     model = ev.CrossFormer(**config, key=jax.random.key(0))
     assert count_params(model) == torch_param_count(torch_model)
     # The last Linear of each position-bias MLP adds one constant to every score, which the
-    # softmax removes: its exact bias gradient is zero, so only rounding noise (~1e-4 next to
-    # gradients of ~1e3) is compared there.
-    check_parity(model, torch_model, shape, call=jitted, grad_atol=1e-3)
+    # softmax removes: its exact bias gradient is zero, and both sides hold rounding noise
+    # there (~1e-5 next to gradients of ~1e3).
+    stop = exact_zero_gradients(torch_model, r"\.dpb\.9\.bias$", r"\.dpb\.linears\[3\]\.bias$")
+    call = eqx.filter_jit(lambda m, x: jax.vmap(stop(m))(x))
+    check_parity(model, torch_model, shape, call=call, tol=TOL, grad_tol=GRAD_TOL)
 
 
 @pytest.mark.parametrize("config, shape", CONFIGS)

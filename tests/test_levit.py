@@ -74,23 +74,39 @@ def torch_both_heads(m: Any, x: Any) -> Any:
     return torch.cat(out, dim=-1) if isinstance(out, tuple) else out
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-def test_parity(config):
+# The largest errors against vit-pytorch, measured per configuration: outputs (relative to
+# the largest), and the gradients of the input and of every parameter (each relative to its
+# own largest), with the tolerances, 4-5x over them:
+# outputs 3.5e-6, 2.2e-6, 2.1e-7; gradients 2.3e-5, 1.1e-4 (a key projection whose
+# gradient is 30x smaller than the others), 1.1e-5.
+TOLERANCES = [(2e-5, 1e-4), (1e-5, 5e-4), (1e-6, 5e-5)]
+
+
+@pytest.mark.parametrize(
+    "config, tol, grad_tol",
+    [
+        pytest.param(config, *tolerances, id=f"config{i}")
+        for i, (config, tolerances) in enumerate(zip(CONFIGS, TOLERANCES, strict=True))
+    ],
+)
+def test_parity(config, tol, grad_tol, exact_zero_gradients):
     torch.manual_seed(0)
     torch_model = reference("levit").LeViT(**config)
     model, state = make(config)
     assert count_params(model) == torch_param_count(torch_model)
     size = config["image_size"]
+    # The key BatchNorm's bias shifts every key of a head alike, which changes all scores of
+    # a query alike: its exact gradient is zero, and both sides hold rounding noise there.
+    stop = exact_zero_gradients(torch_model, r"\.to_k\.1\.bias$", r"\.to_k\.bn\.bias$")
     check_parity(
         model,
         torch_model,
         (3, size, size),
         state=state,
-        call=both_heads,
+        call=lambda m, x, s: both_heads(stop(m), x, s),
         torch_call=torch_both_heads,
-        # The gradient of the key BatchNorm's bias is exactly zero (a shift of every key
-        # changes all scores of a query alike): both sides hold rounding noise there.
-        grad_atol=2e-5,
+        tol=tol,
+        grad_tol=grad_tol,
     )
 
 

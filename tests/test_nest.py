@@ -54,21 +54,29 @@ SMALL: dict[str, Any] = dict(
 )
 
 
-# One compilation for the forward pass and one for its gradient.
-jitted = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
+# The largest errors of the parity tests below against vit-pytorch, measured (float32, this
+# suite's CPU): outputs 4.5e-7 (relative to the largest output), gradients 1.8e-6 (of the input
+# and of every parameter, each relative to its own largest); the tolerances are 5.6x and
+# 5.6x over them.
+TOL, GRAD_TOL = 2.5e-6, 1e-5
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_parity(config):
+def test_parity(config, exact_zero_gradients):
     torch_model = reference("nest").NesT(**config)
     model = ev.NesT(**config, key=jax.random.key(0))
     assert count_params(model) == torch_param_count(torch_model)
     size = config["image_size"]
     # The last level's position embedding is a per-pixel shift of all channels, which every
-    # later channel LayerNorm removes: its exact gradient is zero, so only noise is compared.
-    check_parity(
-        model, torch_model, (config.get("channels", 3), size, size), call=jitted, grad_atol=1e-5
+    # later channel LayerNorm removes: its exact gradient is zero, and both sides hold
+    # rounding noise there.
+    last = config["num_hierarchies"] - 1
+    stop = exact_zero_gradients(
+        torch_model, rf"^layers\.{last}\.0\.pos_emb$", rf"^\.levels\[{last}\]\.pos_embedding$"
     )
+    call = eqx.filter_jit(lambda m, x: jax.vmap(stop(m))(x))
+    shape = (config.get("channels", 3), size, size)
+    check_parity(model, torch_model, shape, call=call, tol=TOL, grad_tol=GRAD_TOL)
 
 
 def test_position_embedding_is_one_scalar_per_position():

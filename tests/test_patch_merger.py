@@ -80,12 +80,19 @@ def image_shape(config: dict[str, Any]) -> tuple[int, int, int]:
     return config.get("channels", 3), h, w
 
 
+# The largest errors of the parity tests below against vit-pytorch, measured (float32, this
+# suite's CPU): outputs 7.7e-7 (relative to the largest output), gradients 3.7e-6 (of the input
+# and of every parameter, each relative to its own largest); the tolerances are 5.2x and
+# 5.4x over them.
+TOL, GRAD_TOL = 4e-6, 2e-5
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_parity(config):
     torch_model = reference("vit_with_patch_merger").ViT(**config)
     model = ev.ViTWithPatchMerger(**config, key=jax.random.key(0))
     assert count_params(model) == torch_param_count(torch_model)
-    check_parity(model, torch_model, image_shape(config))
+    check_parity(model, torch_model, image_shape(config), tol=TOL, grad_tol=GRAD_TOL)
 
 
 @pytest.mark.parametrize("dim, num_tokens_out, seq", [(16, 4, 10), (32, 1, 5), (8, 12, 6)])
@@ -93,7 +100,7 @@ def test_patch_merger_parity(dim, num_tokens_out, seq):
     torch_model = reference("vit_with_patch_merger").PatchMerger(dim, num_tokens_out)
     model = ev.PatchMerger(dim, num_tokens_out, key=jax.random.key(0))
     assert count_params(model) == torch_param_count(torch_model)
-    loaded = check_parity(model, torch_model, (seq, dim))
+    loaded = check_parity(model, torch_model, (seq, dim), tol=TOL, grad_tol=GRAD_TOL)
     assert isinstance(loaded, ev.PatchMerger)
     assert loaded(jnp.ones((seq, dim))).shape == (num_tokens_out, dim)
 

@@ -73,12 +73,19 @@ SMALL: dict[str, Any] = CONFIGS[0][0]
 jitted = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
 
 
+# The largest errors of the parity tests below against vit-pytorch, measured (float32, this
+# suite's CPU): outputs 8.8e-7 (relative to the largest output), gradients 3.4e-6 (of the input
+# and of every parameter, each relative to its own largest); the tolerances are 4.5x and
+# 4.4x over them.
+TOL, GRAD_TOL = 4e-6, 1.5e-5
+
+
 @pytest.mark.parametrize("config, shape", CONFIGS)
 def test_parity(config, shape):
     torch_model = reference("scalable_vit").ScalableViT(**config)
     model = ev.ScalableViT(**config, key=jax.random.key(0))
     assert count_params(model) == torch_param_count(torch_model)
-    check_parity(model, torch_model, shape, call=jitted)
+    check_parity(model, torch_model, shape, call=jitted, tol=TOL, grad_tol=GRAD_TOL)
 
 
 def test_parity_with_attention_in_chunks(monkeypatch):
@@ -91,7 +98,14 @@ def test_parity_with_attention_in_chunks(monkeypatch):
     config, shape = CONFIGS[0]
     torch_model = reference("scalable_vit").ScalableViT(**config)
     model = ev.ScalableViT(**config, key=jax.random.key(0))
-    check_parity(model, torch_model, shape, call=eqx.filter_jit(lambda m, x: jax.vmap(m)(x)))
+    check_parity(
+        model,
+        torch_model,
+        shape,
+        call=eqx.filter_jit(lambda m, x: jax.vmap(m)(x)),
+        tol=TOL,
+        grad_tol=GRAD_TOL,
+    )
 
 
 @pytest.mark.parametrize("config, shape", CONFIGS)

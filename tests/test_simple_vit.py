@@ -50,12 +50,19 @@ def _input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
     return (config.get("channels", 3), h, w)
 
 
+# The largest errors of the parity tests below against vit-pytorch, measured (float32, this
+# suite's CPU): outputs 5.1e-7 (relative to the largest output), gradients 1.5e-6 (of the input
+# and of every parameter, each relative to its own largest); the tolerances are 5.9x and
+# 5.3x over them.
+TOL, GRAD_TOL = 3e-6, 8e-6
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_parity(config):
     torch_model = reference("simple_vit").SimpleViT(**config)
     model = ev.SimpleViT(**config, key=jax.random.key(0))
     assert count_params(model) == torch_param_count(torch_model)
-    check_parity(model, torch_model, _input_shape(config))
+    check_parity(model, torch_model, _input_shape(config), tol=TOL, grad_tol=GRAD_TOL)
 
 
 def test_position_embedding_is_not_a_parameter():

@@ -56,12 +56,26 @@ SMALL: dict[str, Any] = CONFIGS[0][0]
 jitted = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
 
 
-@pytest.mark.parametrize("config, size", CONFIGS)
-def test_parity(config, size):
+# The largest errors of the parity tests below against vit-pytorch, measured (float32, this
+# suite's CPU), per configuration: outputs 1.1e-6, 1.1e-6, 1.2e-6 (relative to the largest
+# output); gradients 6.5e-6, 1.2e-5, 6.8e-5 (of the input and of every parameter, each
+# relative to its own largest; the last one in a query projection whose gradient is
+# 100x smaller than the others). The tolerances are 4-5x over them.
+TOLERANCES = [(6e-6, 3e-5), (6e-6, 6e-5), (6e-6, 3e-4)]
+
+
+@pytest.mark.parametrize(
+    "config, size, tol, grad_tol",
+    [
+        pytest.param(config, size, *tolerances, id=f"config{i}-size{i}")
+        for i, ((config, size), tolerances) in enumerate(zip(CONFIGS, TOLERANCES, strict=True))
+    ],
+)
+def test_parity(config, size, tol, grad_tol):
     torch_model = reference("twins_svt").TwinsSVT(**config)
     model = ev.TwinsSVT(**config, key=jax.random.key(0))
     assert count_params(model) == torch_param_count(torch_model)
-    check_parity(model, torch_model, (3, *size), call=jitted)
+    check_parity(model, torch_model, (3, *size), call=jitted, tol=tol, grad_tol=grad_tol)
 
 
 @pytest.mark.parametrize(

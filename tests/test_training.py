@@ -245,20 +245,17 @@ def test_batches_depend_on_seed_and_epoch_only():
     assert len(np.unique(np.concatenate(a))) == 96
 
 
-# The largest differences between four devices and one after the 4 steps below (measured on
-# this CPU), and the tolerances, 4-7x over them. The parameters move by ~3e-3 in these
-# steps, so a step that went wrong on the devices (a gradient of one shard, BatchNorm
-# statistics of one shard) shows far above these.
-# preset: (loss rel 8.4e-8 / 1.5e-7, parameters abs 7.1e-6 / 2.0e-5, state abs - / 5.5e-6)
-PARALLEL_TOLERANCES = {
-    "vit-tiny": dict(loss=1e-6, params=5e-5, state=0.0),
-    "cvt-tiny": dict(loss=1e-6, params=1e-4, state=3e-5),
-}
-# CvT's attention LayerNorm bias feeds a depthwise convolution and a train-mode BatchNorm,
-# which subtracts every constant shift: its gradient is exactly zero in exact arithmetic,
-# and Adam turns the rounding noise each side holds there into steps of +-lr of either
-# sign. Those leaves are left out of the parameter comparison (and counted).
-ZERO_GRADIENT = {"vit-tiny": (), "cvt-tiny": (".attn.norm.bias",)}
+# The data-parallel step against the single-device one, 4 steps of plain SGD (learning rate
+# 0.1). Not Adam: Adam scales every element's update to about the learning rate whatever the
+# size of its gradient, so an element whose exact gradient is zero (CvT's attention
+# LayerNorm bias feeds a depthwise convolution and a train-mode BatchNorm, which removes
+# any shift) or tiny moves by +-lr on the sign of its rounding noise, and a comparison
+# would compare noise (make_optimizer's chain is tested above). The largest differences,
+# measured: losses 1.7e-7 / 3.6e-7 (relative), parameters 1.2e-7 / 1.2e-7, BatchNorm
+# state - / 6.0e-8 (absolute), for ViT / CvT; the tolerances are 5-10x over them. The
+# parameters move by up to 3e-2 / 1.2e-1, so a step that went wrong on the devices (the
+# gradient of one shard, the BatchNorm statistics of one shard) shows far above them.
+PARALLEL_TOLERANCES = {"loss": 2e-6, "params": 1e-6, "state": 5e-7}
 
 
 @pytest.mark.parametrize("preset", ["vit-tiny", "cvt-tiny"])
@@ -266,8 +263,8 @@ def test_data_parallel_equals_single_device(preset):
     assert jax.local_device_count() >= 4, "tests/conftest.py forces 4 CPU devices"
     config = _config(preset)
     x, y = _batch(config, n=16)
-    optimizer = training.make_optimizer(1e-3, warmup_steps=1, total_steps=10)
-    tol = PARALLEL_TOLERANCES[preset]
+    optimizer = optax.sgd(0.1)
+    tol = PARALLEL_TOLERANCES
 
     def run(parallel):
         model, state = config.build(jr.key(0))
@@ -293,17 +290,12 @@ def test_data_parallel_equals_single_device(preset):
     paths = jax.tree_util.tree_flatten_with_path(eqx.filter(model4, eqx.is_array))[0]
     leaves1 = jax.tree.leaves(eqx.filter(model1, eqx.is_array))
     leaves0 = jax.tree.leaves(eqx.filter(initial, eqx.is_array))
-    skipped, moved = 0, 0.0
+    moved = 0.0
     for (path, a), b, before in zip(paths, leaves1, leaves0, strict=True):
-        name = jax.tree_util.keystr(path)
-        if name.endswith(ZERO_GRADIENT[preset]):
-            skipped += 1
-            continue
         moved = max(moved, float(np.max(np.abs(np.asarray(b) - np.asarray(before)))))
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=tol["params"],
-                                   err_msg=name)  # fmt: skip
-    assert moved > 20 * tol["params"], moved  # the comparison can tell a step from none
-    assert skipped == (3 if preset == "cvt-tiny" else 0)  # one per stage
+                                   err_msg=jax.tree_util.keystr(path))  # fmt: skip
+    assert moved > 1e4 * tol["params"], moved  # the comparison can tell a step from none
     state_leaves = list(zip(jax.tree.leaves(state4), jax.tree.leaves(state1), strict=True))
     assert len(state_leaves) == (18 if preset == "cvt-tiny" else 0)  # 6 BatchNorms x 3
     for a, b in state_leaves:

@@ -61,8 +61,8 @@ SMALL: dict[str, Any] = dict(
 # The largest errors of the parity tests below against vit-pytorch, measured (float32, this
 # suite's CPU): outputs 5.1e-7 (relative to the largest output), gradients 3.3e-6 (of the input
 # and of every parameter, each relative to its own largest); the tolerances are 5.9x and
-# 4.5x over them.
-TOL, GRAD_TOL = 3e-6, 1.5e-5
+# 6.1x over them.
+TOL, GRAD_TOL = 3e-6, 2e-5
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -53,8 +53,8 @@ def _input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
 # The largest errors of the parity tests below against vit-pytorch, measured (float32, this
 # suite's CPU): outputs 9.7e-7 (relative to the largest output), gradients 5.1e-6 (of the input
 # and of every parameter, each relative to its own largest); the tolerances are 5.2x and
-# 4.9x over them.
-TOL, GRAD_TOL = 5e-6, 2.5e-5
+# 5.9x over them.
+TOL, GRAD_TOL = 5e-6, 3e-5
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -56,9 +56,9 @@ SMALL: dict[str, Any] = dict(
 
 # The largest errors of the parity tests below against vit-pytorch, measured (float32, this
 # suite's CPU): outputs 4.5e-7 (relative to the largest output), gradients 1.8e-6 (of the input
-# and of every parameter, each relative to its own largest); the tolerances are 5.6x and
+# and of every parameter, each relative to its own largest); the tolerances are 6.7x and
 # 5.6x over them.
-TOL, GRAD_TOL = 2.5e-6, 1e-5
+TOL, GRAD_TOL = 3e-6, 1e-5
 
 
 @pytest.mark.parametrize("config", CONFIGS)

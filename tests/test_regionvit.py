@@ -53,8 +53,8 @@ SMALL: dict[str, Any] = dict(dim=8, depth=1, window_size=2, num_classes=3)
 # The largest errors of the parity tests below against vit-pytorch, measured (float32, this
 # suite's CPU): outputs 5.9e-7 (relative to the largest output), gradients 3.0e-6 (of the input
 # and of every parameter, each relative to its own largest); the tolerances are 5.1x and
-# 5.0x over them.
-TOL, GRAD_TOL = 3e-6, 1.5e-5
+# 6.7x over them.
+TOL, GRAD_TOL = 3e-6, 2e-5
 
 
 @pytest.mark.parametrize("config, shape", CONFIGS)

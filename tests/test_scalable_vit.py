@@ -76,8 +76,8 @@ jitted = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
 # The largest errors of the parity tests below against vit-pytorch, measured (float32, this
 # suite's CPU): outputs 8.8e-7 (relative to the largest output), gradients 3.4e-6 (of the input
 # and of every parameter, each relative to its own largest); the tolerances are 4.5x and
-# 4.4x over them.
-TOL, GRAD_TOL = 4e-6, 1.5e-5
+# 5.9x over them.
+TOL, GRAD_TOL = 4e-6, 2e-5
 
 
 @pytest.mark.parametrize("config, shape", CONFIGS)

@@ -78,10 +78,10 @@ SMALL: dict[str, Any] = dict(
 # The largest errors of the parity tests below against vit-pytorch, measured (float32, this
 # suite's CPU): outputs (relative to the largest output) and gradients (of the input and of
 # every parameter, each relative to its own largest), per configuration, with tolerances
-# 5-6x over them. The default tokens-to-token stages (configuration 2) run transformers of
+# 5-7x over them. The default tokens-to-token stages (configuration 2) run transformers of
 # width 49 and 441 on the unfolded pixels, and differ more: outputs 1.9e-6, gradients
 # 7.5e-5 (the other configurations and the custom transformer: 4.3e-7 and 2.1e-6).
-TOL, GRAD_TOL = 2.5e-6, 1e-5
+TOL, GRAD_TOL = 3e-6, 1e-5
 TOLERANCES = [(TOL, GRAD_TOL), (TOL, GRAD_TOL), (1e-5, 4e-4), (TOL, GRAD_TOL)]
 
 

@@ -38,8 +38,8 @@ CONFIGS: list[dict[str, Any]] = [
 # The largest errors of the parity tests below against vit-pytorch, measured (float32, this
 # suite's CPU): outputs 7.1e-7 (relative to the largest output), gradients 3.1e-6 (of the input
 # and of every parameter, each relative to its own largest); the tolerances are 5.6x and
-# 4.8x over them.
-TOL, GRAD_TOL = 4e-6, 1.5e-5
+# 6.5x over them.
+TOL, GRAD_TOL = 4e-6, 2e-5
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -184,9 +184,9 @@ def check_parity(
 
     (grad_model, grad_x), out = _grads(loss, model, x)
     err = rel_err(out, out_t.detach().numpy())
-    assert err <= tol, f"output relative error {err:.2e} > {tol:.0e}"
+    assert err <= tol, f"output relative error {err:.2e} > {tol:.1e}"
     err = rel_err(grad_x, x_t.grad.numpy())  # pyright: ignore[reportOptionalMemberAccess]
-    assert err <= grad_tol, f"input-gradient relative error {err:.2e} > {grad_tol:.0e}"
+    assert err <= grad_tol, f"input-gradient relative error {err:.2e} > {grad_tol:.1e}"
 
     torch_grads = {
         name: (p.grad if p.grad is not None else torch.zeros_like(p))
@@ -206,7 +206,7 @@ def check_parity(
         if grad_atol and np.max(np.abs(np.asarray(g) - np.asarray(e)), initial=0.0) <= grad_atol:
             continue
         assert err <= grad_tol, (
-            f"gradient of {jax.tree_util.keystr(path)}: relative error {err:.2e} > {grad_tol:.0e}"
+            f"gradient of {jax.tree_util.keystr(path)}: relative error {err:.2e} > {grad_tol:.1e}"
         )
     return model if state is None else (model, state)
 

@@ -76,7 +76,7 @@ def assert_trees_close(actual: Any, expected: Any, tol: float, atol: float = 0.0
         if atol and np.max(np.abs(a - e), initial=0.0) <= atol:
             continue  # an exact zero on both sides, up to rounding (a bias before a BatchNorm)
         err = rel_err(a, e)
-        assert err <= tol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e} > {tol:.0e}"
+        assert err <= tol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e} > {tol:.1e}"
 
 
 @pytest.mark.parametrize("name", ["cvt", "levit"])

@@ -595,8 +595,8 @@ def nan_pixel(monkeypatch):
     """Every data set loaded by the command line has a NaN pixel in training image 5."""
     real = data.load_dataset
 
-    def load_dataset(spec):
-        raw = real(spec)
+    def load_dataset(spec, **options):
+        raw = real(spec, **options)
         images = np.array(raw.train_images, np.float32, copy=True)
         images[5, 0, 0, 0] = np.nan
         return dataclasses.replace(raw, train_images=images)

@@ -10,7 +10,27 @@ from compilation import suite_flags
 os.environ["XLA_FLAGS"] = suite_flags(os.environ.get("XLA_FLAGS", ""))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory) -> str:
+    """For the command-line tests: 96 training and 40 test digits (8x8), a data set a tiny
+    model trains on in seconds."""
+    from eqx_vision import data
+
+    raw = data.load_digits()
+    train, test = np.asarray(raw.train_images), np.asarray(raw.test_images)
+    path = tmp_path_factory.mktemp("data") / "digits-small.npz"
+    np.savez(
+        path,
+        images=(train[:96, 0] * 255).astype(np.uint8),
+        labels=raw.train_labels[:96],
+        test_images=(test[:40, 0] * 255).astype(np.uint8),
+        test_labels=raw.test_labels[:40],
+    )
+    return str(path)
 
 
 @pytest.fixture

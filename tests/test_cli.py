@@ -35,22 +35,6 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def small_npz(tmp_path_factory) -> str:
-    """96 training and 40 test digits (8x8): a data set a tiny model trains on in seconds."""
-    raw = data.load_digits()
-    train, test = np.asarray(raw.train_images), np.asarray(raw.test_images)
-    path = tmp_path_factory.mktemp("data") / "digits-small.npz"
-    np.savez(
-        path,
-        images=(train[:96, 0] * 255).astype(np.uint8),
-        labels=raw.train_labels[:96],
-        test_images=(test[:40, 0] * 255).astype(np.uint8),
-        test_labels=raw.test_labels[:40],
-    )
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, small_npz) -> str:
     """A tiny ViT trained for 8 epochs, well above chance (~0.7 test accuracy); shared by
     the tests that only read it."""
@@ -77,6 +61,18 @@ def tensors(out: str) -> dict[str, np.ndarray]:
     import safetensors.numpy as st
 
     return st.load_file(os.path.join(out, "last.safetensors"))
+
+
+def stopped_and_resumed_vs_whole(capsys, tmp_path, argv) -> tuple[dict, dict]:
+    """Train `argv` whole, and stopped after 9 steps then resumed; assert equal metrics and
+    return the two checkpoints' tensors (resumed, whole)."""
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    assert run(capsys, *argv, "--out", whole)[0] == 0
+    assert run(capsys, *argv, "--out", parts, "--stop-after-steps", "9")[0] == 0
+    code, _, err = run(capsys, "train", "--out", parts, "--resume", "--no-progress")
+    assert code == 0, err
+    assert metrics(parts) == metrics(whole)
+    return tensors(parts), tensors(whole)
 
 
 def snapshot(folder: str) -> dict[str, str] | None:
@@ -634,13 +630,7 @@ def test_skip_non_finite_resume_equals_uninterrupted(tmp_path, small_npz, capsys
     uninterrupted one (fast sibling: `test_skip_non_finite`)."""
     argv = ["train", *TINY, "--data", small_npz, "--epochs", "3", "--skip-non-finite", "1",
             "--no-progress"]  # fmt: skip
-    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    assert run(capsys, *argv, "--out", whole)[0] == 0
-    assert run(capsys, *argv, "--out", parts, "--stop-after-steps", "9")[0] == 0
-    code, _, err = run(capsys, "train", "--out", parts, "--resume", "--no-progress")
-    assert code == 0, err
-    assert metrics(parts) == metrics(whole)
-    a, b = tensors(parts), tensors(whole)
+    a, b = stopped_and_resumed_vs_whole(capsys, tmp_path, argv)
     assert a.keys() == b.keys() and "opt_state.total_notfinite" in a
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
@@ -762,13 +752,7 @@ def test_dropout_resume_equals_uninterrupted(tmp_path, small_npz, capsys):
                                   "dropout": 0.2, "emb_dropout": 0.2}))  # fmt: skip
     argv = ["train", "--model", str(config), "--batch-size", "16", "--seed", "1", "--data",
             small_npz, "--epochs", "2", "--no-progress"]  # fmt: skip
-    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    assert run(capsys, *argv, "--out", whole)[0] == 0
-    assert run(capsys, *argv, "--out", parts, "--stop-after-steps", "9")[0] == 0
-    code, _, err = run(capsys, "train", "--out", parts, "--resume", "--no-progress")
-    assert code == 0, err
-    assert metrics(parts) == metrics(whole)
-    a, b = tensors(parts), tensors(whole)
+    a, b = stopped_and_resumed_vs_whole(capsys, tmp_path, argv)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 

@@ -41,22 +41,6 @@ PROCESS_TIMEOUT = 600  # seconds: start-up and compilation on two busy cores
 
 
 @pytest.fixture(scope="module")
-def small_npz(tmp_path_factory) -> str:
-    """96 training and 40 test digits (8x8): a data set a tiny model trains on in seconds."""
-    raw = data.load_digits()
-    train, test = np.asarray(raw.train_images), np.asarray(raw.test_images)
-    path = tmp_path_factory.mktemp("data") / "digits-small.npz"
-    np.savez(
-        path,
-        images=(train[:96, 0] * 255).astype(np.uint8),
-        labels=raw.train_labels[:96],
-        test_images=(test[:40, 0] * 255).astype(np.uint8),
-        test_labels=raw.test_labels[:40],
-    )
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, small_npz):
     """`reference(epochs)`: the folder of an uninterrupted in-process run (run once)."""
 

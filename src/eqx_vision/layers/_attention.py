@@ -202,6 +202,7 @@ class Attention(eqx.Module):
         dim_head: int = 64,
         dropout: float = 0.0,
         norm: bool = True,
+        norm_eps: float = 1e-5,
         fused_qkv: bool = True,
         qkv_bias: bool = False,
         project_out: bool | None = None,
@@ -219,6 +220,7 @@ class Attention(eqx.Module):
         - `dim_head`: dimension of each head's queries, keys and values.
         - `dropout`: dropout rate on the attention probabilities and on the output.
         - `norm`: whether to layer-normalise the input first (pre-norm).
+        - `norm_eps`: the epsilon of that LayerNorm.
         - `fused_qkv`: one `to_qkv` projection (self-attention only) rather than separate
           `to_q` and `to_kv` projections (needed to attend to a `context`).
         - `qkv_bias`: whether the query/key/value projections have a bias.
@@ -248,7 +250,7 @@ class Attention(eqx.Module):
                 f"!= {dim}."
             )
         qkv_key, kv_key, out_key, pre_key, post_key = jr.split(key, 5)
-        self.norm = LayerNorm(dim) if norm else None
+        self.norm = LayerNorm(dim, eps=norm_eps) if norm else None
         if fused_qkv:
             self.to_qkv = Linear(dim, 3 * inner, use_bias=qkv_bias, key=qkv_key)
             self.to_q = self.to_kv = None

@@ -33,6 +33,7 @@ class FeedForward(eqx.Module):
         *,
         dropout: float = 0.0,
         norm: bool = True,
+        norm_eps: float = 1e-5,
         out_dropout: bool = True,
         activation: Callable[[Array], Array] = gelu,
         key: PRNGKeyArray,
@@ -43,6 +44,7 @@ class FeedForward(eqx.Module):
         - `hidden_dim`: width of the hidden layer.
         - `dropout`: dropout rate after the activation and after the output layer.
         - `norm`: whether to layer-normalise the input first (pre-norm).
+        - `norm_eps`: the epsilon of that LayerNorm.
         - `out_dropout`: whether to apply dropout after the output layer too.
         - `activation`: the hidden activation, exact GELU by default.
         - `key`: a `jax.random.key` for the initialisation.
@@ -60,7 +62,7 @@ class FeedForward(eqx.Module):
             )
         key1, key2 = split_key(key, 2)
         assert key1 is not None and key2 is not None
-        self.norm = LayerNorm(dim) if norm else None
+        self.norm = LayerNorm(dim, eps=norm_eps) if norm else None
         self.fc1 = Linear(dim, hidden_dim, key=key1)
         self.fc2 = Linear(hidden_dim, dim, key=key2)
         self.hidden_dropout = eqx.nn.Dropout(dropout)

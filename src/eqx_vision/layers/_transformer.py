@@ -15,7 +15,7 @@ from ._attention import Attention
 from ._checks import Positive, Rate, checked_arguments
 from ._feedforward import FeedForward
 from ._init import full, keys
-from ._linear import LayerNorm
+from ._linear import LayerNorm, gelu
 from ._random import split_key
 from ._stack import Stack, stack_modules
 
@@ -165,8 +165,10 @@ class Transformer(eqx.Module):
         dropout: Rate = 0.0,
         final_norm: bool = True,
         layer_dropout: Rate = 0.0,
-        layer_scale: bool = False,
+        layer_scale: bool | float = False,
         num_branches: Positive = 1,
+        norm_eps: float = 1e-5,
+        activation: Callable[[Array], Array] = gelu,
         attention: Callable[..., Attention] = Attention,
         key: PRNGKeyArray,
         **attention_options: Any,
@@ -177,8 +179,12 @@ class Transformer(eqx.Module):
         - `dropout`: dropout rate in attention and feed-forward blocks.
         - `final_norm`: whether the encoder ends with a LayerNorm.
         - `layer_dropout`: probability of skipping each block in training (CaiT).
-        - `layer_scale`: whether to use CaiT's LayerScale, initialised by layer index.
+        - `layer_scale`: `True` for CaiT's LayerScale, initialised by layer index; a number
+          for a LayerScale initialised to that constant in every block; `False` for none.
         - `num_branches`: number of parallel attention and feed-forward branches per block.
+        - `norm_eps`: the epsilon of every LayerNorm (1e-5 as `torch.nn.LayerNorm`; timm's
+          ViTs use 1e-6).
+        - `activation`: the feed-forward activation, exact GELU by default.
         - `attention`: the attention constructor.
         - `key`: a `jax.random.key` for the initialisation.
         - `**attention_options`: passed to every `Attention`
@@ -187,11 +193,19 @@ class Transformer(eqx.Module):
 
         def make_attn(*, key: PRNGKeyArray) -> Attention:
             return attention(
-                dim, heads=heads, dim_head=dim_head, dropout=dropout, key=key, **attention_options
+                dim,
+                heads=heads,
+                dim_head=dim_head,
+                dropout=dropout,
+                norm_eps=norm_eps,
+                key=key,
+                **attention_options,
             )
 
         def make_ff(*, key: PRNGKeyArray) -> FeedForward:
-            return FeedForward(dim, mlp_dim, dropout=dropout, key=key)
+            return FeedForward(
+                dim, mlp_dim, dropout=dropout, norm_eps=norm_eps, activation=activation, key=key
+            )
 
         def make_block(index: int, *, key: PRNGKeyArray) -> TransformerBlock:
             attn_key, ff_key = jr.split(key)
@@ -200,11 +214,14 @@ class Transformer(eqx.Module):
             else:
                 attn = Parallel(make_attn, num_branches, key=attn_key)
                 ff = Parallel(make_ff, num_branches, key=ff_key)
-            scale = layer_scale_init(index) if layer_scale else None
+            if isinstance(layer_scale, bool):
+                scale = layer_scale_init(index) if layer_scale else None
+            else:
+                scale = float(layer_scale)
             return TransformerBlock(attn, ff, layer_scale=scale, dim=dim)
 
         self.layers = Stack(make_block, depth, layer_dropout=layer_dropout, key=key)
-        self.norm = LayerNorm(dim) if final_norm else None
+        self.norm = LayerNorm(dim, eps=norm_eps) if final_norm else None
 
     def __call__(
         self,

@@ -47,6 +47,7 @@ class LSA(Attention):
         heads: Positive = 8,
         dim_head: Positive = 64,
         dropout: Rate = 0.0,
+        norm_eps: float = 1e-5,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -55,6 +56,7 @@ class LSA(Attention):
         - `heads`: number of attention heads.
         - `dim_head`: dimension of each head's queries, keys and values.
         - `dropout`: dropout rate on the attention probabilities and on the output.
+        - `norm_eps`: the epsilon of the input LayerNorm.
         - `key`: a `jax.random.key` for the initialisation.
         """
         super().__init__(
@@ -62,6 +64,7 @@ class LSA(Attention):
             heads=heads,
             dim_head=dim_head,
             dropout=dropout,
+            norm_eps=norm_eps,
             project_out=True,
             locality=True,
             key=key,

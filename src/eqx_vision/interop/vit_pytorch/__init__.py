@@ -1,7 +1,7 @@
 """Loading vit-pytorch `state_dict()`s into eqx_vision models.
 
-`_state_dict` holds the reader (`StateDict`) and the converters of the shared layers;
-each other module holds the converters of one architecture or family. `CONVERTERS` is the
+`.._state_dict` holds the reader (`StateDict`) and the converters of the shared layers;
+each module here holds the converters of one architecture or family. `CONVERTERS` is the
 table that `from_vit_pytorch` dispatches through: a new architecture gets its converter
 module and a line here, and its model file never imports this package.
 """
@@ -35,6 +35,7 @@ from ...models import (
     ViT,
     ViTWithPatchMerger,
 )
+from .._state_dict import CheckpointError as CheckpointError, StateDict as StateDict
 from . import (
     cait,
     cross_vit,
@@ -49,7 +50,6 @@ from . import (
     twins_svt,
     vit,
 )
-from ._state_dict import CheckpointError as CheckpointError, StateDict as StateDict
 
 
 Converter = Callable[..., Any]

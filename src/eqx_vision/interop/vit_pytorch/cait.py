@@ -4,7 +4,7 @@ import equinox as eqx
 
 from ...layers import Attention, FeedForward, Transformer, TransformerBlock
 from ...models.cait import CaiT
-from ._state_dict import (
+from .._state_dict import (
     StateDict,
     convert_attention,
     convert_feedforward,

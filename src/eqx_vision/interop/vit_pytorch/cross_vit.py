@@ -3,7 +3,7 @@
 import equinox as eqx
 
 from ...models.cross_vit import CrossAttention, CrossLayer, CrossViT, ImageEmbedder, MultiScaleBlock
-from ._state_dict import (
+from .._state_dict import (
     StateDict,
     convert_attention,
     convert_layernorm,

@@ -4,7 +4,7 @@ import equinox as eqx
 
 from ...layers import Conv2d, ConvProjection, MapAttention
 from ...models.cvt import CvT, CvTBlock
-from ._state_dict import (
+from .._state_dict import (
     StateDict,
     convert_channel_layernorm,
     convert_conv,

@@ -5,7 +5,7 @@ import numpy as np
 
 from ...layers import ConvBN, MapAttention, attention_bias_indices
 from ...models.levit import LeViT, LeViTBlock
-from ._state_dict import (
+from .._state_dict import (
     CheckpointError,
     StateDict,
     convert_conv,

@@ -5,7 +5,7 @@ from typing import Any
 import equinox as eqx
 
 from ...models.nest import NesT, NesTBlock
-from ._state_dict import (
+from .._state_dict import (
     StateDict,
     convert_channel_layernorm,
     convert_conv,

@@ -3,7 +3,7 @@
 import equinox as eqx
 
 from ...models.pit import PiT, PiTPool
-from ._state_dict import (
+from .._state_dict import (
     StateDict,
     convert_conv,
     convert_layernorm,

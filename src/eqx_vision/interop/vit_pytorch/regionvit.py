@@ -4,7 +4,7 @@ import equinox as eqx
 
 from ...layers import FeedForward
 from ...models.regionvit import ConvTokenizer, R2LBlock, R2LStage, RegionViT
-from ._state_dict import (
+from .._state_dict import (
     StateDict,
     convert_attention,
     convert_channel_layernorm,

@@ -3,7 +3,7 @@
 import equinox as eqx
 
 from ...models.scalable_vit import ScalableBlock, ScalableViT
-from ._state_dict import (
+from .._state_dict import (
     StateDict,
     convert_channel_layernorm,
     convert_conv,

@@ -4,7 +4,7 @@ import equinox as eqx
 
 from ...layers import Transformer
 from ...models.t2t import T2TViT
-from ._state_dict import (
+from .._state_dict import (
     CheckpointError,
     StateDict,
     convert_linear,

@@ -13,7 +13,7 @@ from ...models.patch_merger import PatchMerger, ViTWithPatchMerger
 from ...models.simple_vit import SimpleViT
 from ...models.small_dataset_vit import LSA, SPT, SmallDatasetViT
 from ...models.vit import ViT
-from ._state_dict import (
+from .._state_dict import (
     StateDict,
     convert_attention,
     convert_block,

@@ -1,7 +1,8 @@
-"""The reader of vit-pytorch `state_dict()`s and the converters of the shared layers.
+"""The reader of PyTorch `state_dict()`s and the converters of the layers both checkpoint
+formats (vit-pytorch's and timm's) share.
 
-A converter walks its module and takes every tensor it needs, by its vit-pytorch name,
-from a `StateDict`. The reader checks each shape as it goes and, once the model's
+A converter walks its module and takes every tensor it needs, by its name in the
+checkpoint, from a `StateDict`. The reader checks each shape as it goes and, once the model's
 converter is done, that every tensor was used exactly once; since modules are immutable,
 a failed load leaves the caller's model untouched. The converters of whole models, one
 module per architecture or family, build on the ones here.
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from ...layers import (
+from ..layers import (
     Attention,
     BatchNorm,
     ChannelLayerNorm,
@@ -54,14 +55,19 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 class StateDict:
-    """A read-once view of a vit-pytorch state dict, with shape checks."""
+    """A read-once view of a state dict, with shape checks.
 
-    def __init__(self, state_dict: Mapping[str, Any]):
+    `source` names the checkpoint's library in the messages (`"vit-pytorch"`, `"timm"`).
+    """
+
+    def __init__(self, state_dict: Mapping[str, Any], *, source: str = "vit-pytorch"):
+        loader = "from_" + source.replace("-", "_")
         if not isinstance(state_dict, Mapping):
             raise TypeError(
-                "from_vit_pytorch expects a mapping of names to arrays, such as "
+                f"{loader} expects a mapping of names to arrays, such as "
                 f"`torch_module.state_dict()`; got {type(state_dict).__name__}."
             )
+        self.source = source
         self._arrays = {str(k): v for k, v in state_dict.items()}
         self._used: set[str] = set()
 
@@ -71,7 +77,7 @@ class StateDict:
     def raw(self, key: str) -> np.ndarray:
         """The array stored under `key`, marked as used."""
         if key not in self._arrays:
-            raise CheckpointError(f"missing key {key!r} in the vit-pytorch state dict.")
+            raise CheckpointError(f"missing key {key!r} in the {self.source} state dict.")
         if key in self._used:
             raise CheckpointError(f"key {key!r} was read twice.")
         self._used.add(key)
@@ -128,7 +134,7 @@ class StateDict:
             )
             more = f" and {len(unused) - 10} more" if len(unused) > 10 else ""
             raise CheckpointError(
-                f"unexpected keys in the vit-pytorch state dict (not used by the model): "
+                f"unexpected keys in the {self.source} state dict (not used by the model): "
                 f"{shown}{more}."
             )
 

@@ -142,6 +142,7 @@ def check_parity(
     call: Callable[..., Any] | None = None,
     torch_call: Callable[[Any, Any], Any] | None = None,
     state: Any = None,
+    load: Callable[[Any, Any], Any] | None = None,
 ) -> Any:
     """Load `torch_model`'s weights into `model` and compare outputs and gradients.
 
@@ -154,16 +155,22 @@ def check_parity(
     For a model with BatchNorm, pass its `state`: the torch BatchNorm statistics are
     randomised too and loaded into it, `call(m, x, state)` (by default `batch_call`) runs
     the model, and `(model, state)` is returned.
+
+    `load(state_dict, state)` loads a torch state dict (the weights, then the gradients)
+    into `model`: by default `ev.from_vit_pytorch(model, state_dict, state=state)`.
     """
     perturb_(torch_model, seed)
     if state is not None:
         randomize_batchnorm_(torch_model, seed, input_shape)
     torch_model.eval()
+    if load is None:
+        template = model
+        load = lambda sd, state: ev.from_vit_pytorch(template, sd, state=state)  # noqa: E731
     if state is None:
-        model = eqx.nn.inference_mode(ev.from_vit_pytorch(model, torch_model.state_dict()))
+        model = eqx.nn.inference_mode(load(torch_model.state_dict(), None))
         call = call or (lambda m, x: jax.vmap(m)(x))
     else:
-        model, state = ev.from_vit_pytorch(model, torch_model.state_dict(), state=state)
+        model, state = load(torch_model.state_dict(), state)
         model = eqx.nn.inference_mode(model)
         stateful_call = call or (lambda m, x, s: batch_call(m, x, s)[0])
         call = lambda m, x: stateful_call(m, x, state)
@@ -194,10 +201,9 @@ def check_parity(
     }
     state_dict = torch_model.state_dict()
     torch_grads.update({n: b for n, b in torch_model.named_buffers() if n in state_dict})
-    if state is None:
-        expected = ev.from_vit_pytorch(model, torch_grads)
-    else:
-        expected = ev.from_vit_pytorch(model, torch_grads, state=state)[0]
+    expected = load(torch_grads, state)
+    if state is not None:
+        expected = expected[0]
     leaves = jax.tree_util.tree_flatten_with_path(eqx.filter(grad_model, eqx.is_inexact_array))[0]
     expected_leaves = jax.tree.leaves(eqx.filter(expected, eqx.is_inexact_array))
     assert len(leaves) == len(expected_leaves)

@@ -216,3 +216,55 @@ def models_table() -> dict[str, Any]:
 if __name__ == "__main__":
     TABLE.write_text(json.dumps(models_table(), indent=1, sort_keys=True) + "\n")
     print(f"wrote {TABLE}")
+
+
+def timm_model(name: str, *, seed: int = 0, **overrides: Any) -> Any:
+    """`timm.create_model(name, pretrained=False, **overrides)` in eval mode, its
+    initialisation seeded."""
+    import torch
+
+    timm = import_timm()
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **overrides).eval()
+
+
+def check_timm_parity(
+    name: str,
+    input_shape: tuple[int, int, int],
+    *,
+    tol: float = 1e-4,
+    grad_tol: float = 1e-3,
+    batch: int = 2,
+    seed: int = 0,
+    **overrides: Any,
+) -> Any:
+    """timm's `name` (with the constructor `overrides`, e.g. a smaller `depth`), its
+    parameters perturbed (and BatchNorm statistics randomised) and loaded with
+    `ev.from_timm(name, state_dict, **overrides)`: outputs to `tol`, gradients of the
+    input and every parameter to `grad_tol` (see `reference.check_parity`). Returns the
+    loaded model (or `(model, state)`)."""
+    import jax.random as jr
+
+    import eqx_vision as ev
+    from eqx_vision.interop import timm as ev_timm
+    from reference import check_parity
+
+    torch_model = timm_model(name, seed=seed, **overrides)
+    built = ev_timm.build(name, key=jr.key(seed), **overrides)
+    model, state = built if isinstance(built, tuple) else (built, None)
+
+    def load(state_dict: Any, state: Any) -> Any:
+        out = ev.from_timm(name, state_dict, **overrides)
+        return out
+
+    return check_parity(
+        model,
+        torch_model,
+        input_shape,
+        batch=batch,
+        seed=seed,
+        tol=tol,
+        grad_tol=grad_tol,
+        state=state,
+        load=load,
+    )

@@ -1,7 +1,11 @@
 """eqx_vision: vision transformers in JAX + Equinox, numerically equal to vit-pytorch."""
 
 from . import layers as layers
-from .interop import CheckpointError as CheckpointError, from_vit_pytorch as from_vit_pytorch
+from .interop import (
+    CheckpointError as CheckpointError,
+    from_timm as from_timm,
+    from_vit_pytorch as from_vit_pytorch,
+)
 from .layers import checkpoint_blocks as checkpoint_blocks, remat as remat
 from .models import (
     LSA as LSA,

@@ -1,8 +1,10 @@
 """Weight conversion from other libraries' checkpoints: one package per format.
 
 - `vit_pytorch`: the `state_dict()`s of vit-pytorch 1.26.11 modules.
+- `timm`: timm's model names and checkpoints (timm 1.0.31's configurations).
 """
 
+from .timm import TimmConfigError as TimmConfigError, from_timm as from_timm
 from .vit_pytorch import (
     CheckpointError as CheckpointError,
     StateDict as StateDict,

@@ -126,10 +126,14 @@ def data_config(model_name: str) -> dict[str, Any]:
     return dict(_entry(model_name).get("data_config", {}))
 
 
-def _arguments(model_name: str, num_classes: int | None) -> tuple[Any, TimmArgs]:
+def _arguments(
+    model_name: str, num_classes: int | None, overrides: dict[str, Any]
+) -> tuple[Any, TimmArgs]:
     entry = _entry(model_name)
     family = _family(model_name, entry["class"])
     kwargs = dict(entry["kwargs"])
+    # as in models.json: tuples as lists
+    kwargs.update(json.loads(json.dumps(overrides)))
     if num_classes is not None:
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0; got {num_classes!r}.")
@@ -137,22 +141,24 @@ def _arguments(model_name: str, num_classes: int | None) -> tuple[Any, TimmArgs]
     return family, TimmArgs(model_name.removeprefix("timm/"), entry["class"], kwargs)
 
 
-def build(model_name: str, *, num_classes: int | None = None, key: PRNGKeyArray) -> Any:
+def build(
+    model_name: str, *, num_classes: int | None = None, key: PRNGKeyArray, **overrides: Any
+) -> Any:
     """The eqx_vision model of timm's `model_name`, randomly initialised (with
     `(model, state)` for models with BatchNorm): the architecture of
-    `timm.create_model(model_name, num_classes=...)`.
+    `timm.create_model(model_name, num_classes=..., **overrides)`.
 
     **Raises:** `TimmConfigError` (a `ValueError`) for an unknown name, or a configuration
     eqx_vision cannot build, naming the timm option it lacks.
     """
-    family, args = _arguments(model_name, num_classes)
+    family, args = _arguments(model_name, num_classes, overrides)
     return family.build(args, key=key)
 
 
 def check(model_name: str) -> None:
     """Raise `TimmConfigError` unless eqx_vision can build `model_name` (without building
     it)."""
-    family, args = _arguments(model_name, None)
+    family, args = _arguments(model_name, None, {})
     eqx.filter_eval_shape(lambda: family.build(args, key=jr.key(0)))
 
 
@@ -213,6 +219,7 @@ def from_timm(
     *,
     num_classes: int | None = None,
     key: PRNGKeyArray | None = None,
+    **overrides: Any,
 ) -> Any:
     """The eqx_vision model of a timm model, with its weights.
 
@@ -229,6 +236,8 @@ def from_timm(
       replaces the checkpoint's (drawn at random with `key`, as `torch.nn.Linear`
       initialises), `0` removes it.
     - `key`: a `jax.random.key` for a new classifier (default `jax.random.key(0)`).
+    - `**overrides`: other constructor arguments of timm's model, as given to
+      `timm.create_model` (`depth=4`, `img_size=384`, ...).
 
     **Returns:** the model, equal to `timm.create_model(model_name)` in eval mode, or
     `(model, state)` for models with BatchNorm (LeViT).
@@ -238,7 +247,7 @@ def from_timm(
     `ValueError`) on a missing, unexpected or mis-shaped tensor, naming the key and both
     shapes. Nothing is half-loaded.
     """
-    family, args = _arguments(model_name, num_classes)
+    family, args = _arguments(model_name, num_classes, overrides)
     if isinstance(state_dict, str | os.PathLike):
         state_dict = load_safetensors(state_dict)
     if not isinstance(state_dict, Mapping):
@@ -261,7 +270,7 @@ def from_timm(
         out = family.convert(built, sd)
     sd.finish()
     return _fill_constants(
-        out, lambda: family.build(_arguments(model_name, num_classes)[1], key=jr.key(0))
+        out, lambda: family.build(_arguments(model_name, num_classes, overrides)[1], key=jr.key(0))
     )
 
 

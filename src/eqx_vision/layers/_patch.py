@@ -118,6 +118,7 @@ class PatchEmbedding(eqx.Module):
         pre_norm: bool = True,
         post_norm: bool = True,
         channels_first: bool = False,
+        bias: bool = True,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -128,11 +129,12 @@ class PatchEmbedding(eqx.Module):
         - `pre_norm`, `post_norm`: whether to layer-normalise the flattened patch before
           the projection, and the token after it.
         - `channels_first`: flatten each patch `(c p1 p2)` rather than `(p1 p2 c)`.
+        - `bias`: whether the projection has a bias.
         - `key`: a `jax.random.key` for the initialisation.
         """
         patch_dim = channels * patch_size[0] * patch_size[1]
         self.pre_norm = LayerNorm(patch_dim) if pre_norm else None
-        self.linear = Linear(patch_dim, dim, key=key)
+        self.linear = Linear(patch_dim, dim, use_bias=bias, key=key)
         self.post_norm = LayerNorm(dim) if post_norm else None
         self.patch_size = patch_size
         self.channels_first = channels_first

@@ -228,6 +228,8 @@ class MapAttention(eqx.Module):
         gelu_before_out: bool = False,
         attn_dropout: bool = True,
         out_dropout: bool = True,
+        qkv_bias: bool = False,
+        norm_eps: float = 1e-5,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -240,6 +242,8 @@ class MapAttention(eqx.Module):
         - `dim_out`: channels of the output map; defaults to `dim`.
         - `dropout`: dropout rate, on the sites chosen by `attn_dropout` and `out_dropout`.
         - `norm`: whether to normalise the input over its channels first.
+        - `norm_eps`: the epsilon of that norm.
+        - `qkv_bias`: whether the `"linear"` query/key/value projections have a bias.
         - `proj_kernel`: kernel of the depthwise convolutions of `"separable"` projections.
         - `projection`, `projections`, `kv_reduction`, `q_stride`, `bias_map_size`,
           `window`, `dilated`, `value_conv`, `gelu_before_out`: the variants described
@@ -260,14 +264,18 @@ class MapAttention(eqx.Module):
             windowed=window is not None,
             bias_map_size=bias_map_size,
         )
+        if qkv_bias and projection != "linear":
+            raise ValueError(f"qkv_bias applies to projection='linear' only; got {projection!r}.")
         inner_qk, inner_v = heads * dim_head, heads * dim_value
         self.to_qkv = self.to_q = self.to_kv = self.to_k = self.to_v = None
         self.value_conv = None
         self.pos_bias = None
         if projection == "linear":
-            self.norm = LayerNorm(dim) if norm else None
+            self.norm = LayerNorm(dim, eps=norm_eps) if norm else None
             keys = iter(jr.split(key, 6))
-            layers = _linear_projections(dim, inner_qk, inner_v, projections, kv_reduction, keys)
+            layers = _linear_projections(
+                dim, inner_qk, inner_v, projections, kv_reduction, keys, bias=qkv_bias
+            )
             self.to_qkv, self.to_q, self.to_kv, self.to_k, self.to_v = layers
             if value_conv:
                 pad = value_conv // 2
@@ -275,14 +283,14 @@ class MapAttention(eqx.Module):
             self.to_out = Linear(inner_v, dim_out, key=next(keys))
             bias_key = next(keys)
         elif projection == "separable":
-            self.norm = ChannelLayerNorm(dim) if norm else None
+            self.norm = ChannelLayerNorm(dim, eps=norm_eps) if norm else None
             q_key, kv_key, out_key, *rest = jr.split(key, 3 if bias_map_size is None else 4)
             self.to_q = ConvProjection(dim, inner_qk, proj_kernel, q_stride, key=q_key)
             self.to_kv = ConvProjection(dim, 2 * inner_qk, proj_kernel, kv_reduction, key=kv_key)
             self.to_out = Conv2d(inner_v, dim_out, 1, key=out_key)
             bias_key = rest[0] if rest else out_key
         else:
-            self.norm = ChannelLayerNorm(dim) if norm else None
+            self.norm = ChannelLayerNorm(dim, eps=norm_eps) if norm else None
             q_key, k_key, v_key, out_key, bias_key = jr.split(key, 5)
             self.to_q = ConvBN(dim, inner_qk, stride=q_stride, key=q_key)
             self.to_k = ConvBN(dim, inner_qk, key=k_key)
@@ -504,6 +512,8 @@ def _linear_projections(
     projections: str,
     kv_reduction: int,
     keys: Iterator[PRNGKeyArray],
+    *,
+    bias: bool = False,
 ) -> tuple[
     Linear | None,
     Linear | None,
@@ -511,21 +521,25 @@ def _linear_projections(
     Linear | Conv2d | None,
     Linear | Conv2d | None,
 ]:
-    """`(to_qkv, to_q, to_kv, to_k, to_v)` of `"linear"` projections, one key each."""
+    """`(to_qkv, to_q, to_kv, to_k, to_v)` of `"linear"` projections, one key each, with
+    biases if `bias`."""
     if projections == "qkv":
-        return Linear(dim, 3 * inner_qk, use_bias=False, key=next(keys)), None, None, None, None
-    to_q = Linear(dim, inner_qk, use_bias=False, key=next(keys))
+        return Linear(dim, 3 * inner_qk, use_bias=bias, key=next(keys)), None, None, None, None
+    to_q = Linear(dim, inner_qk, use_bias=bias, key=next(keys))
     if projections == "q_kv":
-        return None, to_q, _reduce(dim, 2 * inner_qk, kv_reduction, key=next(keys)), None, None
-    to_k = _reduce(dim, inner_qk, kv_reduction, key=next(keys))
-    return None, to_q, None, to_k, _reduce(dim, inner_v, kv_reduction, key=next(keys))
+        to_kv = _reduce(dim, 2 * inner_qk, kv_reduction, bias=bias, key=next(keys))
+        return None, to_q, to_kv, None, None
+    to_k = _reduce(dim, inner_qk, kv_reduction, bias=bias, key=next(keys))
+    return None, to_q, None, to_k, _reduce(dim, inner_v, kv_reduction, bias=bias, key=next(keys))
 
 
-def _reduce(dim: int, out: int, reduction: int, *, key: PRNGKeyArray) -> Linear | Conv2d:
+def _reduce(
+    dim: int, out: int, reduction: int, *, bias: bool = False, key: PRNGKeyArray
+) -> Linear | Conv2d:
     """A 1x1 projection, or an `r x r` convolution of stride `r` for `reduction = r > 1`."""
     if reduction == 1:
-        return Linear(dim, out, use_bias=False, key=key)
-    return Conv2d(dim, out, reduction, stride=reduction, padding=0, use_bias=False, key=key)
+        return Linear(dim, out, use_bias=bias, key=key)
+    return Conv2d(dim, out, reduction, stride=reduction, padding=0, use_bias=bias, key=key)
 
 
 class MapFeedForward(eqx.Module):
@@ -546,6 +560,7 @@ class MapFeedForward(eqx.Module):
         *,
         dropout: Rate = 0.0,
         out_dropout: bool = True,
+        norm_eps: float = 1e-5,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -553,10 +568,17 @@ class MapFeedForward(eqx.Module):
         - `dim`: channels of the map, in and out.
         - `hidden_dim`: width of the hidden layer.
         - `dropout`: dropout rate after the activation and (with `out_dropout`) at the end.
+        - `norm_eps`: the epsilon of the channel LayerNorm.
         - `key`: a `jax.random.key` for the initialisation.
         """
         self.ff = FeedForward(
-            dim, hidden_dim, dropout=dropout, out_dropout=out_dropout, activation=gelu, key=key
+            dim,
+            hidden_dim,
+            dropout=dropout,
+            out_dropout=out_dropout,
+            norm_eps=norm_eps,
+            activation=gelu,
+            key=key,
         )
 
     def __call__(

@@ -81,8 +81,9 @@ def torch_param_count(torch_model: torch.nn.Module) -> int:
 def randomize_batchnorm_(
     torch_model: torch.nn.Module, seed: int = 0, input_shape: tuple[int, ...] | None = None
 ) -> None:
-    """Random running statistics and counts in every BatchNorm, so that the loaded state is
-    actually checked (and LeViT's output, constant at initialisation, depends on its input).
+    """Random running statistics and counts in every BatchNorm (2-d, and 1-d as in timm's
+    LeViT), so that the loaded state is actually checked (and LeViT's output, constant at
+    initialisation, depends on its input).
 
     With `input_shape`, the statistics are first measured on two random batches in train
     mode, so that the normalised activations have about unit scale (statistics far from the
@@ -90,7 +91,8 @@ def randomize_batchnorm_(
     rounding noise), then perturbed.
     """
     gen = torch.Generator().manual_seed(seed + 2)
-    norms = [m for m in torch_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    kinds = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+    norms = [m for m in torch_model.modules() if isinstance(m, kinds)]
     if input_shape is not None:
         training, momenta = torch_model.training, [bn.momentum for bn in norms]
         for bn in norms:

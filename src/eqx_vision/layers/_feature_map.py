@@ -168,6 +168,11 @@ class MapAttention(eqx.Module):
       convolution with stride `r` (no bias, no padding) with `"linear"` projections (Twins
       global attention, ScalableViT's scalable self-attention), from a depthwise
       convolution of stride `r` with `"separable"` ones (CvT).
+    - `spatial_reduction`, with `"linear"` projections and `kv_reduction = r > 1`: the
+      map is first reduced by an `r x r` convolution of stride `r` to `dim` channels
+      (with bias, no padding) and a LayerNorm (eps 1e-5), then projected to keys and
+      values 1x1 (the spatial-reduction attention of PVT, and the global attention of
+      the original Twins).
     - `q_stride = s > 1`, with convolutional projections: queries on every `s`-th row and
       column, so the output map is smaller than the input (LeViT's downsampling attention).
     - `bias_map_size = n`, with convolutional projections: a learned attention bias
@@ -191,6 +196,8 @@ class MapAttention(eqx.Module):
     to_kv: Linear | Conv2d | ConvProjection | None
     to_k: Linear | Conv2d | ConvBN | None
     to_v: Linear | Conv2d | ConvBN | None
+    kv_reduce: Conv2d | None
+    kv_reduce_norm: LayerNorm | None
     value_conv: Conv2d | None
     to_out: Linear | Conv2d | ConvBN
     pos_bias: Float[Array, "positions heads"] | None
@@ -230,6 +237,7 @@ class MapAttention(eqx.Module):
         out_dropout: bool = True,
         qkv_bias: bool = False,
         norm_eps: float = 1e-5,
+        spatial_reduction: bool = False,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -245,9 +253,9 @@ class MapAttention(eqx.Module):
         - `norm_eps`: the epsilon of that norm.
         - `qkv_bias`: whether the `"linear"` query/key/value projections have a bias.
         - `proj_kernel`: kernel of the depthwise convolutions of `"separable"` projections.
-        - `projection`, `projections`, `kv_reduction`, `q_stride`, `bias_map_size`,
-          `window`, `dilated`, `value_conv`, `gelu_before_out`: the variants described
-          above.
+        - `projection`, `projections`, `kv_reduction`, `spatial_reduction`, `q_stride`,
+          `bias_map_size`, `window`, `dilated`, `value_conv`, `gelu_before_out`: the
+          variants described above.
         - `key`: a `jax.random.key` for the initialisation.
         """
         dim_value = dim_head if dim_value is None else dim_value
@@ -266,13 +274,19 @@ class MapAttention(eqx.Module):
         )
         if qkv_bias and projection != "linear":
             raise ValueError(f"qkv_bias applies to projection='linear' only; got {projection!r}.")
+        if spatial_reduction and (projection != "linear" or projections == "qkv"):
+            raise ValueError("spatial_reduction needs projection='linear', 'q_kv' or 'q_k_v'.")
         inner_qk, inner_v = heads * dim_head, heads * dim_value
         self.to_qkv = self.to_q = self.to_kv = self.to_k = self.to_v = None
-        self.value_conv = None
+        self.value_conv = self.kv_reduce = self.kv_reduce_norm = None
         self.pos_bias = None
         if projection == "linear":
             self.norm = LayerNorm(dim, eps=norm_eps) if norm else None
             keys = iter(jr.split(key, 6))
+            if spatial_reduction and kv_reduction > 1:
+                r, kv_reduction = kv_reduction, 1  # the projections then work on the reduced map
+                self.kv_reduce = Conv2d(dim, dim, r, stride=r, key=jr.fold_in(key, 6))
+                self.kv_reduce_norm = LayerNorm(dim)
             layers = _linear_projections(
                 dim, inner_qk, inner_v, projections, kv_reduction, keys, bias=qkv_bias
             )
@@ -440,6 +454,8 @@ class MapAttention(eqx.Module):
             return q, k, v
         assert isinstance(self.to_q, Linear)
         q = self.to_q(x)
+        if self.kv_reduce is not None and self.kv_reduce_norm is not None:
+            x = self.kv_reduce_norm(_project(self.kv_reduce, x))
         if self.to_kv is not None:
             assert not isinstance(self.to_kv, ConvProjection)
             k, v = jnp.split(_project(self.to_kv, x), 2, axis=-1)

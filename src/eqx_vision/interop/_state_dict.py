@@ -86,7 +86,7 @@ class StateDict:
     def take(
         self,
         key: str,
-        like: Array,
+        like: Array | np.ndarray,
         *,
         torch_shape: tuple[int, ...] | None = None,
         transform: Callable[[np.ndarray], np.ndarray] | None = None,

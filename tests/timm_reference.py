@@ -90,7 +90,7 @@ def _stand_in(name: str) -> types.ModuleType:
 def import_timm() -> types.ModuleType:
     """`timm`, imported with torchvision stood in for if it is not importable."""
     try:
-        import torchvision  # noqa: F401
+        importlib.import_module("torchvision")
     except Exception:
         for name in TORCHVISION_MODULES:
             sys.modules[name] = _stand_in(name)
@@ -166,14 +166,14 @@ def constructor_arguments(name: str) -> tuple[str, dict[str, Any]]:
     saved = {m: m.build_model_with_cfg for m in modules}
     try:
         for m in modules:
-            m.build_model_with_cfg = build
+            setattr(m, "build_model_with_cfg", build)  # noqa: B010
         timm.create_model(name, pretrained=False)
     except Exception:
         if not captured:
             raise
     finally:
         for m, fn in saved.items():
-            m.build_model_with_cfg = fn
+            setattr(m, "build_model_with_cfg", fn)  # noqa: B010
     return captured["class"], captured["kwargs"]
 
 

@@ -3,24 +3,41 @@
 Dosovitskiy et al., 2020, https://arxiv.org/abs/2010.11929.
 """
 
-from typing import Literal, cast
+from collections.abc import Callable
+from typing import Any, Literal, cast
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..layers import (
+    LayerNorm,
     Linear,
     PatchEmbedding,
     Transformer,
     check_divisible,
     check_image,
     check_key,
-    pool_tokens,
 )
 from ..layers._checks import NonNegative, Positive, PositivePair, Rate, checked_arguments
 from ..layers._init import normal
-from ..layers._tokens import encode_with_class_tokens
+from ..layers._linear import gelu
+from ..layers._random import split_key
+
+
+Pool = Literal["cls", "mean"]
+PatchEmbed = Literal["norm", "conv"]
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": gelu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+"""The feed-forward activations by name: exact (erf) GELU, its tanh approximation, and
+CLIP's `x * sigmoid(1.702 x)`."""
 
 
 class ViT(eqx.Module):
@@ -32,20 +49,33 @@ class ViT(eqx.Module):
     LayerNorm runs over the tokens. The class token (or the mean of all tokens) goes through
     a linear head.
 
-    Equal to `vit_pytorch.vit.ViT`; load its weights with `eqx_vision.from_vit_pytorch`.
-    Unlike the reference, which silently adds the wrong position embeddings to a smaller
+    Equal to `vit_pytorch.vit.ViT` with the default options; load its weights with
+    `eqx_vision.from_vit_pytorch`. The options cover the variants of timm's
+    `VisionTransformer` (the original, AugReg, DeiT, DeiT III, CLIP, register models, ...;
+    load them with `eqx_vision.from_timm`): the strided-convolution patch embedding
+    without norms (`patch_embedding="conv"`), biases in the qkv projection, the LayerNorm
+    epsilon, a distillation token and register tokens, position embeddings that leave out
+    these prefix tokens, mean pooling over the patch tokens with its own norm, a constant
+    LayerScale, a LayerNorm before the encoder and other MLP activations.
+    Unlike vit-pytorch, which silently adds the wrong position embeddings to a smaller
     image, an image of any other size than `image_size` is rejected.
     """
 
     to_patch_embedding: PatchEmbedding
     cls_token: Float[Array, "num_cls dim"]
+    dist_token: Float[Array, "1 dim"] | None
+    reg_tokens: Float[Array, "num_reg dim"] | None
     pos_embedding: Float[Array, "seq dim"]
     dropout: eqx.nn.Dropout
+    pre_norm: LayerNorm | None
     transformer: Transformer
+    fc_norm: LayerNorm | None
     mlp_head: Linear | None
+    dist_head: Linear | None
     image_size: tuple[int, int] = eqx.field(static=True)
     channels: int = eqx.field(static=True)
     pool: str = eqx.field(static=True)
+    pos_embed_prefix: bool = eqx.field(static=True)
 
     @checked_arguments
     def __init__(
@@ -58,45 +88,140 @@ class ViT(eqx.Module):
         depth: Positive,
         heads: Positive,
         mlp_dim: Positive,
-        pool: Literal["cls", "mean"] = "cls",
+        pool: Pool = "cls",
         channels: Positive = 3,
         dim_head: Positive = 64,
         dropout: Rate = 0.0,
         emb_dropout: Rate = 0.0,
+        patch_embedding: PatchEmbed = "norm",
+        patch_bias: bool = True,
+        qkv_bias: bool = False,
+        norm_eps: float = 1e-5,
+        class_token: bool | None = None,
+        distillation_token: bool = False,
+        num_registers: NonNegative = 0,
+        pos_embed_prefix: bool = True,
+        pre_norm: bool = False,
+        final_norm: bool = True,
+        fc_norm: bool = False,
+        layer_scale: float | None = None,
+        activation: Activation = "gelu",
         key: PRNGKeyArray,
     ):
         """**Arguments:**
 
         - `image_size`: image height and width, an int or `(height, width)`.
-        - `patch_size`: patch height and width, an int or a pair; must divide `image_size`.
+        - `patch_size`: patch height and width, an int or a pair; must divide `image_size`
+          (with `patch_embedding="conv"`, the rows and columns beyond the last whole patch
+          are left out, as a strided convolution does).
         - `num_classes`: number of output logits; `0` returns the encoded tokens instead.
         - `dim`: token dimension.
         - `depth`: number of transformer blocks.
         - `heads`: attention heads per block.
         - `mlp_dim`: hidden width of the feed-forward blocks.
-        - `pool`: `"cls"` (class token) or `"mean"` (mean of all tokens).
+        - `pool`: `"cls"` (class token) or `"mean"` (mean of the patch tokens).
         - `channels`: input channels.
         - `dim_head`: dimension per attention head.
         - `dropout`: dropout rate inside the transformer.
         - `emb_dropout`: dropout rate on the embedded tokens.
+
+        The variants (the defaults are vit-pytorch's):
+
+        - `patch_embedding`: `"norm"` (`LayerNorm → Linear → LayerNorm` on patches
+          flattened `(p1 p2 c)`) or `"conv"` (the strided convolution of the original ViT: a
+          `Linear` on patches flattened `(c p1 p2)`).
+        - `patch_bias`: whether the `"conv"` patch embedding has a bias.
+        - `qkv_bias`: whether the query/key/value projection has a bias.
+        - `norm_eps`: the epsilon of every LayerNorm.
+        - `class_token`: whether a class token is prepended; by default when `pool="cls"`.
+        - `distillation_token`: a second prefix token with its own head (DeiT); the logits
+          are the mean of both heads.
+        - `num_registers`: register tokens, prefix tokens without a head.
+        - `pos_embed_prefix`: whether the position embeddings cover the prefix tokens
+          (otherwise they are added to the patch tokens only).
+        - `pre_norm`: a LayerNorm on the tokens before the encoder (CLIP).
+        - `final_norm`: whether the tokens (or, with `fc_norm`, the pooled token) are
+          normalised at the end.
+        - `fc_norm`: with `final_norm`, normalise the pooled token rather than the tokens.
+        - `layer_scale`: a LayerScale in every block, initialised to this constant.
+        - `activation`: the feed-forward activation: `"gelu"` (exact), `"gelu_tanh"`,
+          `"quick_gelu"`.
         - `key`: a `jax.random.key` for the initialisation.
         """
         # checked_arguments passes both sizes as (height, width) pairs
         image_hw, patch_hw = cast(tuple[int, int], image_size), cast(tuple[int, int], patch_size)
-        grid = check_divisible(image_hw, patch_hw)
-        embed_key, cls_key, pos_key, tf_key, head_key = jr.split(key, 5)
-        num_cls = 1 if pool == "cls" else 0
-        self.to_patch_embedding = PatchEmbedding(channels, patch_hw, dim, key=embed_key)
-        self.cls_token = normal(cls_key, (num_cls, dim))
-        self.pos_embedding = normal(pos_key, (grid[0] * grid[1] + num_cls, dim))
-        self.dropout = eqx.nn.Dropout(emb_dropout)
-        self.transformer = Transformer(
-            dim, depth, heads, dim_head, mlp_dim, dropout=dropout, key=tf_key
+        conv = patch_embedding == "conv"
+        if conv:  # a strided convolution leaves out the rows and columns that do not fit
+            grid = (image_hw[0] // patch_hw[0], image_hw[1] // patch_hw[1])
+            if min(grid) == 0:
+                raise ValueError(
+                    f"image_size must be at least patch_size; got image_size={image_hw} and "
+                    f"patch_size={patch_hw}."
+                )
+        else:
+            grid = check_divisible(image_hw, patch_hw)
+        if class_token is None:
+            class_token = pool == "cls"
+        if pool == "cls" and not class_token:
+            raise ValueError('pool="cls" needs the class token; got class_token=False.')
+        if distillation_token and not (class_token and pool == "cls"):
+            raise ValueError('distillation_token=True needs pool="cls" and the class token.')
+        keys = jr.split(key, 8)
+        num_cls = int(class_token)
+        num_prefix = num_cls + int(distillation_token) + num_registers
+        self.to_patch_embedding = PatchEmbedding(
+            channels,
+            patch_hw,
+            dim,
+            pre_norm=not conv,
+            post_norm=not conv,
+            channels_first=conv,
+            bias=patch_bias or not conv,
+            key=keys[0],
         )
-        self.mlp_head = Linear(dim, num_classes, key=head_key) if num_classes > 0 else None
+        self.cls_token = normal(keys[1], (num_cls, dim))
+        self.dist_token = normal(keys[2], (1, dim)) if distillation_token else None
+        self.reg_tokens = normal(keys[3], (num_registers, dim)) if num_registers else None
+        seq = grid[0] * grid[1] + (num_prefix if pos_embed_prefix else 0)
+        self.pos_embedding = normal(keys[4], (seq, dim))
+        self.dropout = eqx.nn.Dropout(emb_dropout)
+        self.pre_norm = LayerNorm(dim, eps=norm_eps) if pre_norm else None
+        self.transformer = Transformer(
+            dim,
+            depth,
+            heads,
+            dim_head,
+            mlp_dim,
+            dropout=dropout,
+            final_norm=final_norm and not fc_norm,
+            layer_scale=False if layer_scale is None else layer_scale,
+            norm_eps=norm_eps,
+            activation=ACTIVATIONS[activation],
+            qkv_bias=qkv_bias,
+            key=keys[5],
+        )
+        self.fc_norm = LayerNorm(dim, eps=norm_eps) if final_norm and fc_norm else None
+        self.mlp_head = Linear(dim, num_classes, key=keys[6]) if num_classes > 0 else None
+        self.dist_head = (
+            Linear(dim, num_classes, key=keys[7])
+            if num_classes > 0 and distillation_token
+            else None
+        )
         self.image_size = image_hw
         self.channels = channels
         self.pool = pool
+        self.pos_embed_prefix = pos_embed_prefix
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """The class, distillation and register tokens before the patch tokens."""
+        extra = 0 if self.dist_token is None else 1
+        extra += 0 if self.reg_tokens is None else self.reg_tokens.shape[0]
+        return self.cls_token.shape[0] + extra
+
+    def _prefix(self, dtype: Any) -> Float[Array, "num_prefix dim"]:
+        parts = [self.cls_token, self.dist_token, self.reg_tokens]
+        return jnp.concatenate([p.astype(dtype) for p in parts if p is not None], axis=0)
 
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
@@ -111,15 +236,28 @@ class ViT(eqx.Module):
         """
         check_image(x, (self.channels, *self.image_size), type(self).__name__)
         check_key(self, key)
-        tokens = encode_with_class_tokens(
-            self.to_patch_embedding(x),
-            self.cls_token,
-            self.pos_embedding,
-            self.dropout,
-            self.transformer,
-            key=key,
-        )
+        emb_key, enc_key = split_key(key, 2)
+        (ph, pw), (h, w) = self.to_patch_embedding.patch_size, self.image_size
+        patches = self.to_patch_embedding(x[:, : h - h % ph, : w - w % pw])
+        pos = self.pos_embedding.astype(patches.dtype)
+        prefix = self._prefix(patches.dtype)
+        if self.pos_embed_prefix:
+            tokens = jnp.concatenate([prefix, patches], axis=0) + pos
+        else:
+            tokens = jnp.concatenate([prefix, patches + pos], axis=0)
+        tokens = self.dropout(tokens, key=emb_key)
+        if self.pre_norm is not None:
+            tokens = self.pre_norm(tokens)
+        tokens = self.transformer(tokens, key=enc_key)
         if self.mlp_head is None:
             return tokens
-        pooled = pool_tokens(tokens, self.pool)
-        return self.mlp_head(pooled)
+        if self.pool == "mean":
+            pooled = tokens[self.num_prefix_tokens :].mean(axis=0)
+        else:
+            pooled = tokens[0]
+        if self.fc_norm is not None:
+            pooled = self.fc_norm(pooled)
+        logits = self.mlp_head(pooled)
+        if self.dist_head is not None:
+            logits = (logits + self.dist_head(tokens[1])) / 2
+        return logits

@@ -187,29 +187,32 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 def _new_head(
     sd: dict[str, Any], classifier: list[str], num_classes: int, key: PRNGKeyArray
 ) -> dict[str, Any]:
-    """`sd` with each classifier layer removed (`num_classes=0`) or replaced by a new one
-    of `num_classes` outputs, drawn as `torch.nn.Linear` initialises (uniform in
-    `±1/sqrt(fan_in)`)."""
+    """`sd` with each classifier layer of another size than `num_classes` removed
+    (`num_classes=0`) or replaced by a new one of `num_classes` outputs, drawn as
+    `torch.nn.Linear` initialises (uniform in `±1/sqrt(fan_in)`). A classifier that
+    already has `num_classes` outputs (a fine-tuned checkpoint) is kept."""
     sd = dict(sd)
     for layer, k in zip(classifier, jr.split(key, len(classifier)), strict=True):
         weight_key, bias_key = f"{layer}.weight", f"{layer}.bias"
         if weight_key not in sd:
+            if num_classes == 0:
+                continue
             raise CheckpointError(
                 f"missing key {weight_key!r} (the classifier) in the timm state dict."
             )
-        fan_in = _to_numpy(sd[weight_key]).shape[1]
+        out_features, fan_in = _to_numpy(sd[weight_key]).shape
+        if out_features == num_classes:
+            continue
         del sd[weight_key]
         has_bias = sd.pop(bias_key, None) is not None
         if num_classes:
             bound = 1 / math.sqrt(fan_in)
             wk, bk = jr.split(k)
-            sd[weight_key] = np.asarray(
-                jr.uniform(wk, (num_classes, fan_in), minval=-bound, maxval=bound)
-            )
+            shape = (num_classes, fan_in)
+            sd[weight_key] = np.asarray(jr.uniform(wk, shape, minval=-bound, maxval=bound))
             if has_bias:
-                sd[bias_key] = np.asarray(
-                    jr.uniform(bk, (num_classes,), minval=-bound, maxval=bound)
-                )
+                bias = jr.uniform(bk, (num_classes,), minval=-bound, maxval=bound)
+                sd[bias_key] = np.asarray(bias)
     return sd
 
 
@@ -233,8 +236,8 @@ def from_timm(
       torch tensors (`timm_model.state_dict()`), or the path of a `.safetensors` file
       (read with NumPy; torch is never needed).
     - `num_classes`: as timm's argument of that name: a classifier of this many outputs
-      replaces the checkpoint's (drawn at random with `key`, as `torch.nn.Linear`
-      initialises), `0` removes it.
+      replaces the checkpoint's if that has another size (drawn at random with `key`, as
+      `torch.nn.Linear` initialises); `0` removes it.
     - `key`: a `jax.random.key` for a new classifier (default `jax.random.key(0)`).
     - `**overrides`: other constructor arguments of timm's model, as given to
       `timm.create_model` (`depth=4`, `img_size=384`, ...).
@@ -261,11 +264,10 @@ def from_timm(
         state_dict = _new_head(
             dict(state_dict), entry.get("classifier") or ["head"], num_classes, key
         )
-    built = eqx.filter_eval_shape(lambda: family.build(args, key=jr.key(0)))
+    built = _placeholders(eqx.filter_eval_shape(lambda: family.build(args, key=jr.key(0))))
     sd = StateDict(state_dict, source="timm")
     if isinstance(built, tuple):
-        model, state = family.convert(*built[:1], sd, built[1])
-        out: Any = (model, state)
+        out: Any = family.convert(built[0], sd, built[1])
     else:
         out = family.convert(built, sd)
     sd.finish()
@@ -274,14 +276,31 @@ def from_timm(
     )
 
 
+def _placeholders(tree: Any) -> Any:
+    """`tree` with each `jax.ShapeDtypeStruct` replaced by a read-only NumPy array of its
+    shape and dtype that takes no memory (zero strides): the model's layout for the
+    converters, which only read the shapes and dtypes of what they replace."""
+    return jax.tree.map(
+        lambda x: (
+            np.broadcast_to(np.zeros((), x.dtype), x.shape)
+            if isinstance(x, jax.ShapeDtypeStruct)
+            else x
+        ),
+        tree,
+    )
+
+
+def _is_placeholder(x: Any) -> bool:
+    return isinstance(x, np.ndarray) and not x.flags.writeable and not any(x.strides)
+
+
 def _fill_constants(loaded: Any, build_concrete: Any) -> Any:
     """`loaded` with any leaf the checkpoint did not provide (a constant the model computes
     at construction, such as a fixed position table) taken from a concrete build."""
-    abstract = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
-    if not any(abstract(leaf) for leaf in jax.tree.leaves(loaded)):
+    if not any(_is_placeholder(leaf) for leaf in jax.tree.leaves(loaded)):
         return loaded
     concrete = build_concrete()
-    return jax.tree.map(lambda a, c: c if abstract(a) else a, loaded, concrete)
+    return jax.tree.map(lambda a, c: c if _is_placeholder(a) else a, loaded, concrete)
 
 
 __all__ = [

@@ -4,7 +4,8 @@ Visual Understanding".
 Zhang et al., 2021, https://arxiv.org/abs/2105.12723.
 """
 
-from typing import Annotated, cast
+import math
+from typing import Annotated, Literal, cast
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -25,8 +26,20 @@ from ..layers import (
     split_key,
     tokens_to_grid,
 )
-from ..layers._checks import NonNegative, PerStage, Positive, Rate, checked_arguments
+from ..layers._checks import (
+    Interval,
+    NonNegative,
+    PerStage,
+    Positive,
+    Rate,
+    checked_arguments,
+)
 from ..layers._init import normal
+
+
+PatchEmbed = Literal["norm", "conv"]
+PosEmbed = Literal["scalar", "full"]
+PoolPadding = Literal["symmetric", "same"]
 
 
 class NesTBlock(eqx.Module):
@@ -36,7 +49,16 @@ class NesTBlock(eqx.Module):
     ff: MapFeedForward
 
     def __init__(
-        self, dim: int, heads: int, block: int, mlp_mult: int, dropout: float, *, key: PRNGKeyArray
+        self,
+        dim: int,
+        heads: int,
+        block: int,
+        mlp_mult: int,
+        dropout: float,
+        *,
+        qkv_bias: bool = False,
+        norm_eps: float = 1e-5,
+        key: PRNGKeyArray,
     ):
         attn_key, ff_key = jr.split(key)
         self.attn = MapAttention(
@@ -46,9 +68,13 @@ class NesTBlock(eqx.Module):
             dropout=dropout,
             projections="qkv",
             window=block,
+            qkv_bias=qkv_bias,
+            norm_eps=norm_eps,
             key=attn_key,
         )
-        self.ff = MapFeedForward(dim, dim * mlp_mult, dropout=dropout, key=ff_key)
+        self.ff = MapFeedForward(
+            dim, dim * mlp_mult, dropout=dropout, norm_eps=norm_eps, key=ff_key
+        )
 
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
@@ -61,17 +87,22 @@ class NesTBlock(eqx.Module):
 class NesTLevel(eqx.Module):
     """One level of the hierarchy: position embedding, blocks, then the aggregation.
 
-    The map is cut into `block x block` blocks; every block gets the same learned position
-    embedding (one scalar per position, shared by all channels) and attends within itself.
-    Except at the last level, a 3x3 convolution, a channel LayerNorm and a 3x3 stride-2 max
-    pooling then halve the map and change its channels.
+    The map is cut into `block x block` blocks, which attend within themselves, and a
+    learned position embedding is added first: with `pos_embedding="scalar"` one scalar per
+    position of a block, shared by all blocks and channels (vit-pytorch); with `"full"` one
+    vector per position of every block, `(blocks, seq, channels)` with blocks and positions
+    row-major (timm). Except at the last level, a 3x3 convolution, a channel LayerNorm and a
+    3x3 stride-2 max pooling then halve the map and change its channels; the pooling pads
+    one pixel on every side (`pool_padding="symmetric"`, torch) or, as TensorFlow's
+    `'SAME'`, only after the last row and column of an even map (`"same"`).
     """
 
-    pos_embedding: Float[Array, " seq"]
+    pos_embedding: Float[Array, " seq"] | Float[Array, "blocks seq channels"]
     blocks: Stack[NesTBlock] | None
     conv: Conv2d | None
     norm: ChannelLayerNorm | None
     block: int = eqx.field(static=True)
+    pool_padding: str = eqx.field(static=True)
 
     def __init__(
         self,
@@ -83,13 +114,30 @@ class NesTLevel(eqx.Module):
         mlp_mult: int,
         dropout: float,
         *,
+        num_blocks: int = 1,
+        pos_embedding: PosEmbed = "scalar",
+        qkv_bias: bool = False,
+        norm_eps: float = 1e-5,
+        pool_padding: PoolPadding = "symmetric",
         key: PRNGKeyArray,
     ):
         pos_key, blocks_key, conv_key = jr.split(key, 3)
-        self.pos_embedding = normal(pos_key, (block * block,))
+        if pos_embedding == "scalar":
+            self.pos_embedding = normal(pos_key, (block * block,))
+        else:
+            self.pos_embedding = 0.02 * normal(pos_key, (num_blocks, block * block, dim))
         self.blocks = (
             Stack(
-                lambda _, key: NesTBlock(dim, heads, block, mlp_mult, dropout, key=key),
+                lambda _, key: NesTBlock(
+                    dim,
+                    heads,
+                    block,
+                    mlp_mult,
+                    dropout,
+                    qkv_bias=qkv_bias,
+                    norm_eps=norm_eps,
+                    key=key,
+                ),
                 depth,
                 key=blocks_key,
             )
@@ -100,21 +148,50 @@ class NesTLevel(eqx.Module):
             self.conv = self.norm = None
         else:
             self.conv = Conv2d(dim, dim_out, 3, padding=1, key=conv_key)
-            self.norm = ChannelLayerNorm(dim_out)
+            self.norm = ChannelLayerNorm(dim_out, eps=norm_eps)
         self.block = block
+        self.pool_padding = pool_padding
+
+    def _position_map(self, height: int, width: int) -> Float[Array, "#channels height width"]:
+        """The position embedding laid out on the `(height, width)` map."""
+        b = self.block
+        if self.pos_embedding.ndim == 1:
+            return jnp.tile(self.pos_embedding.reshape(b, b), (height // b, width // b))[None]
+        blocks, _, channels = self.pos_embedding.shape
+        if blocks != (height // b) * (width // b):
+            raise ValueError(
+                f"NesT: the position embedding holds {blocks} blocks; a {height}x{width} map "
+                f"has {(height // b) * (width // b)} blocks of {b}x{b}."
+            )
+        grid = self.pos_embedding.reshape(height // b, width // b, b, b, channels)
+        return grid.transpose(4, 0, 2, 1, 3).reshape(channels, height, width)
+
+    def _pool(
+        self, x: Float[Array, "channels height width"]
+    ) -> Float[Array, "channels height_out width_out"]:
+        if self.pool_padding == "symmetric":
+            return max_pool2d(x, 3, 2, 1)
+        pads = [_same_padding(size, 3, 2) for size in x.shape[1:]]
+        x = jnp.pad(x, ((0, 0), *pads), constant_values=-jnp.inf)
+        return max_pool2d(x, 3, 2, 0)
 
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "channels_out height_out width_out"]:
         _, height, width = x.shape
-        b = self.block
-        pos = jnp.tile(self.pos_embedding.reshape(b, b), (height // b, width // b))
-        x = x + pos.astype(x.dtype)
+        x = x + self._position_map(height, width).astype(x.dtype)
         if self.blocks is not None:
             x = self.blocks(x, key=key)
         if self.conv is None or self.norm is None:
             return x
-        return max_pool2d(self.norm(self.conv(x)), 3, 2, 1)
+        return self._pool(self.norm(self.conv(x)))
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's `'SAME'` padding of one axis: `ceil(size / stride)` outputs, the
+    padding split with the odd pixel after."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
 
 
 class NesT(eqx.Module):
@@ -145,12 +222,19 @@ class NesT(eqx.Module):
 
     The reference accepts a smaller image silently (with the position embeddings cut short);
     this model accepts only `image_size`.
+
+    timm's `Nest` (`nest_tiny`, `nest_small`, `nest_base` and their `_jx` ports of the
+    original JAX weights) is this architecture with other options, and
+    `eqx_vision.from_timm` loads it: `patch_embedding="conv"` (a strided convolution, no
+    LayerNorms), `pos_embedding="full"` (a `(blocks, seq, channels)` embedding per level),
+    `qkv_bias=True`, `norm_eps=1e-6`, widths and heads per level as tuples, and for the
+    `_jx` names `pool_padding="same"`.
     """
 
     to_patch_embedding: PatchEmbedding
     levels: list[NesTLevel]
     norm: ChannelLayerNorm
-    mlp_head: Linear
+    mlp_head: Linear | None
     image_size: int = eqx.field(static=True)
     patch_size: int = eqx.field(static=True)
     channels: int = eqx.field(static=True)
@@ -161,9 +245,9 @@ class NesT(eqx.Module):
         *,
         image_size: Positive,
         patch_size: Positive,
-        num_classes: Positive,
-        dim: Positive,
-        heads: Positive,
+        num_classes: NonNegative,
+        dim: Positive | tuple[Positive, ...],
+        heads: Positive | tuple[Positive, ...],
         num_hierarchies: Positive,
         block_repeats: Annotated[
             NonNegative | tuple[NonNegative, ...], PerStage("num_hierarchies")
@@ -172,6 +256,11 @@ class NesT(eqx.Module):
         channels: Positive = 3,
         dim_head: Positive = 64,
         dropout: Rate = 0.0,
+        patch_embedding: PatchEmbed = "norm",
+        pos_embedding: PosEmbed = "scalar",
+        qkv_bias: bool = False,
+        norm_eps: Annotated[float, Interval(0.0, math.inf)] = 1e-5,
+        pool_padding: PoolPadding = "symmetric",
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -180,9 +269,11 @@ class NesT(eqx.Module):
         - `patch_size`: side of a patch; must divide `image_size`, and the patch grid must
           be divisible by `2^(num_hierarchies - 1)`, the number of blocks per side at the
           first level.
-        - `num_classes`: number of output logits.
-        - `dim`: channels at the first level (doubled at each level).
-        - `heads`: attention heads at the first level (doubled at each level).
+        - `num_classes`: number of output logits; `0` returns the pooled features instead.
+        - `dim`: channels at the first level (doubled at each level), or a tuple with the
+          channels of every level.
+        - `heads`: attention heads at the first level (doubled at each level), or a tuple
+          with the heads of every level.
         - `num_hierarchies`: number of levels.
         - `block_repeats`: transformer blocks per level, an int for all levels or a tuple
           with one entry per level.
@@ -192,51 +283,57 @@ class NesT(eqx.Module):
         - `dim_head`: unused, as in the reference (heads have `dim // heads` dimensions).
         - `dropout`: dropout rate in the attention (probabilities and output) and the
           feed-forward blocks.
+        - `patch_embedding`: `"norm"` (`LayerNorm → Linear → LayerNorm` on patches
+          flattened `(p1 p2 c)`, vit-pytorch) or `"conv"` (a strided convolution: a `Linear`
+          with bias on patches flattened `(c p1 p2)`, timm).
+        - `pos_embedding`: `"scalar"` (one scalar per position of a block, shared by every
+          block and channel, vit-pytorch) or `"full"` (one vector per position of every
+          block, timm).
+        - `qkv_bias`: whether the query/key/value projections have a bias.
+        - `norm_eps`: the epsilon of the LayerNorms of the blocks, the aggregations and
+          the head (not of the patch embedding's).
+        - `pool_padding`: the max pooling's padding, `"symmetric"` (one pixel on each side)
+          or `"same"` (TensorFlow's, for timm's `_jx` weights).
         - `key`: a `jax.random.key` for the initialisation.
         """
-        if image_size % patch_size:
-            raise ValueError(
-                f"image_size must be divisible by patch_size; got image_size={image_size} "
-                f"and patch_size={patch_size}."
-            )
-        fmap = image_size // patch_size
-        blocks_per_side = 2 ** (num_hierarchies - 1)
-        if fmap % blocks_per_side:
-            raise ValueError(
-                f"the patch grid image_size // patch_size = {fmap} must be divisible by "
-                f"2^(num_hierarchies - 1) = {blocks_per_side}, the blocks per side at the first "
-                f"level; got image_size={image_size}, patch_size={patch_size}, "
-                f"num_hierarchies={num_hierarchies}."
-            )
-        if dim < heads:
-            raise ValueError(
-                f"dim must be at least heads (heads have dim // heads dimensions); got "
-                f"dim={dim}, heads={heads}."
-            )
+        del dim_head
+        block, dims, heads_ = _level_sizes(
+            image_size, patch_size, num_hierarchies, dim, heads, type(self).__name__
+        )
         repeats = cast(tuple[int, ...], block_repeats)  # one per level, from checked_arguments
-        block = fmap // blocks_per_side
         embed_key, head_key, *level_keys = jr.split(key, num_hierarchies + 2)
+        conv = patch_embedding == "conv"
         self.to_patch_embedding = PatchEmbedding(
-            channels, (patch_size, patch_size), dim, key=embed_key
+            channels,
+            (patch_size, patch_size),
+            dims[0],
+            pre_norm=not conv,
+            post_norm=not conv,
+            channels_first=conv,
+            key=embed_key,
         )
         self.levels = []
         for i in range(num_hierarchies):
             is_last = i == num_hierarchies - 1
             self.levels.append(
                 NesTLevel(
-                    dim * 2**i,
-                    None if is_last else dim * 2 ** (i + 1),
-                    heads * 2**i,
+                    dims[i],
+                    None if is_last else dims[i + 1],
+                    heads_[i],
                     block,
                     repeats[i],
                     mlp_mult,
                     dropout,
+                    num_blocks=4 ** (num_hierarchies - 1 - i),
+                    pos_embedding=pos_embedding,
+                    qkv_bias=qkv_bias,
+                    norm_eps=norm_eps,
+                    pool_padding=pool_padding,
                     key=level_keys[i],
                 )
             )
-        last_dim = dim * 2 ** (num_hierarchies - 1)
-        self.norm = ChannelLayerNorm(last_dim)
-        self.mlp_head = Linear(last_dim, num_classes, key=head_key)
+        self.norm = ChannelLayerNorm(dims[-1], eps=norm_eps)
+        self.mlp_head = Linear(dims[-1], num_classes, key=head_key) if num_classes else None
         self.image_size = image_size
         self.patch_size = patch_size
         self.channels = channels
@@ -249,7 +346,8 @@ class NesT(eqx.Module):
         - `x`: one image, `(channels, image_size, image_size)`.
         - `key`: a `jax.random.key`, needed only for dropout in training mode.
 
-        **Returns:** the logits, `(num_classes,)`.
+        **Returns:** the logits, `(num_classes,)`; with `num_classes=0`, the pooled
+        features, `(channels_of_the_last_level,)`.
         """
         size = self.image_size
         check_image(x, (self.channels, size, size), type(self).__name__)
@@ -258,4 +356,49 @@ class NesT(eqx.Module):
         x = tokens_to_grid(tokens, size // self.patch_size)
         for level, level_key in zip(self.levels, split_key(key, len(self.levels)), strict=True):
             x = level(x, key=level_key)
-        return self.mlp_head(self.norm(x).mean(axis=(1, 2)))
+        pooled = self.norm(x).mean(axis=(1, 2))
+        return pooled if self.mlp_head is None else self.mlp_head(pooled)
+
+
+def _level_sizes(
+    image_size: int,
+    patch_size: int,
+    levels: int,
+    dim: int | tuple[int, ...],
+    heads: int | tuple[int, ...],
+    name: str,
+) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """The block side and the channels and heads of every level, checked."""
+    if image_size % patch_size:
+        raise ValueError(
+            f"{name}: image_size must be divisible by patch_size; got image_size={image_size} "
+            f"and patch_size={patch_size}."
+        )
+    fmap = image_size // patch_size
+    blocks_per_side = 2 ** (levels - 1)
+    if fmap % blocks_per_side:
+        raise ValueError(
+            f"{name}: the patch grid image_size // patch_size = {fmap} must be divisible by "
+            f"2^(num_hierarchies - 1) = {blocks_per_side}, the blocks per side at the first "
+            f"level; got image_size={image_size}, patch_size={patch_size}, "
+            f"num_hierarchies={levels}."
+        )
+    sizes = []
+    for arg, value in (("dim", dim), ("heads", heads)):
+        if isinstance(value, int):
+            sizes.append(tuple(value * 2**i for i in range(levels)))
+        elif len(value) != levels:
+            raise ValueError(
+                f"{name}: {arg} must be an int or a tuple of num_hierarchies = {levels} ints; "
+                f"got {value!r}."
+            )
+        else:
+            sizes.append(tuple(value))
+    dims, heads_ = sizes
+    for i, (d, h) in enumerate(zip(dims, heads_, strict=True)):
+        if d < h:
+            raise ValueError(
+                f"{name}: dim must be at least heads at every level (heads have dim // heads "
+                f"dimensions); got dim={d}, heads={h} at level {i} (dim={dim}, heads={heads})."
+            )
+    return fmap // blocks_per_side, dims, heads_

@@ -19,6 +19,20 @@ from .._state_dict import (
 
 def convert_nest(model: NesT, sd: StateDict) -> NesT:
     """The weights of a `vit_pytorch.nest.NesT` state dict."""
+    first = model.levels[0]
+    blocks = first.blocks
+    if (
+        model.to_patch_embedding.pre_norm is None
+        or first.pos_embedding.ndim != 1
+        or first.pool_padding != "symmetric"
+        or (blocks is not None and blocks.blocks.attn.to_qkv is not None
+            and blocks.blocks.attn.to_qkv.bias is not None)
+    ):  # fmt: skip
+        raise TypeError(
+            "this NesT has timm's options (patch_embedding, pos_embedding, qkv_bias or "
+            "pool_padding), which vit-pytorch's NesT lacks; load timm weights with "
+            "eqx_vision.from_timm."
+        )
 
     def block(m: NesTBlock, sd: StateDict, prefix: str) -> NesTBlock:
         return eqx.tree_at(
@@ -48,6 +62,7 @@ def convert_nest(model: NesT, sd: StateDict) -> NesT:
                 list(subs.values()),
             )
         )
+    head = None if model.mlp_head is None else convert_linear(model.mlp_head, sd, "mlp_head.2.")
     return eqx.tree_at(
         lambda m: (m.to_patch_embedding, m.levels, m.norm, m.mlp_head),
         model,
@@ -57,6 +72,7 @@ def convert_nest(model: NesT, sd: StateDict) -> NesT:
             ),
             levels,
             convert_channel_layernorm(model.norm, sd, "mlp_head.0."),
-            convert_linear(model.mlp_head, sd, "mlp_head.2."),
+            head,
         ),
+        is_leaf=lambda x: x is None,
     )

@@ -5,6 +5,7 @@ from .interop import (
     CheckpointError as CheckpointError,
     from_timm as from_timm,
     from_vit_pytorch as from_vit_pytorch,
+    pretrained as pretrained,
 )
 from .layers import checkpoint_blocks as checkpoint_blocks, remat as remat
 from .models import (
@@ -25,6 +26,8 @@ from .models import (
     SimpleViT as SimpleViT,
     SmallDatasetViT as SmallDatasetViT,
     T2TViT as T2TViT,
+    TimmCrossViT as TimmCrossViT,
+    TimmLeViT as TimmLeViT,
     TwinsSVT as TwinsSVT,
     ViT as ViT,
     ViTWithPatchMerger as ViTWithPatchMerger,

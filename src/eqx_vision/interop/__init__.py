@@ -4,7 +4,12 @@
 - `timm`: timm's model names and checkpoints (timm 1.0.31's configurations).
 """
 
-from .timm import TimmConfigError as TimmConfigError, from_timm as from_timm
+from .timm import (
+    DataConfig as DataConfig,
+    TimmConfigError as TimmConfigError,
+    from_timm as from_timm,
+    pretrained as pretrained,
+)
 from .vit_pytorch import (
     CheckpointError as CheckpointError,
     StateDict as StateDict,

@@ -26,6 +26,7 @@ from jaxtyping import PRNGKeyArray
 
 from .._state_dict import CheckpointError, StateDict, _to_numpy
 from ._common import TimmArgs, TimmConfigError
+from ._hub import DataConfig, pretrained
 
 
 FAMILIES: Mapping[str, str] = {
@@ -305,6 +306,7 @@ def _fill_constants(loaded: Any, build_concrete: Any) -> Any:
 
 __all__ = [
     "CheckpointError",
+    "DataConfig",
     "FAMILIES",
     "UNSUPPORTED",
     "TimmConfigError",
@@ -314,5 +316,6 @@ __all__ = [
     "from_timm",
     "load_safetensors",
     "model_names",
+    "pretrained",
     "timm_version",
 ]

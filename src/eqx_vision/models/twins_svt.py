@@ -4,7 +4,7 @@ Chu et al., 2021, https://arxiv.org/abs/2104.13840.
 """
 
 import math
-from typing import Annotated
+from typing import Annotated, Any
 
 import equinox as eqx
 import jax.random as jr
@@ -12,6 +12,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..layers import (
     PEG,
+    LayerNorm,
     Linear,
     MapAttention,
     MapFeedForward,
@@ -22,7 +23,15 @@ from ..layers import (
     split_key,
     tokens_to_grid,
 )
-from ..layers._checks import Minimum, NonNegative, Odd, Positive, Rate, checked_arguments
+from ..layers._checks import (
+    Interval,
+    Minimum,
+    NonNegative,
+    Odd,
+    Positive,
+    Rate,
+    checked_arguments,
+)
 
 
 HEADS = 8
@@ -37,8 +46,10 @@ class TwinsBlock(eqx.Module):
     `x + local(x)`, `x + ff(x)`, `x + global(x)`, `x + ff(x)` on a feature map. The local
     attention runs within `local_patch_size` windows, with dropout on its output only; the
     global attention has every pixel attend to a map reduced by a `global_k x global_k`
-    convolution of stride `global_k`. Without a local part (the last stage), only the last
-    two steps remain.
+    convolution of stride `global_k` (with `spatial_reduction`, a convolution to `dim`
+    channels and a LayerNorm before the key/value projection). Without a local part (the
+    last stage of vit-pytorch's model), only the last two steps remain. A `peg` passed to
+    the call runs between the two halves.
     """
 
     local_attn: MapAttention | None
@@ -53,41 +64,57 @@ class TwinsBlock(eqx.Module):
         global_k: int,
         dropout: float,
         *,
+        heads: int = HEADS,
+        dim_head: int = DIM_HEAD,
+        mlp_mult: int = MLP_MULT,
+        norm_eps: float = 1e-5,
+        qkv_bias: bool = False,
+        spatial_reduction: bool = False,
         key: PRNGKeyArray,
     ):
         local_key, ff1_key, global_key, ff2_key = jr.split(key, 4)
+        attention = dict(
+            heads=heads,
+            dim_head=dim_head,
+            dropout=dropout,
+            projections="q_kv",
+            qkv_bias=qkv_bias,
+            norm_eps=norm_eps,
+        )
+        feedforward = dict(dropout=dropout, norm_eps=norm_eps)
         if local_patch_size is None:
             self.local_attn = self.local_ff = None
         else:
             self.local_attn = MapAttention(
-                dim,
-                heads=HEADS,
-                dim_head=DIM_HEAD,
-                dropout=dropout,
-                projections="q_kv",
-                window=local_patch_size,
-                attn_dropout=False,
-                key=local_key,
+                dim, window=local_patch_size, attn_dropout=False, key=local_key, **attention
             )
-            self.local_ff = MapFeedForward(dim, dim * MLP_MULT, dropout=dropout, key=ff1_key)
-        self.global_attn = MapAttention(
-            dim,
-            heads=HEADS,
-            dim_head=DIM_HEAD,
-            dropout=dropout,
-            projections="q_kv",
-            kv_reduction=global_k,
-            key=global_key,
-        )
-        self.global_ff = MapFeedForward(dim, dim * MLP_MULT, dropout=dropout, key=ff2_key)
+            self.local_ff = MapFeedForward(dim, dim * mlp_mult, key=ff1_key, **feedforward)
+        if spatial_reduction:
+            attention["spatial_reduction"] = True
+        self.global_attn = MapAttention(dim, kv_reduction=global_k, key=global_key, **attention)
+        self.global_ff = MapFeedForward(dim, dim * mlp_mult, key=ff2_key, **feedforward)
 
     def __call__(
-        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+        self,
+        x: Float[Array, "channels height width"],
+        *,
+        peg: PEG | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "channels height width"]:
+        """**Arguments:**
+
+        - `x`: the feature map.
+        - `peg`: a position encoding generator to apply after the local half, if any.
+        - `key`: needed only for dropout in training mode.
+
+        **Returns:** a map of the same shape as `x`.
+        """
         keys = split_key(key, 4)
         if self.local_attn is not None and self.local_ff is not None:
             x = x + self.local_attn(x, key=keys[0])
             x = x + self.local_ff(x, key=keys[1])
+        if peg is not None:
+            x = peg(x)
         x = x + self.global_attn(x, key=keys[2])
         return x + self.global_ff(x, key=keys[3])
 
@@ -95,8 +122,9 @@ class TwinsBlock(eqx.Module):
 class TwinsStage(eqx.Module):
     """Patch embedding, one `TwinsBlock`, a position encoding generator, `depth` blocks.
 
-    The patches are flattened `(c p1 p2)` and embedded by channel LayerNorm → 1x1
-    convolution → channel LayerNorm.
+    The patches are flattened `(c p1 p2)` and embedded by [channel LayerNorm →] 1x1
+    convolution → channel LayerNorm. With `peg_after_local`, the PEG runs inside the first
+    block, after its local half.
     """
 
     to_patch_embedding: PatchEmbedding
@@ -104,6 +132,7 @@ class TwinsStage(eqx.Module):
     peg: PEG
     blocks: Stack[TwinsBlock] | None
     patch_size: int = eqx.field(static=True)
+    peg_after_local: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -116,24 +145,29 @@ class TwinsStage(eqx.Module):
         peg_kernel_size: int,
         dropout: float,
         *,
+        patch_pre_norm: bool = True,
+        peg_after_local: bool = False,
         key: PRNGKeyArray,
+        **block_options: Any,
     ):
         embed_key, first_key, peg_key, blocks_key = jr.split(key, 4)
         self.to_patch_embedding = PatchEmbedding(
-            dim_in, (patch_size, patch_size), dim, channels_first=True, key=embed_key
+            dim_in,
+            (patch_size, patch_size),
+            dim,
+            pre_norm=patch_pre_norm,
+            channels_first=True,
+            key=embed_key,
         )
-        self.first = TwinsBlock(dim, local_patch_size, global_k, dropout, key=first_key)
+
+        def block(key: PRNGKeyArray) -> TwinsBlock:
+            return TwinsBlock(dim, local_patch_size, global_k, dropout, key=key, **block_options)
+
+        self.first = block(first_key)
         self.peg = PEG(dim, peg_kernel_size, key=peg_key)
-        self.blocks = (
-            Stack(
-                lambda _, key: TwinsBlock(dim, local_patch_size, global_k, dropout, key=key),
-                depth,
-                key=blocks_key,
-            )
-            if depth > 0
-            else None
-        )
+        self.blocks = Stack(lambda _, key: block(key), depth, key=blocks_key) if depth else None
         self.patch_size = patch_size
+        self.peg_after_local = peg_after_local
 
     def __call__(
         self, x: Float[Array, "channels_in height_in width_in"], *, key: PRNGKeyArray | None = None
@@ -141,7 +175,10 @@ class TwinsStage(eqx.Module):
         first_key, blocks_key = split_key(key, 2)
         tokens = self.to_patch_embedding(x)
         x = tokens_to_grid(tokens, x.shape[1] // self.patch_size)
-        x = self.peg(self.first(x, key=first_key))
+        if self.peg_after_local:
+            x = self.first(x, peg=self.peg, key=first_key)
+        else:
+            x = self.peg(self.first(x, key=first_key))
         if self.blocks is not None:
             x = self.blocks(x, key=blocks_key)
         return x
@@ -156,14 +193,13 @@ class TwinsSVT(eqx.Module):
     Linear. A block alternates locally-grouped attention within `s{i}_local_patch_size`
     windows and global sub-sampled attention, whose keys and values come from an
     `s{i}_global_k` convolution of stride `s{i}_global_k`, each followed by a feed-forward
-    block of width `4 · emb_dim`; all use channel LayerNorms and 1x1-convolution
-    projections.
+    block of width `s{i}_mlp_mult · emb_dim`; all use channel LayerNorms and
+    1x1-convolution projections, `s{i}_heads` heads of `s{i}_dim_head` dimensions.
 
-    Equal to `vit_pytorch.twins_svt.TwinsSVT`; load its weights with
+    By default equal to `vit_pytorch.twins_svt.TwinsSVT`; load its weights with
     `eqx_vision.from_vit_pytorch`. Reference quirks reproduced:
 
-    - the input has **3 channels**, and every attention has **8 heads of 64** dimensions,
-      whatever `emb_dim`;
+    - every attention has **8 heads of 64** dimensions, whatever `emb_dim`;
     - patches are flattened in `(c p1 p2)` order;
     - each stage has `1 + s{i}_depth` blocks, the PEG after the first;
     - the last stage has no local attention and no first feed-forward (and ignores
@@ -173,6 +209,13 @@ class TwinsSVT(eqx.Module):
       `global_k` loses its last rows and columns there;
     - there is no norm before the head.
 
+    The options after `dropout` give the original model (timm's `Twins` with `wss`, the
+    `twins_svt_*` names, loaded by `eqx_vision.from_timm`): with `qkv_bias`,
+    `patch_pre_norm=False`, `spatial_reduction`, `last_stage_local`, `peg_after_local`,
+    `final_norm`, `norm_eps=1e-6`, per-stage heads of `emb_dim / heads` dimensions and
+    `global_k=1` in the last stage. timm counts `2 · (1 + s{i}_depth)` blocks per stage,
+    one attention and one feed-forward each.
+
     The image height and width may differ. Each must be a multiple of `size_multiple`
     (the windows must tile every stage's map) and at least `min_size` (the key/value
     convolution must fit); for the default configuration both are 224. Other sizes are
@@ -180,9 +223,11 @@ class TwinsSVT(eqx.Module):
     """
 
     stages: list[TwinsStage]
+    norm: LayerNorm | None
     mlp_head: Linear
     size_multiple: int = eqx.field(static=True)
     min_size: int = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
 
     @checked_arguments
     def __init__(
@@ -194,23 +239,43 @@ class TwinsSVT(eqx.Module):
         s1_local_patch_size: Positive = 7,
         s1_global_k: Positive = 7,
         s1_depth: NonNegative = 1,
+        s1_heads: Positive = HEADS,
+        s1_dim_head: Positive = DIM_HEAD,
+        s1_mlp_mult: Positive = MLP_MULT,
         s2_emb_dim: Positive = 128,
         s2_patch_size: Positive = 2,
         s2_local_patch_size: Positive = 7,
         s2_global_k: Positive = 7,
         s2_depth: NonNegative = 1,
+        s2_heads: Positive = HEADS,
+        s2_dim_head: Positive = DIM_HEAD,
+        s2_mlp_mult: Positive = MLP_MULT,
         s3_emb_dim: Positive = 256,
         s3_patch_size: Positive = 2,
         s3_local_patch_size: Positive = 7,
         s3_global_k: Positive = 7,
         s3_depth: NonNegative = 5,
+        s3_heads: Positive = HEADS,
+        s3_dim_head: Positive = DIM_HEAD,
+        s3_mlp_mult: Positive = MLP_MULT,
         s4_emb_dim: Positive = 512,
         s4_patch_size: Positive = 2,
         s4_local_patch_size: Positive = 7,
         s4_global_k: Positive = 7,
         s4_depth: NonNegative = 4,
+        s4_heads: Positive = HEADS,
+        s4_dim_head: Positive = DIM_HEAD,
+        s4_mlp_mult: Positive = MLP_MULT,
         peg_kernel_size: Annotated[int, Minimum(1), Odd("an even kernel changes the map size")] = 3,
         dropout: Rate = 0.0,
+        channels: Positive = CHANNELS,
+        norm_eps: Annotated[float, Interval(0.0, 1.0)] = 1e-5,
+        qkv_bias: bool = False,
+        patch_pre_norm: bool = True,
+        spatial_reduction: bool = False,
+        last_stage_local: bool = False,
+        peg_after_local: bool = False,
+        final_norm: bool = False,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -219,60 +284,64 @@ class TwinsSVT(eqx.Module):
         - `s{i}_emb_dim`: channels of stage `i` (1 to 4).
         - `s{i}_patch_size`: side of the patches merged when entering stage `i`.
         - `s{i}_local_patch_size`: side of the local-attention windows of stage `i`
-          (unused for stage 4).
+          (unused for stage 4 unless `last_stage_local`).
         - `s{i}_global_k`: kernel and stride of the key/value reduction of the global
-          attention of stage `i`.
+          attention of stage `i` (1: no reduction).
         - `s{i}_depth`: blocks after the PEG in stage `i` (>= 0).
+        - `s{i}_heads`, `s{i}_dim_head`: attention heads of stage `i` and their dimension.
+        - `s{i}_mlp_mult`: feed-forward width of stage `i`, in multiples of `s{i}_emb_dim`.
         - `peg_kernel_size`: kernel of the position encoding generators; odd.
         - `dropout`: dropout rate in the attention and feed-forward blocks.
+        - `channels`: channels of the input image.
+        - `norm_eps`: epsilon of the LayerNorms before every attention and feed-forward
+          (and of the final norm); the patch-embedding norms keep 1e-5.
+        - `qkv_bias`: biases in the query, key and value projections.
+        - `patch_pre_norm`: a LayerNorm on each flattened patch before its projection.
+        - `spatial_reduction`: the global attention reduces the map with a `global_k`
+          convolution to `emb_dim` channels (with bias) and a LayerNorm (eps 1e-5), then
+          projects keys and values 1x1, instead of projecting them with the strided
+          convolution itself.
+        - `last_stage_local`: the last stage alternates local and global attention too.
+        - `peg_after_local`: the PEG follows the local half of each stage's first block
+          instead of the whole block.
+        - `final_norm`: a LayerNorm over the channels before the pooling.
         - `key`: a `jax.random.key` for the initialisation.
         """
         args = dict(locals())
         stage_configs = [
             {k[3:]: v for k, v in args.items() if k.startswith(f"s{i}_")} for i in range(1, 5)
         ]
-
+        options = dict(
+            peg_kernel_size=peg_kernel_size,
+            dropout=dropout,
+            norm_eps=norm_eps,
+            qkv_bias=qkv_bias,
+            patch_pre_norm=patch_pre_norm,
+            spatial_reduction=spatial_reduction,
+            peg_after_local=peg_after_local,
+        )
         stage_keys = jr.split(key, 5)
-        self.stages = []
-        dim_in, stride = CHANNELS, 1
-        multiple, min_size = 1, 1
-        for i, cfg in enumerate(stage_configs):
-            is_last = i == 3
-            stride *= cfg["patch_size"]
-            local = None if is_last else cfg["local_patch_size"]
-            multiple = math.lcm(multiple, stride * (1 if local is None else local))
-            min_size = max(min_size, stride * cfg["global_k"])
-            self.stages.append(
-                TwinsStage(
-                    dim_in,
-                    cfg["emb_dim"],
-                    cfg["patch_size"],
-                    local,
-                    cfg["global_k"],
-                    cfg["depth"],
-                    peg_kernel_size,
-                    dropout,
-                    key=stage_keys[i],
-                )
-            )
-            dim_in = cfg["emb_dim"]
-        self.mlp_head = Linear(dim_in, num_classes, key=stage_keys[4])
-        self.size_multiple = multiple
-        self.min_size = -(-min_size // multiple) * multiple
+        self.stages, self.size_multiple, self.min_size = _stages(
+            stage_configs, channels, last_stage_local, options, list(stage_keys[:4])
+        )
+        dim = stage_configs[-1]["emb_dim"]
+        self.norm = LayerNorm(dim, eps=norm_eps) if final_norm else None
+        self.mlp_head = Linear(dim, num_classes, key=stage_keys[4])
+        self.channels = channels
 
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " num_classes"]:
         """**Arguments:**
 
-        - `x`: one image, `(3, height, width)`, each side a multiple of `size_multiple` and
-          at least `min_size`.
+        - `x`: one image, `(channels, height, width)`, each side a multiple of
+          `size_multiple` and at least `min_size`.
         - `key`: a `jax.random.key`, needed only for dropout in training mode.
 
         **Returns:** the logits, `(num_classes,)`.
         """
         name = type(self).__name__
-        check_image(x, (CHANNELS, None, None), name)
+        check_image(x, (self.channels, None, None), name)
         m, low = self.size_multiple, self.min_size
         if any(side % m or side < low for side in x.shape[1:]):
             raise ValueError(
@@ -283,4 +352,41 @@ class TwinsSVT(eqx.Module):
         check_key(self, key)
         for stage, stage_key in zip(self.stages, split_key(key, 4), strict=True):
             x = stage(x, key=stage_key)
+        if self.norm is not None:
+            x = self.norm(x.transpose(1, 2, 0)).transpose(2, 0, 1)
         return self.mlp_head(x.mean(axis=(1, 2)))
+
+
+def _stages(
+    configs: list[dict[str, Any]],
+    channels: int,
+    last_stage_local: bool,
+    options: dict[str, Any],
+    keys: list[PRNGKeyArray],
+) -> tuple[list[TwinsStage], int, int]:
+    """The four stages, the multiple every image side must be and the least side."""
+    stages = []
+    dim_in, stride = channels, 1
+    multiple, min_size = 1, 1
+    for i, cfg in enumerate(configs):
+        stride *= cfg["patch_size"]
+        local = cfg["local_patch_size"] if i < 3 or last_stage_local else None
+        multiple = math.lcm(multiple, stride * (1 if local is None else local))
+        min_size = max(min_size, stride * cfg["global_k"])
+        stages.append(
+            TwinsStage(
+                dim_in,
+                cfg["emb_dim"],
+                cfg["patch_size"],
+                local,
+                cfg["global_k"],
+                cfg["depth"],
+                heads=cfg["heads"],
+                dim_head=cfg["dim_head"],
+                mlp_mult=cfg["mlp_mult"],
+                key=keys[i],
+                **options,
+            )
+        )
+        dim_in = cfg["emb_dim"]
+    return stages, multiple, -(-min_size // multiple) * multiple

@@ -12,7 +12,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..precision import _bfloat16 as bfloat16
 from ._checks import checked_arguments
-from ._init import normal
+from ._init import full, normal
 from ._linear import LayerNorm, Linear
 from ._random import split_key
 
@@ -164,7 +164,8 @@ class Attention(eqx.Module):
     as its paper defines it:
 
     - `talking_heads` (CaiT): learned `(heads, heads)` mixes of the scores before the softmax
-      and of the probabilities after it.
+      and of the probabilities after it; with `talking_heads_bias`, each mix adds a learned
+      per-head bias (timm's `proj_l` and `proj_w` are `Linear` layers over the heads).
     - `reattention` (DeepViT): the probabilities are mixed across heads by a learned
       `(heads, heads)` matrix, then layer-normalised over the head axis.
     - `locality` (LSA, ViT for small datasets): the scale is a learned temperature,
@@ -173,7 +174,8 @@ class Attention(eqx.Module):
 
     Called with a `context`, the queries come from `x` and the keys and values from the
     concatenation `[LayerNorm(x); context]`, with the context not normalised: the class
-    attention of CaiT and the cross attention of CrossViT.
+    attention of CaiT and the cross attention of CrossViT. With `norm_context=True` the
+    context goes through the same LayerNorm, `LayerNorm([x; context])` (timm's CaiT).
     """
 
     norm: LayerNorm | None
@@ -183,6 +185,8 @@ class Attention(eqx.Module):
     to_out: Linear | None
     mix_pre: Float[Array, "heads heads"] | None
     mix_post: Float[Array, "heads heads"] | None
+    mix_pre_bias: Float[Array, " heads"] | None
+    mix_post_bias: Float[Array, " heads"] | None
     reattn_weights: Float[Array, "heads heads"] | None
     reattn_norm: LayerNorm | None
     temperature: Float[Array, ""] | None
@@ -192,6 +196,7 @@ class Attention(eqx.Module):
     heads: int = eqx.field(static=True)
     dim_head: int = eqx.field(static=True)
     scale: float = eqx.field(static=True)
+    norm_context: bool = eqx.field(static=True)
 
     @checked_arguments
     def __init__(
@@ -209,8 +214,10 @@ class Attention(eqx.Module):
         out_bias: bool = True,
         scale: float | None = None,
         talking_heads: bool = False,
+        talking_heads_bias: bool = False,
         reattention: bool = False,
         locality: bool = False,
+        norm_context: bool = False,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -229,6 +236,9 @@ class Attention(eqx.Module):
         - `out_bias`: whether the output projection has a bias.
         - `scale`: the score scale; defaults to `dim_head ** -0.5`.
         - `talking_heads`, `reattention`, `locality`: the variants described above.
+        - `talking_heads_bias`: with `talking_heads`, a learned bias per head on each mix
+          (initialised to zero).
+        - `norm_context`: whether a `context` is layer-normalised too (with `norm`).
         - `key`: a `jax.random.key` for the initialisation.
 
         `keep_bits`, an ordinary field, is `None` until a
@@ -249,6 +259,10 @@ class Attention(eqx.Module):
                 f"project_out=False needs heads * dim_head == dim; got {heads} * {dim_head} "
                 f"!= {dim}."
             )
+        if talking_heads_bias and not talking_heads:
+            raise ValueError("talking_heads_bias=True needs talking_heads=True.")
+        if norm_context and not norm:
+            raise ValueError("norm_context=True needs norm=True.")
         qkv_key, kv_key, out_key, pre_key, post_key = jr.split(key, 5)
         self.norm = LayerNorm(dim, eps=norm_eps) if norm else None
         if fused_qkv:
@@ -261,6 +275,8 @@ class Attention(eqx.Module):
         self.to_out = Linear(inner, dim, use_bias=out_bias, key=out_key) if project_out else None
         self.mix_pre = normal(pre_key, (heads, heads)) if talking_heads else None
         self.mix_post = normal(post_key, (heads, heads)) if talking_heads else None
+        self.mix_pre_bias = full((heads,), 0.0) if talking_heads_bias else None
+        self.mix_post_bias = full((heads,), 0.0) if talking_heads_bias else None
         self.reattn_weights = normal(pre_key, (heads, heads)) if reattention else None
         self.reattn_norm = LayerNorm(heads) if reattention else None
         self.temperature = jnp.asarray(math.log(dim_head**-0.5)) if locality else None
@@ -270,6 +286,7 @@ class Attention(eqx.Module):
         self.heads = heads
         self.dim_head = dim_head
         self.scale = dim_head**-0.5 if scale is None else scale
+        self.norm_context = norm_context
 
     def __call__(
         self,
@@ -322,6 +339,8 @@ class Attention(eqx.Module):
         """Queries, keys and values, `(heads, seq, dim_head)` each."""
         if self.norm is not None:
             x = self.norm(x)
+            if context is not None and self.norm_context:
+                context = self.norm(context)
         if self.to_qkv is not None:
             if context is not None:
                 raise ValueError("an Attention with fused_qkv=True cannot attend to a context.")
@@ -358,14 +377,23 @@ class Attention(eqx.Module):
             dots = jnp.where(diagonal, -jnp.finfo(dots.dtype).max, dots)
         if self.mix_pre is not None:
             dots = mix_heads(dots, self.mix_pre, keep_bits=bool(self.keep_bits))
+            dots = _add_head_bias(dots, self.mix_pre_bias)
         attn = jax.nn.softmax(dots.astype(jnp.promote_types(dots.dtype, jnp.float32)), axis=-1)
         attn = attn.astype(q.dtype)
         if dropout:
             attn = self.attn_dropout(attn, key=dropout_key)
         if self.mix_post is not None:
             attn = mix_heads(attn, self.mix_post, keep_bits=bool(self.keep_bits))
+            attn = _add_head_bias(attn, self.mix_post_bias)
         if self.reattn_weights is not None:
             assert self.reattn_norm is not None
             attn = mix_heads(attn, self.reattn_weights, keep_bits=bool(self.keep_bits))
             attn = jnp.moveaxis(self.reattn_norm(jnp.moveaxis(attn, 0, -1)), -1, 0)
         return attn
+
+
+def _add_head_bias(
+    x: Float[Array, "heads q_seq kv_seq"], bias: Float[Array, " heads"] | None
+) -> Float[Array, "heads q_seq kv_seq"]:
+    """`x + bias[h]` on every head's scores (the bias of a head mix), in the dtype of `x`."""
+    return x if bias is None else x + bias.astype(x.dtype)[:, None, None]

@@ -107,13 +107,17 @@ def test_vmap_matches_single():
         (dict(depth=(1, 0)), "depth"),
         (dict(heads=(2, 2, 2)), "heads"),
         (dict(heads=0), "heads"),
-        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=-1), "num_classes"),
         (dict(dim=0), "dim"),
         (dict(mlp_dim=0), "mlp_dim"),
         (dict(dim_head=0), "dim_head"),
         (dict(channels=0), "channels"),
         (dict(dropout=1.0), "dropout"),
         (dict(emb_dropout=-0.1), "emb_dropout"),
+        (dict(dim=(8,)), "dim"),
+        (dict(dim=(8, 12)), "dim"),
+        (dict(stride=0), "stride"),
+        (dict(patch_size=20, stride=4), "patch_size"),
     ],
 )
 def test_config_errors(change, name):
@@ -144,3 +148,17 @@ def test_checkpoint_mismatch():
     model = ev.PiT(**{**SMALL, "dim": 16}, key=jax.random.key(0))
     with pytest.raises(ev.CheckpointError, match="shape mismatch"):
         ev.from_vit_pytorch(model, torch_model.state_dict())
+
+
+def test_without_classifier():
+    """`num_classes=0`: the normalised class token (two tokens' mean with distillation)."""
+    for distilled in (False, True):
+        model = ev.PiT(
+            **{**SMALL, "num_classes": 0},
+            distillation_token=distilled,
+            pos_embed_prefix=False,
+            key=jax.random.key(0),
+        )
+        assert model.mlp_head is None and model.dist_head is None
+        assert model.pos_embedding.shape == (7 * 7, 8)
+        assert model(jax.random.normal(jax.random.key(1), (3, 16, 16))).shape == (16,)

@@ -3,7 +3,7 @@
 Heo et al., 2021, https://arxiv.org/abs/2103.16302.
 """
 
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -22,46 +22,119 @@ from ..layers import (
     split_key,
     tokens_to_grid,
     unfold,
-    with_class_tokens,
 )
-from ..layers._checks import Minimum, NonEmpty, PerStage, Positive, Rate, checked_arguments
+from ..layers._checks import (
+    Minimum,
+    NonEmpty,
+    NonNegative,
+    PerStage,
+    Positive,
+    Rate,
+    checked_arguments,
+)
 from ..layers._init import normal
 
 
 class PiTPool(eqx.Module):
-    """PiT's pooling layer between stages: halves the token grid and doubles the dimension.
+    """PiT's pooling layer between stages: halves the token grid and widens the dimension.
 
-    The class token goes through `Linear(dim, 2 dim)`. The other tokens are laid out on
-    their square grid and go through a depthwise `3x3` convolution with stride 2, padding 1
-    and two output channels per input channel (output channels `2i` and `2i + 1` read input
-    channel `i`), then a pointwise `1x1` convolution; both have biases.
+    The prefix tokens (the class token, and the distillation token if any) go through
+    `Linear(dim, out_dim)`. The other tokens are laid out on their square grid and go
+    through a depthwise `3x3` convolution with stride 2, padding 1 and `out_dim // dim`
+    output channels per input channel (output channel `o` reads input channel
+    `o // (out_dim // dim)`), then, with `pointwise=True`, a pointwise `1x1` convolution;
+    all have biases.
     """
 
     depthwise: DepthwiseConv2d
-    pointwise: Conv2d
+    pointwise: Conv2d | None
     cls_ff: Linear
 
-    def __init__(self, dim: int, *, key: PRNGKeyArray):
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int | None = None,
+        *,
+        pointwise: bool = True,
+        key: PRNGKeyArray,
+    ):
         """**Arguments:**
 
-        - `dim`: token dimension in; the output has `2 * dim`.
+        - `dim`: token dimension in.
+        - `out_dim`: token dimension out, a multiple of `dim`; `2 * dim` by default.
+        - `pointwise`: whether the depthwise convolution is followed by a `1x1` one
+          (vit-pytorch's pooling; timm's has none).
         - `key`: a `jax.random.key` for the initialisation.
         """
+        out_dim = 2 * dim if out_dim is None else out_dim
+        if dim <= 0 or out_dim <= 0 or out_dim % dim:
+            raise ValueError(
+                f"PiTPool needs out_dim to be a positive multiple of dim; got dim={dim}, "
+                f"out_dim={out_dim}."
+            )
         dw_key, pw_key, cls_key = jr.split(key, 3)
-        self.depthwise = DepthwiseConv2d(dim, 3, stride=2, padding=1, multiplier=2, key=dw_key)
-        self.pointwise = Conv2d(2 * dim, 2 * dim, 1, key=pw_key)
-        self.cls_ff = Linear(dim, 2 * dim, key=cls_key)
+        self.depthwise = DepthwiseConv2d(
+            dim, 3, stride=2, padding=1, multiplier=out_dim // dim, key=dw_key
+        )
+        self.pointwise = Conv2d(out_dim, out_dim, 1, key=pw_key) if pointwise else None
+        self.cls_ff = Linear(dim, out_dim, key=cls_key)
 
-    def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "out_seq out_dim"]:
+    def __call__(
+        self, x: Float[Array, "seq dim"], num_prefix: int = 1
+    ) -> Float[Array, "out_seq out_dim"]:
         """**Arguments:**
 
-        - `x`: the class token followed by a square grid of `s * s` tokens, row-major.
+        - `x`: `num_prefix` prefix tokens followed by a square grid of `s * s` tokens,
+          row-major.
+        - `num_prefix`: the number of prefix tokens.
 
-        **Returns:** `(1 + ceil(s / 2) ** 2, 2 * dim)`.
+        **Returns:** `(num_prefix + ceil(s / 2) ** 2, out_dim)`.
         """
-        cls, tokens = x[:1], x[1:]
-        grid = self.pointwise(self.depthwise(tokens_to_grid(tokens)))
-        return jnp.concatenate([self.cls_ff(cls), grid_to_tokens(grid)], axis=0)
+        prefix, tokens = x[:num_prefix], x[num_prefix:]
+        grid = self.depthwise(tokens_to_grid(tokens))
+        if self.pointwise is not None:
+            grid = self.pointwise(grid)
+        return jnp.concatenate([self.cls_ff(prefix), grid_to_tokens(grid)], axis=0)
+
+
+def _stage_dims(dim: int | tuple[int, ...], num_stages: int) -> tuple[int, ...]:
+    """The token dimension of every stage: `dim` doubled at every pooling layer, or the
+    tuple given, each a multiple of the one before."""
+    if isinstance(dim, int):
+        return tuple(dim * 2**i for i in range(num_stages))
+    if len(dim) != num_stages:
+        raise ValueError(
+            f"PiT: dim must be an int or a tuple of one int per stage (len(depth) = "
+            f"{num_stages}); got {dim!r}."
+        )
+    for before, after in zip(dim, dim[1:], strict=False):
+        if after % before:
+            raise ValueError(
+                "PiT: each stage's dim must be a multiple of the one before (the pooling "
+                f"is a depthwise convolution); got dim={dim!r}."
+            )
+    return dim
+
+
+def _grid_sizes(
+    image_size: int, patch_size: int, stride: int | None, num_stages: int
+) -> tuple[int, ...]:
+    """The side of the token grid of every stage (the patch windows are checked here)."""
+    if stride is None and image_size % patch_size:
+        raise ValueError(
+            f"image_size must be divisible by patch_size; got image_size={image_size} and "
+            f"patch_size={patch_size}."
+        )
+    if patch_size > image_size:
+        raise ValueError(
+            f"patch_size must be at most image_size; got image_size={image_size} and "
+            f"patch_size={patch_size}."
+        )
+    step = patch_size // 2 if stride is None else stride
+    sizes = [(image_size - patch_size) // step + 1]
+    for _ in range(num_stages - 1):
+        sizes.append((sizes[-1] - 1) // 2 + 1)
+    return tuple(sizes)
 
 
 class PiT(eqx.Module):
@@ -74,8 +147,8 @@ class PiT(eqx.Module):
     up) and doubles the token dimension. The class token goes through
     `LayerNorm → Linear`.
 
-    Equal to `vit_pytorch.pit.PiT`; load its weights with `eqx_vision.from_vit_pytorch`.
-    Reference behaviours reproduced:
+    Equal to `vit_pytorch.pit.PiT` with the default options; load its weights with
+    `eqx_vision.from_vit_pytorch`. Reference behaviours reproduced:
 
     - The patch vectors are ordered `(c kh kw)`, as `torch.nn.Unfold` gives them, not
       `(kh kw c)`.
@@ -86,6 +159,12 @@ class PiT(eqx.Module):
     - `image_size` must be divisible by `patch_size`, although the windows do not need it.
     - Images and patches are square; the token grid of every stage is square.
 
+    The options cover timm's `PoolingVisionTransformer` (the `pit_*` names; load them with
+    `eqx_vision.from_timm`): a patch stride of its own, one dimension, head dimension and
+    MLP width per stage, biases in the qkv projection and an output projection in every
+    block, the LayerNorm epsilon, a pooling layer without the `1x1` convolution, position
+    embeddings on the patch tokens only, and a distillation token with a head of its own.
+
     Deliberate difference: an image of any other size than `image_size` is rejected, where
     the reference silently adds the wrong position embeddings to a smaller one. The token
     grid sides of the stages are in `grid_sizes`.
@@ -93,16 +172,20 @@ class PiT(eqx.Module):
 
     to_patch_embedding: Linear
     cls_token: Float[Array, "1 dim"]
+    dist_token: Float[Array, "1 dim"] | None
     pos_embedding: Float[Array, "seq dim"]
     dropout: eqx.nn.Dropout
     stages: tuple[Transformer, ...]
     pools: tuple[PiTPool, ...]
     head_norm: LayerNorm
-    mlp_head: Linear
+    mlp_head: Linear | None
+    dist_head: Linear | None
     image_size: int = eqx.field(static=True)
     patch_size: int = eqx.field(static=True)
+    stride: int = eqx.field(static=True)
     channels: int = eqx.field(static=True)
     grid_sizes: tuple[int, ...] = eqx.field(static=True)
+    pos_embed_prefix: bool = eqx.field(static=True)
 
     @checked_arguments
     def __init__(
@@ -110,15 +193,22 @@ class PiT(eqx.Module):
         *,
         image_size: Positive,
         patch_size: Annotated[int, Minimum(2)],
-        num_classes: Positive,
-        dim: Positive,
+        num_classes: NonNegative,
+        dim: Positive | tuple[Positive, ...],
         depth: Annotated[tuple[Positive, ...], NonEmpty()],
         heads: Annotated[Positive | tuple[Positive, ...], PerStage("len(depth)")],
-        mlp_dim: Positive,
-        dim_head: Positive = 64,
+        mlp_dim: Annotated[Positive | tuple[Positive, ...], PerStage("len(depth)")],
+        dim_head: Annotated[Positive | tuple[Positive, ...], PerStage("len(depth)")] = 64,
         dropout: Rate = 0.0,
         emb_dropout: Rate = 0.0,
         channels: Positive = 3,
+        stride: Positive | None = None,
+        qkv_bias: bool = False,
+        project_out: bool | None = None,
+        norm_eps: float = 1e-5,
+        pool_pointwise: bool = True,
+        pos_embed_prefix: bool = True,
+        distillation_token: bool = False,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -126,65 +216,90 @@ class PiT(eqx.Module):
         - `image_size`: image height and width (square images).
         - `patch_size`: side of the square patch windows, at least 2; the windows overlap
           with stride `patch_size // 2`. Must divide `image_size`.
-        - `num_classes`: number of output logits.
-        - `dim`: token dimension of the first stage; it doubles at every pooling layer.
+        - `num_classes`: number of output logits; `0` for no classifier (the model then
+          returns the normalised class token).
+        - `dim`: token dimension of the first stage; it doubles at every pooling layer. Or a
+          tuple of one dimension per stage, each a multiple of the one before.
         - `depth`: a tuple with the number of transformer blocks of each stage.
         - `heads`: attention heads per block, one int for every stage or a tuple with one
           per stage.
-        - `mlp_dim`: hidden width of the feed-forward blocks, the same in every stage.
-        - `dim_head`: dimension per attention head, the same in every stage.
+        - `mlp_dim`: hidden width of the feed-forward blocks, one int for every stage or a
+          tuple with one per stage.
+        - `dim_head`: dimension per attention head, one int for every stage or a tuple with
+          one per stage.
         - `dropout`: dropout rate inside the transformer blocks.
-        - `emb_dropout`: dropout rate on the embedded tokens.
+        - `emb_dropout`: dropout rate on the embedded tokens (those the position embeddings
+          are added to).
         - `channels`: input channels.
+
+        The variants (the defaults are vit-pytorch's):
+
+        - `stride`: the stride of the patch windows, `patch_size // 2` by default; when
+          given, `image_size` need not be a multiple of `patch_size`.
+        - `qkv_bias`: whether the query/key/value projections have a bias.
+        - `project_out`: whether every attention block has an output projection; by
+          default all but those with `heads == 1` and `dim_head` equal to the dimension.
+        - `norm_eps`: the epsilon of every LayerNorm.
+        - `pool_pointwise`: whether the pooling layers end with a `1x1` convolution.
+        - `pos_embed_prefix`: whether the position embeddings cover the class (and
+          distillation) token; otherwise they are added to the patch tokens only.
+        - `distillation_token`: a second prefix token with a head of its own (DeiT); the
+          logits are the mean of both heads.
         - `key`: a `jax.random.key` for the initialisation.
         """
-        size, patch = image_size, patch_size
-        if size % patch:
-            raise ValueError(
-                f"image_size must be divisible by patch_size; got image_size={size} and "
-                f"patch_size={patch}."
-            )
         depths = depth
-        stage_heads = cast(tuple[int, ...], heads)  # one per stage, from checked_arguments
-
-        grid = (size - patch) // (patch // 2) + 1
-        grid_sizes = [grid]
-        for _ in depths[1:]:
-            grid_sizes.append((grid_sizes[-1] - 1) // 2 + 1)
-
-        embed_key, cls_key, pos_key, stage_key, pool_key, head_key = jr.split(key, 6)
-        stage_keys = jr.split(stage_key, len(depths))
-        pool_keys = jr.split(pool_key, len(depths))
-        self.to_patch_embedding = Linear(channels * patch * patch, dim, key=embed_key)
-        self.cls_token = normal(cls_key, (1, dim))
-        self.pos_embedding = normal(pos_key, (grid * grid + 1, dim))
+        num_stages = len(depths)
+        dims = _stage_dims(cast(Any, dim), num_stages)
+        grid_sizes = _grid_sizes(image_size, patch_size, stride, num_stages)
+        grid = grid_sizes[0]
+        num_prefix = 1 + int(distillation_token)
+        keys = jr.split(key, 8)
+        stage_keys = jr.split(keys[3], num_stages)
+        pool_keys = jr.split(keys[4], num_stages)
+        self.to_patch_embedding = Linear(channels * patch_size**2, dims[0], key=keys[0])
+        self.cls_token = normal(keys[1], (1, dims[0]))
+        self.dist_token = normal(keys[6], (1, dims[0])) if distillation_token else None
+        seq = grid * grid + (num_prefix if pos_embed_prefix else 0)
+        self.pos_embedding = normal(keys[2], (seq, dims[0]))
         self.dropout = eqx.nn.Dropout(emb_dropout)
-        stages, pools = [], []
-        stage_dim = dim
-        for i, (stage_depth, h) in enumerate(zip(depths, stage_heads, strict=True)):
-            stages.append(
-                Transformer(
-                    stage_dim,
-                    stage_depth,
-                    h,
-                    dim_head,
-                    mlp_dim,
-                    dropout=dropout,
-                    final_norm=False,
-                    key=stage_keys[i],
-                )
+        self.stages = tuple(
+            Transformer(
+                dims[i],
+                depths[i],
+                cast(tuple[int, ...], heads)[i],
+                cast(tuple[int, ...], dim_head)[i],
+                cast(tuple[int, ...], mlp_dim)[i],
+                dropout=dropout,
+                final_norm=False,
+                norm_eps=norm_eps,
+                qkv_bias=qkv_bias,
+                project_out=project_out,
+                key=stage_keys[i],
             )
-            if i < len(depths) - 1:
-                pools.append(PiTPool(stage_dim, key=pool_keys[i]))
-                stage_dim *= 2
-        self.stages = tuple(stages)
-        self.pools = tuple(pools)
-        self.head_norm = LayerNorm(stage_dim)
-        self.mlp_head = Linear(stage_dim, num_classes, key=head_key)
-        self.image_size = size
-        self.patch_size = patch
+            for i in range(num_stages)
+        )
+        self.pools = tuple(
+            PiTPool(dims[i], dims[i + 1], pointwise=pool_pointwise, key=pool_keys[i])
+            for i in range(num_stages - 1)
+        )
+        self.head_norm = LayerNorm(dims[-1], eps=norm_eps)
+        self.mlp_head = Linear(dims[-1], num_classes, key=keys[5]) if num_classes else None
+        self.dist_head = (
+            Linear(dims[-1], num_classes, key=keys[7])
+            if num_classes and distillation_token
+            else None
+        )
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.stride = patch_size // 2 if stride is None else stride
         self.channels = channels
-        self.grid_sizes = tuple(grid_sizes)
+        self.grid_sizes = grid_sizes
+        self.pos_embed_prefix = pos_embed_prefix
+
+    def _prefix(self, dtype: Any) -> Float[Array, "num_prefix dim"]:
+        """The class token, then the distillation token if any, in `dtype`."""
+        parts = [p for p in (self.cls_token, self.dist_token) if p is not None]
+        return jnp.concatenate([p.astype(dtype) for p in parts], axis=0)
 
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
@@ -194,16 +309,28 @@ class PiT(eqx.Module):
         - `x`: one image, `(channels, image_size, image_size)`.
         - `key`: a `jax.random.key`, needed only for dropout in training mode.
 
-        **Returns:** the logits, `(num_classes,)`.
+        **Returns:** the logits, `(num_classes,)` (with `num_classes=0`, the normalised
+        class token, or the mean of the normalised class and distillation tokens).
         """
         check_image(x, (self.channels, self.image_size, self.image_size), type(self).__name__)
         check_key(self, key)
         emb_key, *stage_keys = split_key(key, 1 + len(self.stages))
-        tokens = self.to_patch_embedding(unfold(x, self.patch_size, self.patch_size // 2))
-        tokens = with_class_tokens(tokens, self.cls_token, self.pos_embedding)
-        tokens = self.dropout(tokens, key=emb_key)
+        patches = self.to_patch_embedding(unfold(x, self.patch_size, self.stride))
+        prefix = self._prefix(patches.dtype)
+        pos = self.pos_embedding.astype(patches.dtype)
+        if self.pos_embed_prefix:
+            tokens = self.dropout(jnp.concatenate([prefix, patches], axis=0) + pos, key=emb_key)
+        else:
+            tokens = jnp.concatenate([prefix, self.dropout(patches + pos, key=emb_key)], axis=0)
+        num_prefix = prefix.shape[0]
         for i, stage in enumerate(self.stages):
             tokens = stage(tokens, key=stage_keys[i])
             if i < len(self.pools):
-                tokens = self.pools[i](tokens)
-        return self.mlp_head(self.head_norm(tokens[0]))
+                tokens = self.pools[i](tokens, num_prefix)
+        pooled = self.head_norm(tokens[:num_prefix])
+        if self.mlp_head is None:
+            return pooled.mean(axis=0)
+        logits = self.mlp_head(pooled[0])
+        if self.dist_head is not None:
+            logits = (logits + self.dist_head(pooled[1])) / 2
+        return logits

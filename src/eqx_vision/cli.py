@@ -262,11 +262,15 @@ def _add_evaluate_parser(sub: Any) -> None:
         help="evaluate a checkpoint on its test data",
         description="Evaluate a checkpoint; ends with the line 'test accuracy: <value>'.",
     )
-    evaluate.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="DIR",
-        help="a train --out folder or a .safetensors file",
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--checkpoint", metavar="DIR", help="a train --out folder or a .safetensors file"
+    )
+    source.add_argument(
+        "--pretrained",
+        metavar="timm/NAME",
+        help="a pretrained timm model (e.g. timm/vit_small_patch16_224.augreg_in21k_ft_in1k); "
+        "--data is then a folder of ImageNet class folders named by synset id (n01440764, ...)",
     )
     evaluate.add_argument("--data", help="data to evaluate on (default: the training data)")
     _add_keep_empty_classes(evaluate)
@@ -280,11 +284,15 @@ def _add_predict_parser(sub: Any) -> None:
         help="classify image files with a checkpoint",
         description="Print the top-k classes and their probabilities for each image.",
     )
-    predict.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="DIR",
-        help="a train --out folder or a .safetensors file",
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--checkpoint", metavar="DIR", help="a train --out folder or a .safetensors file"
+    )
+    source.add_argument(
+        "--pretrained",
+        metavar="timm/NAME",
+        help="a pretrained timm model (e.g. timm/vit_small_patch16_224.augreg_in21k_ft_in1k), "
+        "downloaded from the Hugging Face Hub or read from its cache",
     )
     predict.add_argument("--top-k", type=_positive_int, default=5, metavar="K")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
@@ -864,6 +872,8 @@ def _class_names(data_meta: dict[str, Any], ckpt_path: str, num_classes: int) ->
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.pretrained:
+        return _evaluate_pretrained(args)
     _require("evaluate", ["optax", "safetensors"])
     from . import data as data_mod, training
 
@@ -923,6 +933,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.pretrained:
+        return _predict_pretrained(args)
     _require("predict", ["optax", "safetensors", "PIL"])
     import equinox as eqx
     import jax
@@ -958,6 +970,109 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _echo(_printable(path))
         for i in np.argsort(-p, kind="stable")[:k]:
             _echo(f"  {class_names[i]:<{width}}  {p[i]:.4f}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# Pretrained timm models
+
+
+def _open_pretrained(name: str) -> tuple[Any, Any, Any, list[str]]:
+    """`(model, state, data_config, class_names)` of a pretrained timm model, in inference
+    mode; a failure to find, download or load it is a `UsageError`."""
+    missing = [m for m in ("huggingface_hub", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(
+            f"--pretrained needs {', '.join(missing)}, which is not installed: "
+            "pip install 'eqx_vision[train,pretrained]'"
+        )
+    _require("--pretrained", ["PIL"])
+    import equinox as eqx
+
+    from .data import imagenet_classes
+    from .interop import CheckpointError, TimmConfigError, pretrained
+
+    try:
+        loaded, data_config = pretrained(name)
+    except (TimmConfigError, CheckpointError, ConnectionError) as e:
+        raise UsageError(_printable(str(e))) from None
+    model, state = loaded if isinstance(loaded, tuple) else (loaded, None)
+    if data_config.label_set == "imagenet-1k":
+        names = [lemmas for _, lemmas in imagenet_classes()]
+    else:
+        names = [f"class {i}" for i in range(data_config.num_classes)]
+    return eqx.nn.inference_mode(model), state, data_config, names
+
+
+def _pretrained_logits(model: Any, state: Any) -> Any:
+    """A jitted function from a batch of prepared images to the logits."""
+    import equinox as eqx
+    import jax
+
+    if state is None:
+        stateless = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
+        return lambda x: stateless(model, x)
+    stateful = eqx.filter_jit(lambda m, s, x: jax.vmap(lambda x: m(x, s)[0], axis_name="batch")(x))
+    return lambda x: stateful(model, state, x)
+
+
+def _predict_pretrained(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from . import data as data_mod
+
+    model, state, data_config, class_names = _open_pretrained(args.pretrained)
+    images = []
+    for path in args.images:
+        try:
+            images.append(data_mod.load_pretrained_image(path, data_config))
+        except data_mod.DataError as e:
+            raise UsageError(_printable(str(e))) from None
+    logits = _pretrained_logits(model, state)(jnp.asarray(np.stack(images)))
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    k = min(args.top_k, probs.shape[-1])
+    for path, p in zip(args.images, probs, strict=True):
+        _echo(_printable(path))
+        for i in np.argsort(-p, kind="stable")[:k]:
+            _echo(f"  {p[i]:.4f}  {class_names[i]}")
+    return 0
+
+
+def _evaluate_pretrained(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from . import data as data_mod
+
+    if not args.data:
+        raise UsageError("--pretrained needs --data: a folder of ImageNet class folders")
+    model, state, data_config, _ = _open_pretrained(args.pretrained)
+    if data_config.label_set != "imagenet-1k":
+        raise UsageError(f"{args.pretrained} does not classify the ImageNet-1k classes")
+    index = {synset: i for i, (synset, _) in enumerate(data_mod.imagenet_classes())}
+    try:
+        files = data_mod.imagenet_folder_files(args.data, index)
+    except data_mod.DataError as e:
+        raise UsageError(_printable(str(e))) from None
+    logits_of = _pretrained_logits(model, state)
+    top1 = top5 = 0
+    for start in range(0, len(files), args.batch_size):
+        batch = files[start : start + args.batch_size]
+        try:
+            x = np.stack([data_mod.load_pretrained_image(p, data_config) for p, _ in batch])
+        except data_mod.DataError as e:
+            raise UsageError(_printable(str(e))) from None
+        logits = np.asarray(logits_of(jnp.asarray(x)))
+        labels = np.asarray([label for _, label in batch])
+        ranked = np.argsort(-logits, axis=-1, kind="stable")[:, :5]
+        top1 += int(np.sum(ranked[:, 0] == labels))
+        top5 += int(np.sum(np.any(ranked == labels[:, None], axis=-1)))
+    _echo(f"model      {args.pretrained}")
+    _echo(f"data       {_printable(args.data)}: {len(files)} images")
+    _echo(f"top-5 accuracy: {top5 / len(files):.4f}")
+    _echo(f"test accuracy: {top1 / len(files):.4f}")
     return 0
 
 

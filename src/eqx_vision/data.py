@@ -72,13 +72,16 @@ import struct
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+T = TypeVar("T")
 
 
 __all__ = [
@@ -303,6 +306,12 @@ def _pixels(img, path: str, grey: bool) -> np.ndarray:
 def _read_pixels(path: str, *, grey: bool = False) -> np.ndarray:
     """An image file as float32 `(channels, height, width)` in 0..1: one channel for grey
     images, three for colour ones (or one with `grey`)."""
+    return _with_image(path, lambda img: _pixels(img, path, grey))
+
+
+def _with_image(path: str, use: Callable[[Any], T]) -> T:
+    """`use(image)` on the Pillow image of a file, loaded with the decompression-bomb limit
+    enforced; a file Pillow cannot read is a `DataError`."""
     if not os.path.isfile(path):  # a named pipe would block, a broken link not open
         raise DataError(f"expected an image file; {path} is not a regular file")
     image_mod = _pillow()
@@ -312,7 +321,7 @@ def _read_pixels(path: str, *, grey: bool = False) -> np.ndarray:
             warnings.simplefilter("error", image_mod.DecompressionBombWarning)
             with image_mod.open(path) as img:
                 img.load()
-                return _pixels(img, path, grey)
+                return use(img)
     except DataError:
         raise
     except bombs as e:
@@ -809,3 +818,82 @@ def prepare(raw: RawDataset, *, channels: int, image_size: tuple[int, int]) -> D
         raw.class_names,
         raw.source,
     )
+
+
+def load_pretrained_image(path: str, config: Any) -> np.ndarray:
+    """One image file prepared as a pretrained model's data configuration says (an
+    `eqx_vision.DataConfig`), as timm's evaluation transform does: converted to RGB, the
+    shorter side resized to `floor(size / crop_pct)` (both sides, for
+    `crop_mode="squash"`) with the configured interpolation, the centre `size` cropped,
+    scaled to `[0, 1]` and normalised by `mean` and `std`. Returns `(3, height, width)`
+    float32.
+
+    Raises `DataError` if the file is missing, unreadable or refused.
+    """
+    if os.path.isdir(path):
+        raise DataError(f"expected an image file; {path} is a folder")
+    if not os.path.isfile(path):
+        raise DataError(f"image not found: {path}")
+    image_mod = _pillow()
+    resample = {
+        "bicubic": image_mod.Resampling.BICUBIC,
+        "bilinear": image_mod.Resampling.BILINEAR,
+        "nearest": image_mod.Resampling.NEAREST,
+    }.get(config.interpolation)
+    if resample is None or config.crop_mode not in ("center", "squash"):
+        raise DataError(
+            f"unsupported preprocessing: interpolation={config.interpolation!r}, "
+            f"crop_mode={config.crop_mode!r} (supported: bicubic, bilinear or nearest; "
+            "center or squash)"
+        )
+    _, height, width = config.input_size
+    scaled = (math.floor(height / config.crop_pct), math.floor(width / config.crop_pct))
+
+    def prepare(img: Any) -> np.ndarray:
+        img = img.convert("RGB")
+        w, h = img.size
+        if config.crop_mode == "squash" or scaled[0] != scaled[1]:
+            size = (scaled[1], scaled[0])
+        else:  # the shorter side to `scaled`, the longer in proportion (truncated)
+            short, long = (w, h) if w <= h else (h, w)
+            new_long = int(scaled[0] * long / short)
+            size = (scaled[0], new_long) if w <= h else (new_long, scaled[0])
+        img = img.resize(size, resample=resample)
+        top = int(round((img.size[1] - height) / 2.0))
+        left = int(round((img.size[0] - width) / 2.0))
+        img = img.crop((left, top, left + width, top + height))
+        pixels = np.asarray(img, dtype=np.float32) / 255.0
+        mean = np.asarray(config.mean, np.float32)
+        std = np.asarray(config.std, np.float32)
+        return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
+
+    return _with_image(path, prepare)
+
+
+def imagenet_classes() -> list[tuple[str, str]]:
+    """The 1,000 ImageNet-1k classes in class-index order: `(synset id, names)`, e.g.
+    `("n01440764", "tench, Tinca tinca")` (package data, with its source)."""
+    text = resources.files("eqx_vision").joinpath("data/imagenet_classes.tsv").read_text()
+    rows = [line.split("\t", 1) for line in text.splitlines() if not line.startswith("#")]
+    return [(synset, names) for synset, names in rows]
+
+
+def imagenet_folder_files(root: str, index: dict[str, int]) -> list[tuple[str, int]]:
+    """`(path, label)` of every image under `root/<synset id>/`, labels from `index`
+    (synset id to class index); a class folder of another name is a `DataError`."""
+    if not os.path.isdir(root):
+        raise DataError(f"expected a folder of ImageNet class folders; {root} is not a folder")
+    files = []
+    for name in _list_classes(root):
+        if name not in index:
+            raise DataError(
+                f"{root} has a class folder {name!r}, which is not an ImageNet-1k synset id "
+                "(such as n01440764)"
+            )
+        folder = os.path.join(root, name)
+        for file in sorted(os.listdir(folder)):
+            if not file.startswith(".") and os.path.isfile(os.path.join(folder, file)):
+                files.append((os.path.join(folder, file), index[name]))
+    if not files:
+        raise DataError(f"{root} holds no images in ImageNet class folders")
+    return files

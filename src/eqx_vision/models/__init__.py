@@ -1,7 +1,7 @@
 """One module per architecture."""
 
 from .cait import CaiT as CaiT
-from .cross_vit import CrossViT as CrossViT
+from .cross_vit import CrossViT as CrossViT, TimmCrossViT as TimmCrossViT
 from .crossformer import CrossFormer as CrossFormer
 from .cvt import CvT as CvT
 from .deepvit import DeepViT as DeepViT

@@ -4,15 +4,24 @@ Chen, Fan and Panda, 2021, https://arxiv.org/abs/2103.14899.
 
 Two ViT branches see the image at two patch sizes; after each round of self-attention in
 both branches, the class token of each branch attends to the patch tokens of the other.
+`CrossViT` is vit-pytorch's version; `TimmCrossViT` is timm's (`crossvit_*`), a different
+network after the authors' code.
 """
 
+import functools
+from collections.abc import Sequence
+from typing import Any, Literal, cast
+
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..layers import (
     Attention,
+    Conv2d,
     LayerNorm,
     Linear,
     PatchEmbedding,
@@ -21,10 +30,17 @@ from ..layers import (
     check_divisible,
     check_image,
     check_key,
+    gelu,
     split_key,
     with_class_tokens,
 )
-from ..layers._checks import Positive, Rate, checked_arguments
+from ..layers._checks import (
+    NonNegative,
+    Positive,
+    PositivePair,
+    Rate,
+    checked_arguments,
+)
 from ..layers._init import normal
 
 
@@ -386,3 +402,551 @@ class CrossViT(eqx.Module):
         sm_logits = self.sm_mlp_head(self.sm_head_norm(sm_tokens[0]))
         lg_logits = self.lg_mlp_head(self.lg_head_norm(lg_tokens[0]))
         return sm_logits + lg_logits
+
+
+# timm's CrossViT: a different architecture under the same name.
+
+
+@functools.cache
+def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The `(out_size, in_size)` matrix of torch's bicubic interpolation along one axis
+    (`F.interpolate(mode="bicubic", align_corners=False)`, no antialiasing): Keys' cubic
+    convolution with `A = -0.75` on the four neighbours of each sample, indices clamped
+    at the borders; computed in float32 as torch computes it."""
+    f32 = np.float32
+    a = f32(-0.75)
+    scale = f32(in_size) / f32(out_size)
+    # torch: a float32 scale times a double `dst + 0.5`, rounded to float32 once
+    real = (np.float64(scale) * (np.arange(out_size) + 0.5) - 0.5).astype(f32)
+    index = np.minimum(np.floor(real).astype(np.int64), in_size - 1)
+    t = np.clip(real - index.astype(f32), f32(0), f32(1)).astype(f32)
+
+    def near(x: np.ndarray) -> np.ndarray:  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: np.ndarray) -> np.ndarray:  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    rest = f32(1) - t
+    coeffs = (far(t + f32(1)), near(t), near(rest), far(rest + f32(1)))
+    matrix = np.zeros((out_size, in_size), f32)
+    rows = np.arange(out_size)
+    for offset, c in enumerate(coeffs):
+        np.add.at(matrix, (rows, np.clip(index - 1 + offset, 0, in_size - 1)), c)
+    return matrix
+
+
+def resize_bicubic(
+    x: Float[Array, "channels height width"], size: tuple[int, int]
+) -> Float[Array, "channels out_height out_width"]:
+    """`x` resized to `size` `(height, width)` by bicubic interpolation, as torch's
+    `F.interpolate(x, size, mode="bicubic", align_corners=False)` (no antialiasing when
+    shrinking): one matrix product per axis."""
+    rows = _bicubic_matrix(x.shape[1], size[0])
+    cols = _bicubic_matrix(x.shape[2], size[1])
+    return jnp.einsum("oh,chw,pw->cop", rows.astype(x.dtype), x, cols.astype(x.dtype))
+
+
+def scale_image(
+    x: Float[Array, "channels height width"], size: tuple[int, int], crop: bool
+) -> Float[Array, "channels out_height out_width"]:
+    """`x` at `size`: unchanged if it has that size, else its centre crop (with `crop`, when
+    `size` fits in it; offsets rounded half to even) or its bicubic resize."""
+    _, h, w = x.shape
+    if (h, w) == size:
+        return x
+    if crop and size[0] <= h and size[1] <= w:
+        top, left = int(round((h - size[0]) / 2.0)), int(round((w - size[1]) / 2.0))
+        return x[:, top : top + size[0], left : left + size[1]]
+    return resize_bicubic(x, size)
+
+
+# The (kernel, stride, padding) of the three convolutions of the multi-conv ("dagger")
+# patch embedding, for the patch sizes it is defined for.
+_MULTI_CONV = {
+    12: ((7, 4, 3), (3, 3, 0), (3, 1, 1)),
+    16: ((7, 4, 3), (3, 2, 1), (3, 2, 1)),
+}
+
+
+class MultiConvEmbedding(eqx.Module):
+    """The patch embedding of timm's `crossvit_*_dagger_*`: three convolutions with ReLUs
+    between them (`dim/4`, `dim/2`, `dim` channels; a 7x7 convolution of stride 4, then
+    3x3 ones of strides 3, 1 for 12-pixel patches or 2, 2 for 16-pixel patches)."""
+
+    convs: tuple[Conv2d, Conv2d, Conv2d]
+
+    def __init__(self, channels: int, patch_size: int, dim: int, *, key: PRNGKeyArray):
+        if patch_size not in _MULTI_CONV:
+            raise ValueError(
+                f"the multi-conv patch embedding is defined for patch sizes 12 and 16; got "
+                f"patch_size={patch_size}."
+            )
+        widths = (channels, dim // 4, dim // 2, dim)
+        self.convs = tuple(  # pyright: ignore[reportAttributeAccessIssue]
+            Conv2d(widths[i], widths[i + 1], k, stride=s, padding=p, key=ck)
+            for i, ((k, s, p), ck) in enumerate(
+                zip(_MULTI_CONV[patch_size], jr.split(key, 3), strict=True)
+            )
+        )
+
+    @staticmethod
+    def grid(patch_size: int, size: tuple[int, int]) -> tuple[int, int]:
+        """The token grid `(h, w)` of an image of `size`."""
+        out = list(size)
+        for k, s, p in _MULTI_CONV[patch_size]:
+            out = [(n + 2 * p - k) // s + 1 for n in out]
+        return out[0], out[1]
+
+    def __call__(self, x: Float[Array, "channels height width"]) -> Float[Array, "seq dim"]:
+        first, second, third = self.convs
+        y = third(jax.nn.relu(second(jax.nn.relu(first(x)))))
+        return y.reshape(y.shape[0], -1).T
+
+
+class BranchEmbedding(eqx.Module):
+    """One branch's tokens in timm's CrossViT: the image at the branch's size
+    (`scale_image`), its patches embedded (a strided convolution or `MultiConvEmbedding`),
+    a class token and learned position embeddings. The branch's image size must be a
+    multiple of its patch size."""
+
+    patch_embedding: PatchEmbedding | MultiConvEmbedding
+    cls_token: Float[Array, "1 dim"]
+    pos_embedding: Float[Array, "seq dim"]
+    size: tuple[int, int] = eqx.field(static=True)
+    crop: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        channels: int,
+        size: tuple[int, int],
+        patch_size: int,
+        dim: int,
+        multi_conv: bool,
+        crop: bool,
+        key: PRNGKeyArray,
+    ):
+        embed_key, cls_key, pos_key = jr.split(key, 3)
+        if size[0] % patch_size or size[1] % patch_size:
+            raise ValueError(
+                f"a branch's image size (image_size scaled by its image_scale, {size}) must be "
+                f"a multiple of its patch size {patch_size}."
+            )
+        grid = (size[0] // patch_size, size[1] // patch_size)
+        if multi_conv:
+            self.patch_embedding = MultiConvEmbedding(channels, patch_size, dim, key=embed_key)
+            conv_grid = MultiConvEmbedding.grid(patch_size, size)
+            if conv_grid != grid:
+                raise ValueError(
+                    f"the multi-conv embedding of a {size} image gives a {conv_grid} grid of "
+                    f"tokens, not the {grid} of {patch_size}-pixel patches; choose another "
+                    "image size."
+                )
+        else:
+            self.patch_embedding = PatchEmbedding(
+                channels,
+                (patch_size, patch_size),
+                dim,
+                pre_norm=False,
+                post_norm=False,
+                channels_first=True,
+                key=embed_key,
+            )
+        self.cls_token = normal(cls_key, (1, dim))
+        self.pos_embedding = normal(pos_key, (grid[0] * grid[1] + 1, dim))
+        self.size = size
+        self.crop = crop
+
+    def __call__(self, x: Float[Array, "channels height width"]) -> Float[Array, "seq dim"]:
+        x = scale_image(x, self.size, self.crop)
+        tokens = self.patch_embedding(x)
+        return with_class_tokens(tokens, self.cls_token, self.pos_embedding)
+
+
+class BranchProjection(eqx.Module):
+    """`LayerNorm → GELU → Linear`: a class token carried from one branch's dimension to
+    another's."""
+
+    norm: LayerNorm
+    linear: Linear
+
+    def __init__(self, dim: int, out_dim: int, *, norm_eps: float, key: PRNGKeyArray):
+        self.norm = LayerNorm(dim, eps=norm_eps)
+        self.linear = Linear(dim, out_dim, key=key)
+
+    def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq out_dim"]:
+        return self.linear(gelu(self.norm(x)))
+
+
+class CrossAttentionBlock(eqx.Module):
+    """timm's cross-attention block: `cls + attn(LayerNorm([cls; context]))`, the query
+    from the class token only, keys and values from all the normalised tokens."""
+
+    norm: LayerNorm
+    attn: Attention
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        qkv_bias: bool,
+        norm_eps: float,
+        dropout: float,
+        attn_dropout: float,
+        key: PRNGKeyArray,
+    ):
+        self.norm = LayerNorm(dim, eps=norm_eps)
+        attn = Attention(
+            dim,
+            heads=heads,
+            dim_head=dim // heads,
+            dropout=dropout,
+            norm=False,
+            fused_qkv=False,
+            qkv_bias=qkv_bias,
+            project_out=True,
+            key=key,
+        )
+        self.attn = _with_attn_dropout(attn, attn_dropout)
+
+    def __call__(
+        self,
+        cls: Float[Array, "1 dim"],
+        context: Float[Array, "ctx_seq dim"] | None,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "1 dim"]:
+        tokens = cls if context is None else jnp.concatenate([cls, context], axis=0)
+        tokens = self.norm(tokens)
+        context = None if context is None else tokens[1:]
+        return cls + self.attn(tokens[:1], context, key=key)
+
+
+def _with_attn_dropout(module: Any, rate: float) -> Any:
+    """`module` with the dropout on the attention probabilities of each of its `Attention`s
+    at `rate` (timm's `attn_drop_rate`, apart from the `proj_drop_rate` of the outputs)."""
+
+    def dropouts(tree: Any) -> list[eqx.nn.Dropout]:
+        found = jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, Attention))
+        return [n.attn_dropout for n in found if isinstance(n, Attention)]
+
+    count = len(dropouts(module))
+    return eqx.tree_at(dropouts, module, [eqx.nn.Dropout(rate) for _ in range(count)])
+
+
+class TimmMultiScaleBlock(eqx.Module):
+    """One multi-scale block of timm's CrossViT, for any number of branches.
+
+    Each branch runs its transformer encoder (no final norm). Then, for each branch `i`
+    and the next one `j = (i + 1) % branches`: branch `i`'s class token is projected to
+    `j`'s dimension (`BranchProjection`), attends to `[itself; j's patch tokens]` in the
+    cross-attention blocks of `fusions[i]` (after the first, a block sees the class token
+    alone, as timm's `nn.Sequential` of blocks gives it), and is projected back; the result
+    replaces the class token (no residual around the round trip).
+    """
+
+    encoders: tuple[Transformer, ...]
+    projections: tuple[BranchProjection, ...]
+    fusions: tuple[tuple[CrossAttentionBlock, ...], ...]
+    reverts: tuple[BranchProjection, ...]
+    cross_depth: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dims: tuple[int, ...],
+        depths: tuple[int, ...],
+        heads: tuple[int, ...],
+        mlp_ratios: tuple[float, ...],
+        *,
+        qkv_bias: bool,
+        norm_eps: float,
+        dropout: float,
+        attn_dropout: float,
+        key: PRNGKeyArray,
+    ):
+        """`depths` holds the encoder depth of each branch, then the number of
+        cross-attention blocks (0 stands for one block, stored outside a sequence)."""
+        n = len(dims)
+        enc_keys, proj_keys, fusion_keys, revert_keys = (list(k) for k in jr.split(key, (4, n)))
+        encoders = []
+        for i in range(n):
+            encoder = Transformer(
+                dims[i],
+                depths[i],
+                heads[i],
+                dims[i] // heads[i],
+                int(dims[i] * mlp_ratios[i]),
+                dropout=dropout,
+                final_norm=False,
+                norm_eps=norm_eps,
+                qkv_bias=qkv_bias,
+                project_out=True,
+                key=enc_keys[i],
+            )
+            encoders.append(_with_attn_dropout(encoder, attn_dropout))
+        self.encoders = tuple(encoders)
+        nxt = [(i + 1) % n for i in range(n)]
+        self.projections = tuple(
+            BranchProjection(dims[i], dims[nxt[i]], norm_eps=norm_eps, key=proj_keys[i])
+            for i in range(n)
+        )
+        self.cross_depth = depths[n]
+        self.fusions = tuple(
+            tuple(
+                CrossAttentionBlock(
+                    dims[nxt[i]],
+                    heads[nxt[i]],
+                    qkv_bias=qkv_bias,
+                    norm_eps=norm_eps,
+                    dropout=dropout,
+                    attn_dropout=attn_dropout,
+                    key=k,
+                )
+                for k in jr.split(fusion_keys[i], max(self.cross_depth, 1))
+            )
+            for i in range(n)
+        )
+        self.reverts = tuple(
+            BranchProjection(dims[nxt[i]], dims[i], norm_eps=norm_eps, key=revert_keys[i])
+            for i in range(n)
+        )
+
+    def __call__(
+        self, tokens: tuple[Float[Array, "_ _"], ...], *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "_ _"], ...]:
+        """**Arguments:** `tokens`, each branch's `(seq, dim)` tokens, class token first.
+
+        **Returns:** the tokens of every branch, same shapes.
+        """
+        n = len(self.encoders)
+        enc_key, fusion_key = split_key(key, 2)
+        enc_keys, fusion_keys = split_key(enc_key, n), split_key(fusion_key, n)
+        encoded = [enc(t, key=k) for enc, t, k in zip(self.encoders, tokens, enc_keys, strict=True)]
+        out = []
+        for i in range(n):
+            cls = self.projections[i](encoded[i][:1])
+            context: Array | None = encoded[(i + 1) % n][1:]
+            for block, k in zip(
+                self.fusions[i], split_key(fusion_keys[i], len(self.fusions[i])), strict=True
+            ):
+                cls = block(cls, context, key=k)
+                context = None
+            out.append(jnp.concatenate([self.reverts[i](cls), encoded[i][1:]], axis=0))
+        return tuple(out)
+
+
+class TimmCrossViT(eqx.Module):
+    """CrossViT as timm implements it (`timm.models.crossvit.CrossVit`, the
+    `crossvit_*` models), a different network from [`CrossViT`][eqx_vision.CrossViT]
+    (vit-pytorch's), after the authors' code.
+
+    Each branch sees the image at its own size (`image_scales`: timm's 240-pixel models
+    shrink it to 224 pixels for the 16-pixel-patch branch, by bicubic interpolation as
+    torch's `F.interpolate` or, with `crop_scale`, by a centre crop) and embeds it with a
+    strided convolution (or, with `multi_conv`, the three convolutions of the `_dagger`
+    models), adding a class token and learned position embeddings. Each multi-scale block
+    (`TimmMultiScaleBlock`) runs timm's ViT blocks in every branch (per-branch depth,
+    heads and MLP ratio, a bias in the query/key/value projections, LayerNorm eps 1e-6),
+    then each branch's class token crosses to the next branch through
+    `LayerNorm → GELU → Linear`, attends there (`CrossAttentionBlock`, whose LayerNorm
+    covers the other branch's patch tokens too) and comes back through another
+    `LayerNorm → GELU → Linear`, which replaces the class token (no residual). The logits
+    are the mean of the branches' heads on their final-LayerNormed class tokens (or mean
+    patch tokens with `pool="mean"`).
+
+    How it differs from `CrossViT`: per-branch image sizes, no LayerNorms around the
+    patch projection, no final norm inside the encoders, `GELU` in the projections
+    between branches, a LayerNorm over the other branch's tokens in cross attention, a
+    non-residual return of the class token, any number of branches, logits averaged
+    instead of summed. Load timm's weights with `eqx_vision.from_timm`. As timm's, the
+    model takes images of `image_size` only.
+    """
+
+    embeddings: tuple[BranchEmbedding, ...]
+    emb_dropout: eqx.nn.Dropout
+    blocks: Stack[TimmMultiScaleBlock] | tuple[TimmMultiScaleBlock, ...]
+    norms: tuple[LayerNorm, ...]
+    head_dropout: eqx.nn.Dropout
+    mlp_heads: tuple[Linear, ...] | None
+    image_size: tuple[int, int] = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
+    pool: str = eqx.field(static=True)
+
+    @checked_arguments
+    def __init__(
+        self,
+        *,
+        image_size: PositivePair,
+        num_classes: NonNegative,
+        dims: Sequence[Positive],
+        patch_sizes: Sequence[Positive],
+        depth: Sequence[Sequence[NonNegative]],
+        heads: Sequence[Positive],
+        mlp_ratios: Sequence[float],
+        image_scales: Sequence[float] | None = None,
+        multi_conv: bool = False,
+        crop_scale: bool = False,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+        pool: Literal["cls", "mean"] = "cls",
+        dropout: Rate = 0.0,
+        attn_dropout: Rate = 0.0,
+        emb_dropout: Rate = 0.0,
+        head_dropout: Rate = 0.0,
+        channels: Positive = 3,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `image_size`: the input's height and width, an int or a pair.
+        - `num_classes`: number of logits; 0 for none (the model then returns the
+          concatenated pooled tokens of the branches).
+        - `dims`, `patch_sizes`, `heads`, `mlp_ratios`: one per branch (timm's `embed_dim`,
+          `patch_size`, `num_heads`, `mlp_ratio`).
+        - `depth`: one entry per multi-scale block: the encoder depth (>= 1) of each branch,
+          then the number of cross-attention blocks (0: one block, as timm's models).
+        - `image_scales`: per branch, the factor from `image_size` to the branch's image
+          size, `int(side * scale)` (default 1.0 for every branch).
+        - `multi_conv`: the three-convolution patch embedding (patch sizes 12 and 16).
+        - `crop_scale`: reach a smaller branch size by a centre crop, not a resize.
+        - `qkv_bias`: a bias in the query/key/value projections.
+        - `norm_eps`: the epsilon of every LayerNorm.
+        - `pool`: `"cls"`, the class tokens, or `"mean"`, the mean of the patch tokens.
+        - `dropout`: dropout rate after the attention outputs and in the MLPs.
+        - `attn_dropout`: dropout rate on the attention probabilities.
+        - `emb_dropout`: dropout rate on the embedded tokens.
+        - `head_dropout`: dropout rate on the pooled tokens before the heads.
+        - `channels`: input channels.
+        - `key`: a `jax.random.key` for the initialisation.
+        """
+        dims, patch_sizes, heads = tuple(dims), tuple(patch_sizes), tuple(heads)
+        n = len(dims)
+        scales = (1.0,) * n if image_scales is None else tuple(image_scales)
+        _check_branches(dims, patch_sizes, heads, tuple(mlp_ratios), scales, depth)
+        configs = [tuple(int(d) for d in c) for c in depth]
+        size = cast(tuple[int, int], image_size)
+        emb_key, block_key, head_key = jr.split(key, 3)
+        self.embeddings = tuple(
+            BranchEmbedding(
+                channels=channels,
+                size=(int(size[0] * s), int(size[1] * s)),
+                patch_size=p,
+                dim=d,
+                multi_conv=multi_conv,
+                crop=crop_scale,
+                key=k,
+            )
+            for s, p, d, k in zip(scales, patch_sizes, dims, jr.split(emb_key, n), strict=True)
+        )
+        options = dict(qkv_bias=qkv_bias, norm_eps=norm_eps, dropout=dropout)
+
+        def make_block(index: int, *, key: PRNGKeyArray) -> TimmMultiScaleBlock:
+            return TimmMultiScaleBlock(
+                dims,
+                configs[index],
+                heads,
+                tuple(mlp_ratios),
+                attn_dropout=attn_dropout,
+                key=key,
+                **options,  # pyright: ignore[reportArgumentType]
+            )
+
+        if len(set(configs)) == 1:
+            self.blocks = Stack(make_block, len(configs), key=block_key)
+        else:  # blocks of different shapes run one after the other
+            keys = jr.split(block_key, len(configs))
+            self.blocks = tuple(make_block(i, key=keys[i]) for i in range(len(configs)))
+        self.norms = tuple(LayerNorm(d, eps=norm_eps) for d in dims)
+        self.emb_dropout = eqx.nn.Dropout(emb_dropout)
+        self.head_dropout = eqx.nn.Dropout(head_dropout)
+        self.mlp_heads = (
+            tuple(
+                Linear(d, num_classes, key=k)
+                for d, k in zip(dims, jr.split(head_key, n), strict=True)
+            )
+            if num_classes
+            else None
+        )
+        self.image_size = size
+        self.channels = channels
+        self.pool = pool
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " num_classes"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, *image_size)`.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the logits `(num_classes,)`, the mean of the branches' heads (with
+        `num_classes=0`, the branches' pooled tokens concatenated, `(sum(dims),)`).
+        """
+        check_image(x, (self.channels, *self.image_size), type(self).__name__)
+        check_key(self, key)
+        emb_key, block_key, head_key = split_key(key, 3)
+        tokens = tuple(
+            self.emb_dropout(embed(x), key=k)
+            for embed, k in zip(
+                self.embeddings, split_key(emb_key, len(self.embeddings)), strict=True
+            )
+        )
+        if isinstance(self.blocks, Stack):
+            tokens = self.blocks(tokens, key=block_key)
+        else:
+            for block, k in zip(self.blocks, split_key(block_key, len(self.blocks)), strict=True):
+                tokens = block(tokens, key=k)
+        pooled = [
+            self.head_dropout(_pool(norm(t), self.pool), key=k)
+            for norm, t, k in zip(self.norms, tokens, split_key(head_key, len(tokens)), strict=True)
+        ]
+        if self.mlp_heads is None:
+            return jnp.concatenate(pooled)
+        logits = [head(p) for head, p in zip(self.mlp_heads, pooled, strict=True)]
+        return jnp.mean(jnp.stack(logits), axis=0)
+
+
+def _pool(tokens: Float[Array, "seq dim"], pool: str) -> Float[Array, " dim"]:
+    """The class token, or the mean of the patch tokens (the class token left out)."""
+    return tokens[0] if pool == "cls" else tokens[1:].mean(axis=0)
+
+
+def _check_branches(
+    dims: tuple[int, ...],
+    patch_sizes: tuple[int, ...],
+    heads: tuple[int, ...],
+    mlp_ratios: tuple[float, ...],
+    scales: tuple[float, ...],
+    depth: Sequence[Sequence[int]],
+) -> None:
+    """Raise a ValueError unless the per-branch arguments describe the same branches."""
+    n = len(dims)
+    lengths = dict(
+        patch_sizes=len(patch_sizes),
+        heads=len(heads),
+        mlp_ratios=len(mlp_ratios),
+        image_scales=len(scales),
+    )
+    wrong = {k: v for k, v in lengths.items() if v != n}
+    if n == 0 or wrong:
+        raise ValueError(
+            f"dims, patch_sizes, heads, mlp_ratios and image_scales need one entry per "
+            f"branch; got {n} dims and {wrong}."
+        )
+    for d, h in zip(dims, heads, strict=True):
+        if d % h:
+            raise ValueError(f"each branch's dim must be divisible by its heads; got {d} and {h}.")
+    if any(r <= 0 for r in mlp_ratios) or any(s <= 0 for s in scales):
+        raise ValueError(
+            f"mlp_ratios and image_scales must be positive; got {mlp_ratios} and {scales}."
+        )
+    if not depth:
+        raise ValueError("depth needs at least one multi-scale block.")
+    for config in depth:
+        if len(config) != n + 1 or min(config[:n]) < 1:
+            raise ValueError(
+                f"each entry of depth holds the encoder depth (>= 1) of each of the {n} "
+                f"branches, then the number of cross-attention blocks; got {tuple(config)}."
+            )

@@ -120,6 +120,14 @@ def test_parity_reduced(overrides, input_shape):
     check_timm_parity("twins_svt_small", input_shape, tol=3e-6, grad_tol=2e-5, **overrides)
 
 
+def test_features_without_a_classifier():
+    """`num_classes=0`: the pooled features, as timm's model without a head."""
+    overrides, input_shape = REDUCED[0]
+    overrides = {**overrides, "num_classes": 0}
+    model = check_timm_parity("twins_svt_small", input_shape, tol=3e-6, grad_tol=2e-5, **overrides)
+    assert model.mlp_head is None
+
+
 NAMES = [n for n in ev_timm.model_names() if n.startswith("twins_svt_")]
 
 
@@ -164,7 +172,6 @@ def test_parameter_count(name, count):
         (dict(drop_path_rate=0.1), "drop_path_rate"),
         (dict(attn_drop_rate=0.1), "attn_drop_rate"),
         (dict(global_pool=""), "global_pool"),
-        (dict(num_classes=0), "num_classes"),
         (dict(block_cls="my.Block"), "block_cls"),
         (dict(norm_layer="torch.nn.BatchNorm2d"), "norm_layer"),
         (dict(some_option=1), "some_option"),

@@ -127,7 +127,7 @@ def test_local_attention_has_no_probability_dropout():
         (dict(s4_emb_dim=0), "s4_emb_dim"),
         (dict(s3_depth=-1), "s3_depth"),
         (dict(s1_depth=1.5), "s1_depth"),
-        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=-1), "num_classes"),
         (dict(dropout=1.0), "dropout"),
     ],
 )

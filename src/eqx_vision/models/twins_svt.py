@@ -224,7 +224,7 @@ class TwinsSVT(eqx.Module):
 
     stages: list[TwinsStage]
     norm: LayerNorm | None
-    mlp_head: Linear
+    mlp_head: Linear | None
     size_multiple: int = eqx.field(static=True)
     min_size: int = eqx.field(static=True)
     channels: int = eqx.field(static=True)
@@ -233,7 +233,7 @@ class TwinsSVT(eqx.Module):
     def __init__(
         self,
         *,
-        num_classes: Positive,
+        num_classes: NonNegative,
         s1_emb_dim: Positive = 64,
         s1_patch_size: Positive = 4,
         s1_local_patch_size: Positive = 7,
@@ -280,7 +280,7 @@ class TwinsSVT(eqx.Module):
     ):
         """**Arguments:**
 
-        - `num_classes`: number of output logits.
+        - `num_classes`: number of output logits; `0` returns the pooled features instead.
         - `s{i}_emb_dim`: channels of stage `i` (1 to 4).
         - `s{i}_patch_size`: side of the patches merged when entering stage `i`.
         - `s{i}_local_patch_size`: side of the local-attention windows of stage `i`
@@ -326,7 +326,7 @@ class TwinsSVT(eqx.Module):
         )
         dim = stage_configs[-1]["emb_dim"]
         self.norm = LayerNorm(dim, eps=norm_eps) if final_norm else None
-        self.mlp_head = Linear(dim, num_classes, key=stage_keys[4])
+        self.mlp_head = Linear(dim, num_classes, key=stage_keys[4]) if num_classes else None
         self.channels = channels
 
     def __call__(
@@ -338,7 +338,8 @@ class TwinsSVT(eqx.Module):
           `size_multiple` and at least `min_size`.
         - `key`: a `jax.random.key`, needed only for dropout in training mode.
 
-        **Returns:** the logits, `(num_classes,)`.
+        **Returns:** the logits, `(num_classes,)`; with `num_classes=0`, the pooled
+        features, `(s4_emb_dim,)`.
         """
         name = type(self).__name__
         check_image(x, (self.channels, None, None), name)
@@ -354,7 +355,8 @@ class TwinsSVT(eqx.Module):
             x = stage(x, key=stage_key)
         if self.norm is not None:
             x = self.norm(x.transpose(1, 2, 0)).transpose(2, 0, 1)
-        return self.mlp_head(x.mean(axis=(1, 2)))
+        pooled = x.mean(axis=(1, 2))
+        return pooled if self.mlp_head is None else self.mlp_head(pooled)
 
 
 def _stages(

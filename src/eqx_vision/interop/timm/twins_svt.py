@@ -108,8 +108,6 @@ def build(args: TimmArgs, *, key: PRNGKeyArray) -> TwinsSVT:
     args.expect("global_pool", ("avg",), "avg")
     args.expect("block_cls", ("timm.models.twins.Block",), "timm.models.twins.Block")
     num_classes = args.get("num_classes", 1000)
-    if num_classes == 0:
-        args.unsupported("num_classes", num_classes, "TwinsSVT always has a classifier")
     height, width = _side(args)
     stages, channels, eps = _stage_arguments(args), args.get("in_chans", 3), norm_eps(args, 1e-6)
     args.finish()
@@ -238,12 +236,9 @@ def convert(model: TwinsSVT, sd: StateDict) -> TwinsSVT:
     `norm`, `head`)."""
     assert model.norm is not None
     stages = [_stage(stage, sd, i) for i, stage in enumerate(model.stages)]
-    return eqx.tree_at(
-        lambda m: (m.stages, m.norm, m.mlp_head),
-        model,
-        (
-            stages,
-            convert_layernorm(model.norm, sd, "norm."),
-            convert_linear(model.mlp_head, sd, "head."),
-        ),
-    )
+    norm = convert_layernorm(model.norm, sd, "norm.")
+    model = eqx.tree_at(lambda m: (m.stages, m.norm), model, (stages, norm))
+    if model.mlp_head is not None:
+        head = convert_linear(model.mlp_head, sd, "head.")
+        model = eqx.tree_at(lambda m: m.mlp_head, model, head)
+    return model

@@ -213,11 +213,6 @@ def models_table() -> dict[str, Any]:
     return {"timm_version": TIMM_VERSION, "families": list(FAMILIES), "models": entries}
 
 
-if __name__ == "__main__":
-    TABLE.write_text(json.dumps(models_table(), indent=1, sort_keys=True) + "\n")
-    print(f"wrote {TABLE}")
-
-
 def timm_model(name: str, *, seed: int = 0, **overrides: Any) -> Any:
     """`timm.create_model(name, pretrained=False, **overrides)` in eval mode, its
     initialisation seeded."""
@@ -268,3 +263,74 @@ def check_timm_parity(
         state=state,
         load=load,
     )
+
+
+SHAPES = Path(__file__).parent / "fixtures" / "timm_shapes.json.gz"
+
+
+def _signature(entry: dict[str, Any]) -> str:
+    return json.dumps([entry["class"], entry["kwargs"]], sort_keys=True)
+
+
+def state_dict_shapes() -> dict[str, Any]:
+    """The state-dict shapes of every distinct configuration in `models.json`, from timm's
+    models built on the meta device (no memory): `{"configs": {signature: {key: shape}},
+    "names": {name: signature}}`."""
+    import torch
+
+    timm = import_timm()
+    models = json.loads(TABLE.read_text())["models"]
+    configs: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for name, entry in models.items():
+        signature = _signature(entry)
+        names[name] = signature
+        if signature not in configs:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False)
+            configs[signature] = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return {"timm_version": TIMM_VERSION, "configs": configs, "names": names}
+
+
+def write_state_dict_shapes() -> None:
+    import gzip
+
+    text = json.dumps(state_dict_shapes(), sort_keys=True, separators=(",", ":"))
+    SHAPES.write_bytes(gzip.compress(text.encode(), mtime=0))
+
+
+def check_shapes(name: str, shapes: dict[str, list[int]]) -> None:
+    """Build eqx_vision's model of `name` abstractly and convert it from a shape-only state
+    dict (`shapes`, timm's keys and shapes): every key used, every shape as expected."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+    import numpy as np
+
+    from eqx_vision.interop import timm as ev_timm
+    from eqx_vision.interop._state_dict import StateDict
+
+    family, args = ev_timm._arguments(name, None, {})
+    built = ev_timm._placeholders(eqx.filter_eval_shape(lambda: family.build(args, key=jr.key(0))))
+    sd = StateDict(
+        {
+            k: jax.ShapeDtypeStruct(
+                tuple(v), jnp.int32 if k.endswith("num_batches_tracked") else np.float32
+            )
+            for k, v in shapes.items()
+        },
+        source="timm",
+    )
+    if isinstance(built, tuple):
+        jax.eval_shape(lambda: family.convert(built[0], sd, built[1]))
+    else:
+        jax.eval_shape(lambda: family.convert(built, sd))
+    sd.finish()
+
+
+if __name__ == "__main__":
+    TABLE.write_text(json.dumps(models_table(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {TABLE}")
+    write_state_dict_shapes()
+    print(f"wrote {SHAPES}")

@@ -54,10 +54,18 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _shape(value: Any) -> tuple[int, ...]:
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return tuple(value.shape)
+    return tuple(_to_numpy(value).shape)
+
+
 class StateDict:
     """A read-once view of a state dict, with shape checks.
 
     `source` names the checkpoint's library in the messages (`"vit-pytorch"`, `"timm"`).
+    Values may be `jax.ShapeDtypeStruct`s: such a shape-only state dict is read under
+    `jax.eval_shape`, to check a converter's names and shapes without any weights.
     """
 
     def __init__(self, state_dict: Mapping[str, Any], *, source: str = "vit-pytorch"):
@@ -81,7 +89,10 @@ class StateDict:
         if key in self._used:
             raise CheckpointError(f"key {key!r} was read twice.")
         self._used.add(key)
-        return _to_numpy(self._arrays[key])
+        value = self._arrays[key]
+        if isinstance(value, jax.ShapeDtypeStruct):  # a shape-only state dict
+            return value  # type: ignore[return-value]
+        return _to_numpy(value)
 
     def take(
         self,
@@ -109,6 +120,10 @@ class StateDict:
                 f"has {value.dtype} (floating-point and integer tensors are not converted "
                 "into each other)."
             )
+        if isinstance(value, jax.ShapeDtypeStruct):
+            # A shape-only state dict checks a converter's names and shapes under
+            # `jax.eval_shape`, where these zeros take no memory.
+            return jnp.zeros(like.shape, like.dtype)
         value = transform(value) if transform is not None else value.reshape(like.shape)
         if tuple(value.shape) != tuple(like.shape):  # a converter bug, not a user error
             raise AssertionError(f"{key!r} converted to {value.shape}, expected {like.shape}")
@@ -130,7 +145,7 @@ class StateDict:
         unused = sorted(set(self._arrays) - self._used)
         if unused:
             shown = ", ".join(
-                f"{k!r} {tuple(_to_numpy(self._arrays[k]).shape)}" for k in unused[:10]
+                f"{k!r} {tuple(_shape(self._arrays[k]))}" for k in unused[:10]
             )
             more = f" and {len(unused) - 10} more" if len(unused) > 10 else ""
             raise CheckpointError(

@@ -24,13 +24,14 @@ from eqx_vision import presets
 BAD_VALUES = (0, -1, 1.5, True)
 
 # Arguments for which 0 is a valid value: ViT with `num_classes=0` returns the encoded tokens
-# instead of logits (CaiT the normalised class token, TwinsSVT the pooled features), and a
+# instead of logits (CaiT the normalised class token, NesT and TwinsSVT the pooled features), and a
 # stage (or level) may have no blocks in CrossFormer, NesT, ScalableViT and Twins-SVT.
 ZERO_IS_VALID = {
     ("ViT", "num_classes"),
     ("CaiT", "num_classes"),
     ("CrossFormer", "depth"),
     ("NesT", "block_repeats"),
+    ("NesT", "num_classes"),
     ("ScalableViT", "depth"),
     *(("TwinsSVT", f"s{i}_depth") for i in range(1, 5)),
     ("TwinsSVT", "num_classes"),

@@ -25,9 +25,11 @@ BAD_VALUES = (0, -1, 1.5, True)
 
 # Arguments for which 0 is a valid value: ViT with `num_classes=0` returns the encoded tokens
 # instead of logits (CaiT the normalised class token, NesT and TwinsSVT the pooled features), and a
-# stage (or level) may have no blocks in CrossFormer, NesT, ScalableViT and Twins-SVT.
+# stage (or level) may have no blocks in CrossFormer, NesT, ScalableViT and Twins-SVT; ViT
+# may have no register tokens.
 ZERO_IS_VALID = {
     ("ViT", "num_classes"),
+    ("ViT", "num_registers"),
     ("CaiT", "num_classes"),
     ("CrossFormer", "depth"),
     ("NesT", "block_repeats"),

@@ -124,8 +124,30 @@ def test_features_without_a_classifier():
     """`num_classes=0`: the pooled features, as timm's model without a head."""
     overrides, input_shape = REDUCED[0]
     overrides = {**overrides, "num_classes": 0}
-    model = check_timm_parity("twins_svt_small", input_shape, tol=3e-6, grad_tol=2e-5, **overrides)
+    torch_model = timm_model("twins_svt_small", **overrides)
+    perturb_(torch_model)
+    model = ev.from_timm("twins_svt_small", torch_model.state_dict(), **overrides)
     assert model.mlp_head is None
+    x = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = torch_model(x).numpy()
+    out = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))(eqx.nn.inference_mode(model), _array(x))
+    assert out.shape == (2, overrides["embed_dims"][-1])
+    assert rel_err(out, expected) < 2e-6  # measured 4.0e-7
+
+
+def test_checkpoint_errors_name_the_key():
+    overrides, _ = REDUCED[0]
+    sd = timm_model("twins_svt_small", **overrides).state_dict()
+    bad = {**sd, "blocks.1.2.attn.qkv.weight": sd["blocks.1.2.attn.qkv.weight"][:-1]}
+    with pytest.raises(ev_timm.CheckpointError, match=r"'blocks.1.2.attn.qkv.weight'.*\(96, 32\)"):
+        ev.from_timm("twins_svt_small", bad, **overrides)
+    missing = {k: v for k, v in sd.items() if k != "blocks.0.1.attn.sr.bias"}
+    with pytest.raises(ev_timm.CheckpointError, match="blocks.0.1.attn.sr.bias"):
+        ev.from_timm("twins_svt_small", missing, **overrides)
+    extra = {**sd, "blocks.0.1.attn.extra": sd["norm.weight"]}
+    with pytest.raises(ev_timm.CheckpointError, match="blocks.0.1.attn.extra"):
+        ev.from_timm("twins_svt_small", extra, **overrides)
 
 
 NAMES = [n for n in ev_timm.model_names() if n.startswith("twins_svt_")]

@@ -24,12 +24,13 @@ from eqx_vision import presets
 BAD_VALUES = (0, -1, 1.5, True)
 
 # Arguments for which 0 is a valid value: ViT with `num_classes=0` returns the encoded tokens
-# instead of logits (CaiT the normalised class token, NesT and TwinsSVT the pooled features), and a
-# stage (or level) may have no blocks in CrossFormer, NesT, ScalableViT and Twins-SVT; ViT
-# may have no register tokens.
+# instead of logits (CaiT and PiT the normalised class token, NesT and TwinsSVT the pooled
+# features), a stage (or level) may have no blocks in CrossFormer, NesT, ScalableViT and
+# Twins-SVT, and ViT may have no register tokens.
 ZERO_IS_VALID = {
     ("ViT", "num_classes"),
     ("ViT", "num_registers"),
+    ("PiT", "num_classes"),
     ("CaiT", "num_classes"),
     ("CrossFormer", "depth"),
     ("NesT", "block_repeats"),

@@ -5,7 +5,7 @@ from .cross_vit import CrossViT as CrossViT, TimmCrossViT as TimmCrossViT
 from .crossformer import CrossFormer as CrossFormer
 from .cvt import CvT as CvT
 from .deepvit import DeepViT as DeepViT
-from .levit import LeViT as LeViT
+from .levit import LeViT as LeViT, TimmLeViT as TimmLeViT
 from .nest import NesT as NesT
 from .parallel_vit import ParallelViT as ParallelViT
 from .patch_merger import PatchMerger as PatchMerger, ViTWithPatchMerger as ViTWithPatchMerger

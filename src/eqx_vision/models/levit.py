@@ -4,7 +4,7 @@ Graham et al., 2021, https://arxiv.org/abs/2104.01136.
 """
 
 import math
-from typing import Annotated, cast
+from typing import Annotated, Literal, cast
 
 import equinox as eqx
 import jax
@@ -14,20 +14,34 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..layers import (
+    BatchNorm,
     Conv2d,
     ConvBN,
     FeedForward,
     Linear,
     MapAttention,
     Stack,
+    attend,
     attention_bias_indices,
     check_image,
     check_key,
+    gelu,
     grid_to_tokens,
+    merge_heads,
+    split_heads,
     split_key,
     tokens_to_grid,
 )
-from ..layers._checks import Minimum, PerStage, Positive, Rate, checked_arguments
+from ..layers._checks import (
+    Minimum,
+    NonEmpty,
+    NonNegative,
+    PerStage,
+    Positive,
+    PositivePair,
+    Rate,
+    checked_arguments,
+)
 from ..layers._init import full
 
 
@@ -302,3 +316,530 @@ class LeViT(eqx.Module):
         if self.distill_head is None:
             return logits, state
         return (logits, self.distill_head(pooled)), state
+
+
+# timm's LeViT: the architecture of the paper's official code, which timm ports.
+
+ACTIVATIONS = {
+    "hard_swish": jax.nn.hard_swish,
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": gelu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+"""The activations of `TimmLeViT` by name."""
+
+
+def grid_bias_indices(
+    resolution: tuple[int, int], stride: int = 1
+) -> Int[np.ndarray, "q_seq kv_seq"]:
+    """The attention-bias index of every (query, key) pair on a `(height, width)` map:
+    `|Δrow| * width + |Δcol|`, with queries on every `stride`-th row and column (the
+    rectangular form of `attention_bias_indices`). A NumPy constant."""
+    height, width = resolution
+    k_rows, k_cols = (
+        a.reshape(-1) for a in np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    )
+    q_rows, q_cols = (
+        a.reshape(-1)
+        for a in np.meshgrid(
+            np.arange(0, height, stride), np.arange(0, width, stride), indexing="ij"
+        )
+    )
+    d_rows = np.abs(q_rows[:, None] - k_rows[None, :])
+    d_cols = np.abs(q_cols[:, None] - k_cols[None, :])
+    return d_rows * width + d_cols
+
+
+class LinearBN(eqx.Module):
+    """A token-wise `Linear` without bias, then `BatchNorm` over its output features with
+    the statistics over the batch and every token: timm's `LinearNorm`, and its
+    `ConvNorm` with a 1x1 kernel (the same map on a feature map)."""
+
+    linear: Linear
+    bn: BatchNorm
+
+    def __init__(
+        self, in_features: int, out_features: int, *, bn_weight: float = 1.0, key: PRNGKeyArray
+    ):
+        """**Arguments:**
+
+        - `in_features`, `out_features`: of the `Linear`.
+        - `bn_weight`: the initial BatchNorm scale (timm starts some at zero).
+        - `key`: a `jax.random.key` for the initialisation.
+        """
+        self.linear = Linear(in_features, out_features, use_bias=False, key=key)
+        self.bn = BatchNorm(out_features)
+        if bn_weight != 1.0:
+            self.bn = eqx.tree_at(lambda b: b.weight, self.bn, full((out_features,), bn_weight))
+
+    def __call__(
+        self, x: Float[Array, "seq in_features"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "seq out_features"], eqx.nn.State]:
+        y, state = self.bn(self.linear(x).T, state)
+        return y.T, state
+
+
+class TimmLeViTAttention(eqx.Module):
+    """LeViT's attention on the tokens of a `(height, width)` map, as timm's `Attention`
+    (`stride=1`) and `AttentionDownsample` (`stride=2`).
+
+    Queries and keys have `key_dim` features per head, values `value_dim`. With `stride=1`
+    one `LinearBN` (`qkv`) gives each head's `[q, k, v]` features in turn; with `stride > 1`
+    `kv` gives each head's `[k, v]` and `q` the queries of the tokens on every `stride`-th
+    row and column. The scores `q kᵀ · key_dim^-1/2` get the learned bias
+    `attention_biases[head, |Δrow| * width + |Δcol|]` (added as it is, after the scaling);
+    the heads' outputs, concatenated, pass through the activation and a `LinearBN`
+    (`proj`) to `dim_out` features.
+    """
+
+    qkv: LinearBN | None
+    kv: LinearBN | None
+    q: LinearBN | None
+    proj: LinearBN
+    attention_biases: Float[Array, "heads positions"]
+    heads: int = eqx.field(static=True)
+    key_dim: int = eqx.field(static=True)
+    value_dim: int = eqx.field(static=True)
+    resolution: tuple[int, int] = eqx.field(static=True)
+    stride: int = eqx.field(static=True)
+    activation: str = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        *,
+        heads: int,
+        key_dim: int,
+        value_dim: int,
+        resolution: tuple[int, int],
+        stride: int = 1,
+        activation: str = "hard_swish",
+        proj_bn_weight: float = 0.0,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `dim`, `dim_out`: features of the input and output tokens.
+        - `heads`, `key_dim`, `value_dim`: the heads and their query/key and value sizes.
+        - `resolution`: the `(height, width)` of the input map.
+        - `stride`: `1`, or the query subsampling of a downsampling attention.
+        - `activation`: the name (in `ACTIVATIONS`) of the activation before `proj`.
+        - `proj_bn_weight`: the initial scale of `proj`'s BatchNorm.
+        - `key`: a `jax.random.key` for the initialisation.
+        """
+        qkv_key, q_key, proj_key = jr.split(key, 3)
+        self.qkv = self.kv = self.q = None
+        if stride == 1:
+            self.qkv = LinearBN(dim, heads * (2 * key_dim + value_dim), key=qkv_key)
+        else:
+            self.kv = LinearBN(dim, heads * (key_dim + value_dim), key=qkv_key)
+            self.q = LinearBN(dim, heads * key_dim, key=q_key)
+        self.proj = LinearBN(heads * value_dim, dim_out, bn_weight=proj_bn_weight, key=proj_key)
+        self.attention_biases = full((heads, resolution[0] * resolution[1]), 0.0)
+        self.heads = heads
+        self.key_dim = key_dim
+        self.value_dim = value_dim
+        self.resolution = resolution
+        self.stride = stride
+        self.activation = activation
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "q_seq dim_out"], eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: the tokens of the map, row by row.
+        - `state`: the BatchNorm statistics.
+
+        **Returns:** the output tokens (of the subsampled map if `stride > 1`) and the
+        updated state.
+        """
+        heads, kd = self.heads, self.key_dim
+        if self.qkv is not None:
+            qkv, state = self.qkv(x, state)
+            qkv = split_heads(qkv, heads)
+            q, k, v = qkv[..., :kd], qkv[..., kd : 2 * kd], qkv[..., 2 * kd :]
+        else:
+            assert self.kv is not None and self.q is not None
+            kv, state = self.kv(x, state)
+            kv = split_heads(kv, heads)
+            k, v = kv[..., :kd], kv[..., kd:]
+            height, width = self.resolution
+            s = self.stride
+            sub = x.reshape(height, width, -1)[::s, ::s].reshape(-1, x.shape[-1])
+            q, state = self.q(sub, state)
+            q = split_heads(q, heads)
+        bias = self.attention_biases[:, grid_bias_indices(self.resolution, self.stride)]
+        out = merge_heads(attend(q, k, v, scale=kd**-0.5, bias=bias))
+        return self.proj(ACTIVATIONS[self.activation](out), state)
+
+
+class TimmLeViTMlp(eqx.Module):
+    """`LinearBN` → activation → `LinearBN` (whose BatchNorm scale starts at zero): timm's
+    `LevitMlp`."""
+
+    ln1: LinearBN
+    ln2: LinearBN
+    activation: str = eqx.field(static=True)
+
+    def __init__(self, dim: int, hidden: int, *, activation: str, key: PRNGKeyArray):
+        key1, key2 = jr.split(key)
+        self.ln1 = LinearBN(dim, hidden, key=key1)
+        self.ln2 = LinearBN(hidden, dim, bn_weight=0.0, key=key2)
+        self.activation = activation
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "seq dim"], eqx.nn.State]:
+        x, state = self.ln1(x, state)
+        return self.ln2(ACTIVATIONS[self.activation](x), state)
+
+
+class TimmLeViTBlock(eqx.Module):
+    """`x + attn(x)` then `x + mlp(x)` (timm's `LevitBlock`); with `stride=2`, the
+    downsampling block between stages, whose attention subsamples the queries and changes
+    the width and has no residual (timm's `LevitDownsample`)."""
+
+    attn: TimmLeViTAttention
+    mlp: TimmLeViTMlp
+    residual: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        *,
+        heads: int,
+        key_dim: int,
+        value_dim: int,
+        mlp_hidden: int,
+        resolution: tuple[int, int],
+        stride: int = 1,
+        activation: str,
+        attn_activation: str,
+        key: PRNGKeyArray,
+    ):
+        attn_key, mlp_key = jr.split(key)
+        self.attn = TimmLeViTAttention(
+            dim,
+            dim_out,
+            heads=heads,
+            key_dim=key_dim,
+            value_dim=value_dim,
+            resolution=resolution,
+            stride=stride,
+            activation=attn_activation,
+            proj_bn_weight=1.0 if stride > 1 else 0.0,
+            key=attn_key,
+        )
+        self.mlp = TimmLeViTMlp(dim_out, mlp_hidden, activation=activation, key=mlp_key)
+        self.residual = stride == 1
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], state: eqx.nn.State, *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "out_seq dim_out"], eqx.nn.State]:
+        del key
+        y, state = self.attn(x, state)
+        x = x + y if self.residual else y
+        y, state = self.mlp(x, state)
+        return x + y, state
+
+
+class NormLinear(eqx.Module):
+    """BatchNorm → dropout → `Linear`: timm's classifier `NormLinear` of pooled features."""
+
+    bn: BatchNorm
+    dropout: eqx.nn.Dropout
+    linear: Linear
+
+    def __init__(self, dim: int, num_classes: int, *, dropout: float, key: PRNGKeyArray):
+        self.bn = BatchNorm(dim)
+        self.dropout = eqx.nn.Dropout(dropout)
+        self.linear = Linear(dim, num_classes, key=key)
+
+    def __call__(
+        self, x: Float[Array, " dim"], state: eqx.nn.State, *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, " num_classes"], eqx.nn.State]:
+        x, state = self.bn(x, state)
+        return self.linear(self.dropout(x, key=key)), state
+
+
+# An int or float for every stage, or a tuple of one per stage.
+StageInt = Annotated[int | tuple[int, ...], PerStage("len(dim)"), Minimum(1)]
+StageFloat = Annotated[float | tuple[float, ...], PerStage("len(dim)")]
+
+
+class TimmLeViT(eqx.Module):
+    """LeViT as the paper's official code and timm (`timm.models.levit.Levit` and
+    `LevitDistilled`) build it: the same design as `LeViT` (vit-pytorch's), another
+    implementation of it, with different weights and outputs.
+
+    A stem of 3x3 stride-2 convolutions, each followed by BatchNorm, with an activation
+    between them (four for `stem_stride=16`, three for `8`); the map, read as tokens, goes
+    through stages of blocks `x + attn(x)`, `x + mlp(x)` and is averaged into one BatchNorm
+    → Linear head, or two whose logits are averaged (`distilled`). Before every stage but
+    the first, a downsampling block: an attention whose queries sit on every second row
+    and column, with `dim[i - 1] // key_dim` heads, value size `4 * key_dim` and no
+    residual, then a residual MLP of expansion 2. Unlike `LeViT`:
+
+    - every projection is a Linear without bias followed by BatchNorm (`LinearBN`); queries,
+      keys and values of a block come from one projection, `[q, k, v]` per head;
+    - values have `int(value_ratio * key_dim)` features per head;
+    - the learned attention bias `(heads, height * width)` is added to the scaled scores as
+      it is (vit-pytorch's is multiplied by `key_dim ** 0.5`), indexed by
+      `|Δrow| * width + |Δcol|`;
+    - the activation (Hardswish by default, SiLU in some timm variants) follows every
+      stem convolution but the last, the attention and the MLP's first layer;
+    - the head normalises the pooled features with BatchNorm first, and the distillation
+      head's logits are averaged with the class head's (timm's output in eval mode, and in
+      training unless distillation training is switched on there);
+    - there is an MLP after every downsampling attention, and the head count of a
+      downsampling attention comes from the width, not the stage's `heads`;
+    - `channels` is free, and the image may be rectangular (a multiple of the stem's
+      stride on both sides).
+
+    timm's `use_conv=True` variants (`levit_conv_*`) compute the same function with 1x1
+    convolutions on the map; `use_conv` only records that layout, in which
+    `forward_features` returns the map `(dim, height, width)` (tokens `(seq, dim)`
+    otherwise) and the timm checkpoint stores its weights. Load timm weights with
+    `eqx_vision.from_timm` (which returns `(model, state)`). The BatchNorm statistics live
+    in an `eqx.nn.State`, as for `LeViT`.
+    """
+
+    stem: tuple[ConvBN, ...]
+    downsamples: tuple[TimmLeViTBlock, ...]
+    stages: tuple[Stack[TimmLeViTBlock], ...]
+    head: NormLinear | None
+    head_dist: NormLinear | None
+    image_size: tuple[int, int] = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
+    activation: str = eqx.field(static=True)
+    use_conv: bool = eqx.field(static=True)
+
+    @checked_arguments
+    def __init__(
+        self,
+        *,
+        image_size: PositivePair = 224,
+        num_classes: NonNegative = 1000,
+        dim: Annotated[tuple[int, ...], NonEmpty(), Minimum(1)] = (192,),
+        depth: StageInt = 12,
+        heads: StageInt = 3,
+        key_dim: Positive = 64,
+        value_ratio: StageFloat = 2.0,
+        mlp_ratio: StageFloat = 2.0,
+        channels: Positive = 3,
+        stem_stride: Literal[8, 16] = 16,
+        activation: str = "hard_swish",
+        attn_activation: str | None = None,
+        distilled: bool = False,
+        dropout: Rate = 0.0,
+        use_conv: bool = False,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments** (timm's name in brackets):
+
+        - `image_size` (`img_size`): an int or `(height, width)`, multiples of
+          `stem_stride`.
+        - `num_classes`: logits of the head; `0` for no head (the pooled features are
+          returned).
+        - `dim` (`embed_dim`): the width of each stage; its length is the number of stages.
+        - `depth`, `heads` (`num_heads`): blocks and attention heads of each stage, an int
+          for all or one per stage.
+        - `key_dim`: the query/key size of every head.
+        - `value_ratio` (`attn_ratio`), `mlp_ratio`: a head's value size over `key_dim` and
+          the MLP's expansion in the stages' blocks, one for all or one per stage.
+        - `channels` (`in_chans`): input channels.
+        - `stem_stride` (`stem_type` `'s16'`/`'s8'`): 16 (four convolutions) or 8 (three).
+        - `activation` (`act_layer`), `attn_activation` (`attn_act_layer`, default
+          `activation`): names in `ACTIVATIONS`.
+        - `distilled`: a second head (`LevitDistilled`'s `head_dist`), averaged with the
+          first.
+        - `dropout` (`drop_rate`): dropout before the head's Linear.
+        - `use_conv`: the layout of timm's `levit_conv_*` models (see above).
+        - `key`: a `jax.random.key` for the initialisation.
+        """
+        attn_activation = activation if attn_activation is None else attn_activation
+        # checked_arguments passes the pair and the per-stage tuples
+        size = cast(tuple[int, int], image_size)
+        depths, stage_heads = cast(tuple[int, ...], depth), cast(tuple[int, ...], heads)
+        ratios = cast(tuple[float, ...], value_ratio), cast(tuple[float, ...], mlp_ratio)
+        _check_timm_levit(size, dim, key_dim, stem_stride, activation, attn_activation)
+        stem_key, block_key, head_key = jr.split(key, 3)
+        self.stem = _timm_stem(channels, dim[0], stem_stride, stem_key)
+        resolution = (size[0] // stem_stride, size[1] // stem_stride)
+        downsamples, stages = [], []
+        for i, k in enumerate(jr.split(block_key, len(dim))):
+            down_key, stage_key = jr.split(k)
+            if i > 0:
+                down = TimmLeViTBlock(
+                    dim[i - 1],
+                    dim[i],
+                    heads=dim[i - 1] // key_dim,
+                    value_dim=4 * key_dim,
+                    mlp_hidden=2 * dim[i],
+                    resolution=resolution,
+                    stride=2,
+                    key=down_key,
+                    key_dim=key_dim,
+                    activation=activation,
+                    attn_activation=attn_activation,
+                )
+                downsamples.append(down)
+                resolution = ((resolution[0] - 1) // 2 + 1, (resolution[1] - 1) // 2 + 1)
+
+            def make_block(index: int, *, key: PRNGKeyArray, i: int = i, res=resolution):
+                del index
+                return TimmLeViTBlock(
+                    dim[i],
+                    dim[i],
+                    heads=stage_heads[i],
+                    value_dim=int(ratios[0][i] * key_dim),
+                    mlp_hidden=int(ratios[1][i] * dim[i]),
+                    resolution=res,
+                    key=key,
+                    key_dim=key_dim,
+                    activation=activation,
+                    attn_activation=attn_activation,
+                )
+
+            stages.append(Stack(make_block, depths[i], key=stage_key))
+        self.downsamples, self.stages = tuple(downsamples), tuple(stages)
+        head_key, dist_key = jr.split(head_key)
+        self.head = self.head_dist = None
+        if num_classes:
+            self.head = NormLinear(dim[-1], num_classes, dropout=dropout, key=head_key)
+            if distilled:
+                self.head_dist = NormLinear(dim[-1], num_classes, dropout=dropout, key=dist_key)
+        self.image_size = size
+        self.channels = channels
+        self.activation = activation
+        self.use_conv = use_conv
+
+    def forward_features(
+        self,
+        x: Float[Array, "channels height width"],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, "seq dim"] | Float[Array, "dim fmap_height fmap_width"], eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, *image_size)`.
+        - `state`: the BatchNorm statistics, from `eqx.nn.make_with_state`.
+        - `key`: unused (there is no dropout before the head); accepted for symmetry.
+
+        **Returns:** the last stage's features, as tokens `(seq, dim)`, or as the map
+        `(dim, height, width)` with `use_conv` (timm's layouts), and the updated state.
+        """
+        del key
+        check_image(x, (self.channels, *self.image_size), type(self).__name__)
+        act = ACTIVATIONS[self.activation]
+        for i, conv in enumerate(self.stem):
+            x, state = conv(x, state)
+            if i < len(self.stem) - 1:
+                x = act(x)
+        height, width = x.shape[1:]
+        x = grid_to_tokens(x)
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                x, state = self.downsamples[i - 1](x, state)
+                height, width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+            x, state = stage.call_with_state(x, state)
+        return (tokens_to_grid(x, height) if self.use_conv else x), state
+
+    def forward_head(
+        self,
+        x: Float[Array, "seq dim"] | Float[Array, "dim fmap_height fmap_width"],
+        state: eqx.nn.State,
+        *,
+        pre_logits: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, " num_classes"] | Float[Array, " dim"], eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: the output of `forward_features`.
+        - `state`: the BatchNorm statistics.
+        - `pre_logits`: return the pooled features instead of the logits.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the logits (the mean of both heads' with `distilled`), or the pooled
+        features `(dim,)` with `pre_logits` or without a head; and the updated state.
+        """
+        pooled = jnp.mean(x, axis=(1, 2)) if self.use_conv else jnp.mean(x, axis=0)
+        if pre_logits or self.head is None:
+            return pooled, state
+        head_key, dist_key = split_key(key, 2)
+        logits, state = self.head(pooled, state, key=head_key)
+        if self.head_dist is None:
+            return logits, state
+        dist, state = self.head_dist(pooled, state, key=dist_key)
+        return (logits + dist) / 2, state
+
+    def __call__(
+        self,
+        x: Float[Array, "channels height width"],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, " num_classes"], eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, *image_size)`.
+        - `state`: the BatchNorm statistics, from `eqx.nn.make_with_state`.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the logits `(num_classes,)` (the pooled features `(dim[-1],)` when
+        `num_classes=0`) and the updated state (unchanged in inference mode).
+        """
+        check_key(self, key)
+        x, state = self.forward_features(x, state)
+        return self.forward_head(x, state, key=key)
+
+
+def _check_timm_levit(
+    size: tuple[int, int],
+    dim: tuple[int, ...],
+    key_dim: int,
+    stem_stride: int,
+    activation: str,
+    attn_activation: str,
+) -> None:
+    """The `TimmLeViT` arguments that `checked_arguments` cannot check alone."""
+    for name, value in (("activation", activation), ("attn_activation", attn_activation)):
+        if value not in ACTIVATIONS:
+            raise ValueError(
+                f"TimmLeViT: {name} must be one of {', '.join(map(repr, ACTIVATIONS))}; "
+                f"got {value!r}."
+            )
+    if size[0] % stem_stride or size[1] % stem_stride:
+        raise ValueError(
+            f"TimmLeViT: image_size must be a multiple of stem_stride={stem_stride} on both "
+            f"sides; got {size}."
+        )
+    smallest = stem_stride // 2  # the first convolution has dim[0] // smallest channels
+    if dim[0] < smallest:
+        raise ValueError(
+            f"TimmLeViT: dim[0] must be at least {smallest} with stem_stride={stem_stride} "
+            f"(the stem's first convolution has dim[0] // {smallest} channels); got {dim[0]}."
+        )
+    for i in range(1, len(dim)):
+        if dim[i - 1] < key_dim:
+            raise ValueError(
+                f"TimmLeViT: the downsampling attention before stage {i} has "
+                f"dim[{i - 1}] // key_dim heads, so dim[{i - 1}] must be at least "
+                f"key_dim={key_dim}; got {dim[i - 1]}."
+            )
+
+
+def _timm_stem(channels: int, dim: int, stride: int, key: PRNGKeyArray) -> tuple[ConvBN, ...]:
+    """The 3x3 stride-2 convolutions (no bias, padding 1), each with BatchNorm, from
+    `channels` to `dim` channels: widths `dim // 8, dim // 4, dim // 2, dim` (stride 16) or
+    `dim // 4, dim // 2, dim` (stride 8)."""
+    widths = [channels] + [dim // d for d in ((8, 4, 2, 1) if stride == 16 else (4, 2, 1))]
+    keys = jr.split(key, len(widths) - 1)
+    return tuple(
+        ConvBN(widths[i], widths[i + 1], 3, stride=2, padding=1, key=k) for i, k in enumerate(keys)
+    )

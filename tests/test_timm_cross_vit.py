@@ -87,12 +87,17 @@ LOGIT_CONFIGS: dict[str, tuple[str, tuple[int, int, int], dict[str, Any]]] = {
 
 
 def logits_error(
-    name: str, input_shape: tuple[int, int, int], *, batch: int = 2, **overrides: Any
+    name: str,
+    input_shape: tuple[int, int, int],
+    *,
+    batch: int = 2,
+    scale: float = 0.2,
+    **overrides: Any,
 ) -> float:
     """The relative max error of `from_timm`'s logits against timm's, its parameters
-    perturbed first."""
+    perturbed first (noise of standard deviation `scale`)."""
     torch_model = timm_model(name, **overrides)
-    perturb_(torch_model)
+    perturb_(torch_model, scale=scale)
     model = eqx.nn.inference_mode(ev.from_timm(name, torch_model.state_dict(), **overrides))
     assert count_params(model) == sum(p.numel() for p in torch_model.parameters())
     gen = torch.Generator().manual_seed(1)
@@ -116,16 +121,20 @@ def test_logits_parity(case):
     assert err <= 5e-6, f"relative error {err:.2e}"
 
 
-# One model of each kind at full size. Measured: 6e-7 (tiny_240), 6e-7 (9_dagger_240),
-# 1.0e-6 (15_dagger_408).
+# One model of each kind at full size, its parameters perturbed by noise of the scale of
+# timm's initialisation (0.02). The reduced models' 0.2 would make these deep models
+# chaotic: rounding differences of 1e-6 in each block (float32) then grow about tenfold
+# from one multi-scale block to the next (crossvit_15_dagger_408: 8.5e-4 at the logits,
+# 3.2e-5 for crossvit_tiny_240). Measured at 0.02: 1.3e-6 (tiny_240), 1.1e-6
+# (9_dagger_240), 8.2e-7 (15_dagger_408).
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, size",
     [("crossvit_tiny_240", 240), ("crossvit_9_dagger_240", 240), ("crossvit_15_dagger_408", 408)],
 )
 def test_full_size_parity(name, size):
-    err = logits_error(name, (3, size, size), batch=1)
-    assert err <= 1e-5, f"relative error {err:.2e}"
+    err = logits_error(name, (3, size, size), batch=1, scale=0.02)
+    assert err <= 5e-6, f"relative error {err:.2e}"
 
 
 @pytest.mark.parametrize(

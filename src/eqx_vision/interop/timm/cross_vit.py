@@ -6,6 +6,7 @@ from typing import Any, cast
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from ...layers import Attention, PatchEmbedding, Stack
@@ -206,5 +207,6 @@ def _convert_cross_attention(m: Attention, sd: StateDict, prefix: str) -> Attent
 def _stacked(sd: StateDict, keys: list[str], like: Any) -> jax.Array:
     """The tensors under `keys`, of equal shapes, concatenated along the first axis into
     one replacing `like`."""
-    part = jax.ShapeDtypeStruct((like.shape[0] // len(keys), *like.shape[1:]), like.dtype)
+    shape = (like.shape[0] // len(keys), *like.shape[1:])
+    part = np.broadcast_to(np.zeros((), like.dtype), shape)  # a shape and dtype only
     return jnp.concatenate([sd.take(k, cast(Any, part)) for k in keys], axis=0)

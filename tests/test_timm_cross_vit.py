@@ -137,6 +137,21 @@ def test_full_size_parity(name, size):
     assert err <= 5e-6, f"relative error {err:.2e}"
 
 
+def test_checkpoint_without_its_classifier():
+    """`from_timm(..., num_classes=0)` drops both heads: the pooled tokens of the two
+    branches, concatenated, as timm's `forward_head(pre_logits=True)`."""
+    name, shape, overrides = LOGIT_CONFIGS["crop_avg"]
+    torch_model = timm_model(name, **overrides)
+    perturb_(torch_model)
+    rest = {k: v for k, v in overrides.items() if k != "num_classes"}
+    model = ev.from_timm(name, torch_model.state_dict(), num_classes=0, **rest)
+    x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = torch_model.forward_head(torch_model.forward_features(x), pre_logits=True)
+    out = eqx.filter_jit(model)(jnp.asarray(x[0].numpy()))
+    assert out.shape == (48,) and rel_err(out, expected[0].numpy()) <= 5e-6
+
+
 @pytest.mark.parametrize(
     "in_size, out_size",
     [((240, 240), (224, 224)), ((408, 408), (384, 384)), ((17, 23), (30, 11)), ((5, 5), (1, 9))],

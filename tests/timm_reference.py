@@ -323,9 +323,9 @@ def check_shapes(name: str, shapes: dict[str, list[int]]) -> None:
         source="timm",
     )
     if isinstance(built, tuple):
-        jax.eval_shape(lambda: family.convert(built[0], sd, built[1]))
+        eqx.filter_eval_shape(lambda: family.convert(built[0], sd, built[1]))
     else:
-        jax.eval_shape(lambda: family.convert(built, sd))
+        eqx.filter_eval_shape(lambda: family.convert(built, sd))
     sd.finish()
 
 

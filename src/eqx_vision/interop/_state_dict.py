@@ -90,8 +90,8 @@ class StateDict:
             raise CheckpointError(f"key {key!r} was read twice.")
         self._used.add(key)
         value = self._arrays[key]
-        if isinstance(value, jax.ShapeDtypeStruct):  # a shape-only state dict
-            return value  # type: ignore[return-value]
+        if isinstance(value, jax.ShapeDtypeStruct):  # a shape-only state dict: zeros that
+            return np.broadcast_to(np.zeros((), value.dtype), value.shape)  # take no memory
         return _to_numpy(value)
 
     def take(
@@ -108,6 +108,7 @@ class StateDict:
         `transform` (default: a reshape to `like.shape`) maps it to our layout.
         """
         expected = tuple(like.shape) if torch_shape is None else tuple(torch_shape)
+        shape_only = isinstance(self._arrays.get(key), jax.ShapeDtypeStruct)
         value = self.raw(key)
         if tuple(value.shape) != expected:
             raise CheckpointError(
@@ -120,7 +121,7 @@ class StateDict:
                 f"has {value.dtype} (floating-point and integer tensors are not converted "
                 "into each other)."
             )
-        if isinstance(value, jax.ShapeDtypeStruct):
+        if shape_only:
             # A shape-only state dict checks a converter's names and shapes under
             # `jax.eval_shape`, where these zeros take no memory.
             return jnp.zeros(like.shape, like.dtype)
@@ -159,6 +160,16 @@ def replace(module: M, sd: StateDict, **fields: str) -> M:
     names = list(fields)
     values = [sd.take(fields[n], getattr(module, n)) for n in names]
     return eqx.tree_at(lambda m: [getattr(m, n) for n in names], module, values)
+
+
+def required(module: M | None, what: str) -> M:
+    """`module`, which the checkpoint has weights for; a `CheckpointError` if the model was
+    built without it (e.g. with `num_classes=0`, or with an option of another format)."""
+    if module is None:
+        raise CheckpointError(
+            f"the checkpoint has weights for {what}, which this model was built without."
+        )
+    return module
 
 
 # Converters for the shared layers. `prefix` ends with a dot (or is empty).

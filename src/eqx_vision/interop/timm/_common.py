@@ -107,7 +107,7 @@ def norm_eps(args: TimmArgs, default: float) -> float:
     raise AssertionError  # unreachable
 
 
-def mlp_hidden(dim: int, ratio: float) -> int:
+def mlp_hidden(dim: int, ratio: float | int) -> int:
     """timm's MLP width: `int(dim * mlp_ratio)`."""
     return int(dim * ratio)
 

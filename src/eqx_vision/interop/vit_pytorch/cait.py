@@ -12,6 +12,7 @@ from .._state_dict import (
     convert_linear,
     convert_patch_embedding,
     convert_stack,
+    required,
 )
 
 
@@ -61,6 +62,6 @@ def convert_cait(model: CaiT, sd: StateDict) -> CaiT:
             _convert_encoder(model.patch_transformer, sd, "patch_transformer."),
             _convert_encoder(model.cls_transformer, sd, "cls_transformer."),
             convert_layernorm(model.head_norm, sd, "mlp_head.0."),
-            convert_linear(model.mlp_head, sd, "mlp_head.1."),
+            convert_linear(required(model.mlp_head, "the classifier"), sd, "mlp_head.1."),
         ),
     )

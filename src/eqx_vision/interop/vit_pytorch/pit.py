@@ -9,6 +9,7 @@ from .._state_dict import (
     convert_layernorm,
     convert_linear,
     convert_transformer,
+    required,
 )
 
 
@@ -20,7 +21,11 @@ def _convert_pool(m: PiTPool, sd: StateDict, prefix: str) -> PiTPool:
         m,
         (
             convert_conv(m.depthwise, sd, prefix + "downsample.net.0."),
-            convert_conv(m.pointwise, sd, prefix + "downsample.net.1."),
+            convert_conv(
+                required(m.pointwise, "the pointwise pooling conv"),
+                sd,
+                prefix + "downsample.net.1.",
+            ),
             convert_linear(m.cls_ff, sd, prefix + "cls_ff."),
         ),
     )
@@ -53,6 +58,6 @@ def convert_pit(model: PiT, sd: StateDict) -> PiT:
             stages,
             pools,
             convert_layernorm(model.head_norm, sd, "mlp_head.0."),
-            convert_linear(model.mlp_head, sd, "mlp_head.1."),
+            convert_linear(required(model.mlp_head, "the classifier"), sd, "mlp_head.1."),
         ),
     )

@@ -11,6 +11,7 @@ from .._state_dict import (
     convert_map_feedforward,
     convert_patch_embedding,
     convert_stack,
+    required,
 )
 
 
@@ -52,5 +53,5 @@ def convert_twins_svt(model: TwinsSVT, sd: StateDict) -> TwinsSVT:
     return eqx.tree_at(
         lambda m: (m.stages, m.mlp_head),
         model,
-        (stages, convert_linear(model.mlp_head, sd, "layers.6.")),
+        (stages, convert_linear(required(model.mlp_head, "the classifier"), sd, "layers.6.")),
     )

@@ -3,6 +3,7 @@
 from . import layers as layers
 from .interop import (
     CheckpointError as CheckpointError,
+    DataConfig as DataConfig,
     from_timm as from_timm,
     from_vit_pytorch as from_vit_pytorch,
     pretrained as pretrained,

@@ -292,7 +292,7 @@ def convert_stack_with_state(
     stacked = state.substate(m.blocks)
     blocks, states = [], []
     for i in range(m.depth):
-        block_state = jax.tree.map(lambda a, i=i: a[i], stacked)
+        block_state = jax.tree.map(lambda a, i=i: a[i, ...], stacked)
         block, block_state = convert(m[i], sd, prefix(i), block_state)
         blocks.append(block)
         states.append(block_state)

@@ -193,6 +193,9 @@ def _new_head(
     `torch.nn.Linear` initialises (uniform in `±1/sqrt(fan_in)`). A classifier that
     already has `num_classes` outputs (a fine-tuned checkpoint) is kept."""
     sd = dict(sd)
+    # timm's configuration of a few distilled names lists only the main head
+    distilled = [c.replace("head", "head_dist", 1) for c in classifier if c.startswith("head.")]
+    classifier = classifier + [c for c in distilled if f"{c}.weight" in sd and c not in classifier]
     for layer, k in zip(classifier, jr.split(key, len(classifier)), strict=True):
         weight_key, bias_key = f"{layer}.weight", f"{layer}.bias"
         if weight_key not in sd:

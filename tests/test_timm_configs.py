@@ -45,12 +45,14 @@ def _status(name: str) -> str:
 def _statuses(names: list[str]) -> dict[str, str]:
     """`_status` of each name; names of one configuration are checked once (a rejection
     then names the first of them)."""
-    by_signature: dict[str, str] = {}
     for name in names:
         signature = SHAPE_TABLE["names"][name]
-        if signature not in by_signature:
-            by_signature[signature] = _status(name)
-    return {name: by_signature[SHAPE_TABLE["names"][name]] for name in names}
+        if signature not in _BY_SIGNATURE:
+            _BY_SIGNATURE[signature] = _status(name)
+    return {name: _BY_SIGNATURE[SHAPE_TABLE["names"][name]] for name in names}
+
+
+_BY_SIGNATURE: dict[str, str] = {}  # the statuses found so far, shared by the tests
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -117,8 +117,16 @@ def test_unsupported_options_are_named():
         ev_timm.check("vit_large_patch14_xp_224")
     with pytest.raises(ev_timm.TimmConfigError, match="block_fn="):
         ev_timm.check("vit_base_patch16_rpn_224")
-    with pytest.raises(ev_timm.TimmConfigError, match="drop_path_rate=0.1"):
-        ev_timm.build("vit_small_patch16_224", key=jax.random.key(0), drop_path_rate=0.1)
+    with pytest.raises(ev_timm.TimmConfigError, match="attn_drop_rate=0.1"):
+        ev_timm.build("vit_small_patch16_224", key=jax.random.key(0), attn_drop_rate=0.1)
+
+
+def test_drop_path_rate():
+    """timm's `drop_path_rate` is the ViT's stochastic depth (training only)."""
+    model = ev_timm.build(
+        "vit_small_patch16_224", key=jax.random.key(0), drop_path_rate=0.1, **SMALL
+    )
+    assert model.transformer.drop_path.p == 0.1
 
 
 # Full-size names, one per kind: logits of one image at the name's own size.

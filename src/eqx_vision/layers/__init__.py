@@ -54,6 +54,7 @@ from ._tokens import (
     with_class_tokens as with_class_tokens,
 )
 from ._transformer import (
+    DropPath as DropPath,
     Parallel as Parallel,
     Transformer as Transformer,
     TransformerBlock as TransformerBlock,

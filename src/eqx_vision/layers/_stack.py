@@ -158,8 +158,19 @@ class Stack(eqx.Module, Generic[Block]):
         dynamic, static = eqx.partition(self.blocks, eqx.is_array)
         return eqx.combine(jax.tree.map(lambda a: a[index], dynamic), static)
 
-    def __call__(self, x: Any, *args: Any, key: PRNGKeyArray | None = None) -> Any:
-        """Apply the blocks in order: `x = block_i(x, *args, key=key_i)`."""
+    def __call__(
+        self,
+        x: Any,
+        *args: Any,
+        key: PRNGKeyArray | None = None,
+        per_layer: dict[str, Array] | None = None,
+    ) -> Any:
+        """Apply the blocks in order: `x = block_i(x, *args, key=key_i)`.
+
+        `per_layer` maps keyword names to arrays with a leading axis of size `depth`: block
+        `i` is called with `name=array[i]` as well (a per-layer rate, for instance).
+        """
+        per_layer = per_layer or {}
         dynamic, static = eqx.partition(self.blocks, eqx.is_array)
         keys = drop = None
         if key is not None:
@@ -169,13 +180,13 @@ class Stack(eqx.Module, Generic[Block]):
                 drop = self.layer_drop(self.depth, key=drop_key)
 
         def step(carry, layer):
-            params, block_key, skip = layer
-            out = eqx.combine(params, static)(carry, *args, key=block_key)
+            params, block_key, skip, extra = layer
+            out = eqx.combine(params, static)(carry, *args, key=block_key, **extra)
             if skip is not None:
                 out = jax.tree.map(lambda new, old: jnp.where(skip, old, new), out, carry)
             return out, None
 
-        x, _ = self._scan(step, x, (dynamic, keys, drop))
+        x, _ = self._scan(step, x, (dynamic, keys, drop, per_layer))
         return x
 
     def call_with_state(

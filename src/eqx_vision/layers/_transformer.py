@@ -72,6 +72,35 @@ def layer_scale_init(index: int) -> float:
     return 0.1 if position <= 18 else 1e-5 if position <= 24 else 1e-6
 
 
+class DropPath(eqx.Module):
+    """Stochastic depth (Huang et al., 2016, arXiv:1603.09382) over a stack of residual
+    blocks: in training, each residual branch of block `i` is dropped for the example with
+    probability `rates(depth)[i]` and otherwise scaled by `1 / (1 - rate)`; the rates rise
+    linearly from 0 for the first block to `p` for the last (timm's `drop_path_rate`).
+    Switched off by `eqx.nn.inference_mode`.
+    """
+
+    p: float
+    inference: bool
+
+    @checked_arguments
+    def __init__(self, p: Rate = 0.0, *, inference: bool = False):
+        self.p = p
+        self.inference = inference
+
+    def active(self) -> bool:
+        return not self.inference and self.p > 0
+
+    def rates(self, depth: int) -> Float[Array, " depth"]:
+        return jnp.linspace(0.0, self.p, depth, dtype=jnp.float32)
+
+
+def _drop_branch(y: Array, rate: Array, key: PRNGKeyArray) -> Array:
+    """`y / (1 - rate)`, or zeros with probability `rate`."""
+    keep = jr.bernoulli(key, 1.0 - rate)
+    return jnp.where(keep, y / (1.0 - rate).astype(y.dtype), jnp.zeros_like(y))
+
+
 class TransformerBlock(eqx.Module):
     """`x + attn(x)` then `x + ff(x)`, each branch optionally scaled (LayerScale).
 
@@ -116,21 +145,34 @@ class TransformerBlock(eqx.Module):
         context: Float[Array, "ctx_seq dim"] | None = None,
         *,
         key: PRNGKeyArray | None = None,
+        drop_path: Float[Array, ""] | None = None,
     ) -> Float[Array, "seq dim"]:
         """**Arguments:**
 
         - `x`: the tokens.
         - `context`: extra keys/values for the attention (class or cross attention).
         - `key`: needed only for dropout in training mode.
+        - `drop_path`: with `key`, the probability of dropping each residual branch
+          (stochastic depth; see [`DropPath`][eqx_vision.layers.DropPath]).
         """
+        path_keys = None
+        if drop_path is not None and key is not None:
+            key, path_key = jr.split(key)
+            path_keys = jr.split(path_key)
         attn_key, ff_key = split_key(key, 2)
         y = self.attn(x, context, key=attn_key)
         if self.attn_scale is not None:
             y = _scale_channels(y, self.attn_scale)
+        if path_keys is not None:
+            assert drop_path is not None
+            y = _drop_branch(y, drop_path, path_keys[0])
         x = x + y
         y = self.ff(x, key=ff_key)
         if self.ff_scale is not None:
             y = _scale_channels(y, self.ff_scale)
+        if path_keys is not None:
+            assert drop_path is not None
+            y = _drop_branch(y, drop_path, path_keys[1])
         return x + y
 
 
@@ -152,6 +194,7 @@ class Transformer(eqx.Module):
 
     layers: Stack[TransformerBlock]
     norm: LayerNorm | None
+    drop_path: DropPath
 
     @checked_arguments
     def __init__(
@@ -169,6 +212,7 @@ class Transformer(eqx.Module):
         num_branches: Positive = 1,
         norm_eps: float = 1e-5,
         activation: Callable[[Array], Array] = gelu,
+        drop_path: Rate = 0.0,
         attention: Callable[..., Attention] = Attention,
         key: PRNGKeyArray,
         **attention_options: Any,
@@ -185,6 +229,8 @@ class Transformer(eqx.Module):
         - `norm_eps`: the epsilon of every LayerNorm (1e-5 as `torch.nn.LayerNorm`; timm's
           ViTs use 1e-6).
         - `activation`: the feed-forward activation, exact GELU by default.
+        - `drop_path`: the stochastic-depth rate of the last block (see
+          [`DropPath`][eqx_vision.layers.DropPath]); 0 for none.
         - `attention`: the attention constructor.
         - `key`: a `jax.random.key` for the initialisation.
         - `**attention_options`: passed to every `Attention`
@@ -222,6 +268,7 @@ class Transformer(eqx.Module):
 
         self.layers = Stack(make_block, depth, layer_dropout=layer_dropout, key=key)
         self.norm = LayerNorm(dim, eps=norm_eps) if final_norm else None
+        self.drop_path = DropPath(drop_path)
 
     def __call__(
         self,
@@ -236,5 +283,8 @@ class Transformer(eqx.Module):
         - `context`: extra keys/values given to every block's attention.
         - `key`: needed only for dropout in training mode.
         """
-        x = self.layers(x, context, key=key)
+        per_layer = None
+        if key is not None and self.drop_path.active():
+            per_layer = {"drop_path": self.drop_path.rates(self.layers.depth)}
+        x = self.layers(x, context, key=key, per_layer=per_layer)
         return x if self.norm is None else self.norm(x)

@@ -56,7 +56,8 @@ class ViT(eqx.Module):
     without norms (`patch_embedding="conv"`), biases in the qkv projection, the LayerNorm
     epsilon, a distillation token and register tokens, position embeddings that leave out
     these prefix tokens, mean pooling over the patch tokens with its own norm, a constant
-    LayerScale, a LayerNorm before the encoder and other MLP activations.
+    LayerScale, a LayerNorm before the encoder, other MLP activations and stochastic depth
+    (drop-path).
     Unlike vit-pytorch, which silently adds the wrong position embeddings to a smaller
     image, an image of any other size than `image_size` is rejected.
     """
@@ -106,6 +107,7 @@ class ViT(eqx.Module):
         fc_norm: bool = False,
         layer_scale: float | None = None,
         activation: Activation = "gelu",
+        drop_path: Rate = 0.0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -146,6 +148,9 @@ class ViT(eqx.Module):
         - `layer_scale`: a LayerScale in every block, initialised to this constant.
         - `activation`: the feed-forward activation: `"gelu"` (exact), `"gelu_tanh"`,
           `"quick_gelu"`.
+        - `drop_path`: stochastic depth in training: each residual branch of the last
+          block is dropped with this probability, those before with linearly less (see
+          [`DropPath`][eqx_vision.layers.DropPath]).
         - `key`: a `jax.random.key` for the initialisation.
         """
         # checked_arguments passes both sizes as (height, width) pairs
@@ -197,6 +202,7 @@ class ViT(eqx.Module):
             layer_scale=False if layer_scale is None else layer_scale,
             norm_eps=norm_eps,
             activation=ACTIVATIONS[activation],
+            drop_path=drop_path,
             qkv_bias=qkv_bias,
             key=keys[5],
         )

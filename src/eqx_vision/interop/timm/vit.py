@@ -26,7 +26,7 @@ _ACTIVATIONS = {
     "gelu_tanh": "gelu_tanh",
     "quick_gelu": "quick_gelu",
 }
-_ZERO_RATES = ("drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
+_ZERO_RATES = ("drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate")
 
 
 def build(args: TimmArgs, *, key: PRNGKeyArray) -> ViT:
@@ -70,6 +70,7 @@ def build(args: TimmArgs, *, key: PRNGKeyArray) -> ViT:
         pool="cls" if pool == "token" else "mean",
         channels=args.get("in_chans", 3),
         emb_dropout=args.get("pos_drop_rate", 0.0),
+        drop_path=float(args.get("drop_path_rate", 0.0)),
         patch_embedding="conv",
         patch_bias=not pre_norm,
         qkv_bias=args.get("qkv_bias", True),

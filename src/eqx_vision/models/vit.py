@@ -171,7 +171,10 @@ class ViT(eqx.Module):
             raise ValueError('pool="cls" needs the class token; got class_token=False.')
         if distillation_token and not (class_token and pool == "cls"):
             raise ValueError('distillation_token=True needs pool="cls" and the class token.')
-        keys = jr.split(key, 8)
+        # the keys of vit-pytorch's parameters as before the timm options (the same
+        # initialisation for the same key); those of the options' own from another split
+        embed_key, cls_key, pos_key, tf_key, head_key = jr.split(key, 5)
+        dist_key, reg_key, dist_head_key = jr.split(jr.fold_in(key, 1), 3)
         num_cls = int(class_token)
         num_prefix = num_cls + int(distillation_token) + num_registers
         self.to_patch_embedding = PatchEmbedding(
@@ -182,13 +185,13 @@ class ViT(eqx.Module):
             post_norm=not conv,
             channels_first=conv,
             bias=patch_bias or not conv,
-            key=keys[0],
+            key=embed_key,
         )
-        self.cls_token = normal(keys[1], (num_cls, dim))
-        self.dist_token = normal(keys[2], (1, dim)) if distillation_token else None
-        self.reg_tokens = normal(keys[3], (num_registers, dim)) if num_registers else None
+        self.cls_token = normal(cls_key, (num_cls, dim))
+        self.dist_token = normal(dist_key, (1, dim)) if distillation_token else None
+        self.reg_tokens = normal(reg_key, (num_registers, dim)) if num_registers else None
         seq = grid[0] * grid[1] + (num_prefix if pos_embed_prefix else 0)
-        self.pos_embedding = normal(keys[4], (seq, dim))
+        self.pos_embedding = normal(pos_key, (seq, dim))
         self.dropout = eqx.nn.Dropout(emb_dropout)
         self.pre_norm = LayerNorm(dim, eps=norm_eps) if pre_norm else None
         self.transformer = Transformer(
@@ -204,12 +207,12 @@ class ViT(eqx.Module):
             activation=ACTIVATIONS[activation],
             drop_path=drop_path,
             qkv_bias=qkv_bias,
-            key=keys[5],
+            key=tf_key,
         )
         self.fc_norm = LayerNorm(dim, eps=norm_eps) if final_norm and fc_norm else None
-        self.mlp_head = Linear(dim, num_classes, key=keys[6]) if num_classes > 0 else None
+        self.mlp_head = Linear(dim, num_classes, key=head_key) if num_classes > 0 else None
         self.dist_head = (
-            Linear(dim, num_classes, key=keys[7])
+            Linear(dim, num_classes, key=dist_head_key)
             if num_classes > 0 and distillation_token
             else None
         )

@@ -127,6 +127,32 @@ def test_attention_maps_of_models(name):
     np.testing.assert_allclose(jitted, maps, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_maps_of_a_vit_with_timm_options():
+    """Registers, position embeddings without the prefix and a norm before the encoder:
+    the maps cover the class and register tokens, and the encoder's output is the model's."""
+    from eqx_vision.inspect import _tokens
+
+    model = ev.ViT(
+        image_size=8,
+        patch_size=4,
+        num_classes=0,
+        dim=8,
+        depth=2,
+        heads=2,
+        mlp_dim=16,
+        patch_embedding="conv",
+        num_registers=2,
+        pos_embed_prefix=False,
+        pre_norm=True,
+        key=jr.key(0),
+    )
+    image = jr.normal(jr.key(1), (3, 8, 8))
+    maps = attention_maps(model, image)
+    assert maps.shape == (2, 2, 1 + 2 + 4, 1 + 2 + 4)
+    out, _ = transformer_attention_maps(model.transformer, _tokens(model, image))
+    np.testing.assert_allclose(out, eqx.nn.inference_mode(model)(image), rtol=1e-6)
+
+
 def test_attention_maps_errors():
     model = build_model("ViT", jr.key(0))
     with pytest.raises(ValueError, match="shape"):

@@ -114,6 +114,8 @@ def _tokens(model: SupportedModel, image: Float[Array, "channels height width"])
     size = model.image_size
     hw = (size, size) if isinstance(size, int) else size
     check_image(image, (model.channels, *hw), type(model).__name__)
+    if isinstance(model, ViT):  # prefix tokens and the options of timm's variants
+        return eqx.nn.inference_mode(model).embed(image)
     tokens = model.to_patch_embedding(image)
     if isinstance(model, SimpleViT):
         return tokens + jnp.asarray(sincos_2d(*model.grid, model.dim), dtype=tokens.dtype)

@@ -232,6 +232,25 @@ class ViT(eqx.Module):
         parts = [self.cls_token, self.dist_token, self.reg_tokens]
         return jnp.concatenate([p.astype(dtype) for p in parts if p is not None], axis=0)
 
+    def embed(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq dim"]:
+        """The token sequence the encoder takes: the patch embeddings with the prefix tokens
+        (class, distillation, registers) and the position embeddings, after the embedding
+        dropout (with `key`) and the pre-encoder norm, if any."""
+        (ph, pw), (h, w) = self.to_patch_embedding.patch_size, self.image_size
+        patches = self.to_patch_embedding(x[:, : h - h % ph, : w - w % pw])
+        pos = self.pos_embedding.astype(patches.dtype)
+        prefix = self._prefix(patches.dtype)
+        if self.pos_embed_prefix:
+            tokens = jnp.concatenate([prefix, patches], axis=0) + pos
+        else:
+            tokens = jnp.concatenate([prefix, patches + pos], axis=0)
+        tokens = self.dropout(tokens, key=key)
+        if self.pre_norm is not None:
+            tokens = self.pre_norm(tokens)
+        return tokens
+
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " num_classes"] | Float[Array, "seq dim"]:
@@ -246,17 +265,7 @@ class ViT(eqx.Module):
         check_image(x, (self.channels, *self.image_size), type(self).__name__)
         check_key(self, key)
         emb_key, enc_key = split_key(key, 2)
-        (ph, pw), (h, w) = self.to_patch_embedding.patch_size, self.image_size
-        patches = self.to_patch_embedding(x[:, : h - h % ph, : w - w % pw])
-        pos = self.pos_embedding.astype(patches.dtype)
-        prefix = self._prefix(patches.dtype)
-        if self.pos_embed_prefix:
-            tokens = jnp.concatenate([prefix, patches], axis=0) + pos
-        else:
-            tokens = jnp.concatenate([prefix, patches + pos], axis=0)
-        tokens = self.dropout(tokens, key=emb_key)
-        if self.pre_norm is not None:
-            tokens = self.pre_norm(tokens)
+        tokens = self.embed(x, key=emb_key)
         tokens = self.transformer(tokens, key=enc_key)
         if self.mlp_head is None:
             return tokens

@@ -145,9 +145,7 @@ class StateDict:
         """Raise `CheckpointError` if some tensor was never used, naming up to ten."""
         unused = sorted(set(self._arrays) - self._used)
         if unused:
-            shown = ", ".join(
-                f"{k!r} {tuple(_shape(self._arrays[k]))}" for k in unused[:10]
-            )
+            shown = ", ".join(f"{k!r} {tuple(_shape(self._arrays[k]))}" for k in unused[:10])
             more = f" and {len(unused) - 10} more" if len(unused) > 10 else ""
             raise CheckpointError(
                 f"unexpected keys in the {self.source} state dict (not used by the model): "

@@ -6,20 +6,15 @@ constructor arguments (reading each through `TimmArgs`), and a `convert(model, s
 `convert(model, sd, state)` for models with BatchNorm) that loads a timm state dict.
 """
 
-from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import jax
 
 from ...layers import (
     Attention,
     FeedForward,
-    LayerNorm,
     PatchEmbedding,
-    Stack,
     TransformerBlock,
-    stack_modules,
 )
 from .._state_dict import StateDict, convert_layernorm, convert_linear
 
@@ -171,30 +166,3 @@ def convert_block(m: TransformerBlock, sd: StateDict, prefix: str) -> Transforme
     if m.ff_scale is not None:
         subs["ff_scale"] = sd.take(prefix + "ls2.gamma", m.ff_scale)
     return eqx.tree_at(lambda b: [getattr(b, n) for n in subs], m, list(subs.values()))
-
-
-def convert_norm(m: LayerNorm, sd: StateDict, prefix: str) -> LayerNorm:
-    return convert_layernorm(m, sd, prefix)
-
-
-def stack_block(m: Stack[Any], index: int) -> Any:
-    """Block `index` of a `Stack`, also when its leaves are `jax.ShapeDtypeStruct`s (the
-    abstract models `from_timm` converts): `Stack.__getitem__` slices only arrays, and
-    would leave the stacked shapes on an abstract block."""
-
-    def take(leaf: Any) -> Any:
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
-        return leaf[index] if eqx.is_array(leaf) else leaf
-
-    is_abstract = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
-    return jax.tree.map(take, m.blocks, is_leaf=is_abstract)
-
-
-def convert_stacked(
-    m: Stack[Any], sd: StateDict, prefix: Callable[[int], str], convert: Callable[..., Any]
-) -> Stack[Any]:
-    """A `Stack` (abstract or not) whose block `i` is stored under `prefix(i)`, each block
-    loaded with `convert(block, sd, prefix(i))`."""
-    blocks = [convert(stack_block(m, i), sd, prefix(i)) for i in range(m.depth)]
-    return eqx.tree_at(lambda s: s.blocks, m, stack_modules(blocks))

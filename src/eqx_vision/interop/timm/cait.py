@@ -17,12 +17,17 @@ from jaxtyping import Array, PRNGKeyArray
 
 from ...layers import Attention, FeedForward, Linear, TransformerBlock
 from ...models.cait import CaiT
-from .._state_dict import CheckpointError, StateDict, convert_layernorm, convert_linear
+from .._state_dict import (
+    CheckpointError,
+    StateDict,
+    convert_layernorm,
+    convert_linear,
+    convert_stack,
+)
 from ._common import (
     TimmArgs,
     convert_conv_patch_embedding,
     convert_mlp,
-    convert_stacked,
     mlp_hidden,
     norm_eps,
 )
@@ -120,7 +125,7 @@ def _convert_stack(encoder: Any, sd: StateDict, prefix: str, projections: Any) -
     def block(m: TransformerBlock, sd: StateDict, at: str) -> TransformerBlock:
         return _convert_block(m, sd, at, projections)
 
-    layers = convert_stacked(encoder.layers, sd, lambda i: f"{prefix}{i}.", block)
+    layers = convert_stack(encoder.layers, sd, lambda i: f"{prefix}{i}.", block)
     return eqx.tree_at(lambda t: t.layers, encoder, layers)
 
 

@@ -5,15 +5,11 @@ and its `levit_conv_*` models as 1x1 convolutions (`ConvNorm`, weights `(out, in
 under the same names; both compute the same function, which `TimmLeViT` implements once.
 """
 
-from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
-from ...layers import Stack, stack_modules
 from ...models.levit import (
     LinearBN,
     NormLinear,
@@ -27,8 +23,9 @@ from .._state_dict import (
     convert_batchnorm,
     convert_conv_bn,
     convert_linear,
+    convert_stack_with_state,
 )
-from ._common import TimmArgs, stack_block
+from ._common import TimmArgs
 
 
 TIMM_CLASSES: tuple[str, ...] = ("Levit", "LevitDistilled")
@@ -159,28 +156,6 @@ def _convert_head(
     return eqx.tree_at(lambda h: (h.bn, h.linear), m, (bn, linear)), state
 
 
-def _convert_stack(
-    m: Stack[TimmLeViTBlock],
-    sd: StateDict,
-    prefix: Callable[[int], str],
-    state: eqx.nn.State,
-    conv: bool,
-) -> tuple[Stack[TimmLeViTBlock], eqx.nn.State]:
-    """The blocks of a stage, block `i` under `prefix(i)`, each converted against a state
-    holding its own slice of the stack's statistics (which are stored stacked, as the
-    parameters are); the model may be abstract (placeholder leaves), so the slices keep
-    their array type (`a[i, ...]`)."""
-    stacked = state.substate(m.blocks)
-    blocks, states = [], []
-    for i in range(m.depth):
-        block_state = jax.tree.map(lambda a, i=i: a[i, ...], stacked)
-        block, block_state = _convert_block(stack_block(m, i), sd, prefix(i), block_state, conv)
-        blocks.append(block)
-        states.append(block_state)
-    state = state.update(jax.tree.map(lambda *a: jnp.stack(a), *states))
-    return eqx.tree_at(lambda s: s.blocks, m, stack_modules(blocks)), state
-
-
 def convert(model: TimmLeViT, sd: StateDict, state: eqx.nn.State) -> tuple[TimmLeViT, eqx.nn.State]:
     """The weights of a timm `Levit`/`LevitDistilled` state dict, and its BatchNorm
     statistics into `state`."""
@@ -197,8 +172,12 @@ def convert(model: TimmLeViT, sd: StateDict, state: eqx.nn.State) -> tuple[TimmL
                 model.downsamples[i - 1], sd, f"stages.{i}.downsample.", state, conv
             )
             downsamples.append(down)
-        stage, state = _convert_stack(
-            stage, sd, lambda j, i=i: f"stages.{i}.blocks.{j}.", state, conv
+        stage, state = convert_stack_with_state(
+            stage,
+            sd,
+            lambda j, i=i: f"stages.{i}.blocks.{j}.",
+            lambda block, sd, at, block_state: _convert_block(block, sd, at, block_state, conv),
+            state,
         )
         stages.append(stage)
     heads: list[NormLinear | None] = []

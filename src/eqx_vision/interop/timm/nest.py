@@ -21,12 +21,17 @@ from jaxtyping import PRNGKeyArray
 
 from ...layers import LayerNorm, Linear
 from ...models.nest import NesT, NesTBlock, NesTLevel
-from .._state_dict import StateDict, convert_conv, convert_layernorm, convert_linear
+from .._state_dict import (
+    StateDict,
+    convert_conv,
+    convert_layernorm,
+    convert_linear,
+    convert_stack,
+)
 from ._common import (
     TimmArgs,
     convert_conv_patch_embedding,
     convert_mlp,
-    convert_stacked,
 )
 
 
@@ -170,7 +175,7 @@ def _convert_level(level: NesTLevel, sd: StateDict, i: int) -> NesTLevel:
         "pos_embedding": sd.take(prefix + "pos_embed", pos, torch_shape=(1, *pos.shape))
     }
     if level.blocks is not None:
-        subs["blocks"] = convert_stacked(
+        subs["blocks"] = convert_stack(
             level.blocks, sd, lambda j: f"{prefix}transformer_encoder.{j}.", _convert_block
         )
     if level.conv is not None and level.norm is not None:

@@ -16,8 +16,14 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from ...models.pit import PiT, PiTPool
-from .._state_dict import StateDict, convert_conv, convert_layernorm, convert_linear
-from ._common import TimmArgs, convert_block, convert_stacked, mlp_hidden
+from .._state_dict import (
+    StateDict,
+    convert_conv,
+    convert_layernorm,
+    convert_linear,
+    convert_stack,
+)
+from ._common import TimmArgs, convert_block, mlp_hidden
 
 
 TIMM_CLASSES: tuple[str, ...] = ("PoolingVisionTransformer",)
@@ -137,7 +143,7 @@ def convert(model: PiT, sd: StateDict) -> PiT:
         eqx.tree_at(
             lambda s: s.layers,
             stage,
-            convert_stacked(
+            convert_stack(
                 stage.layers, sd, lambda j, i=i: f"transformers.{i}.blocks.{j}.", convert_block
             ),
         )

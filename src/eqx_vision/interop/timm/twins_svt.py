@@ -37,7 +37,7 @@ from .._state_dict import (
     convert_layernorm,
     convert_linear,
 )
-from ._common import TimmArgs, convert_mlp, norm_eps, stack_block
+from ._common import TimmArgs, convert_mlp, norm_eps
 
 
 TIMM_CLASSES = ("Twins",)
@@ -224,9 +224,7 @@ def _stage(m: TwinsStage, sd: StateDict, i: int) -> TwinsStage:
         "peg": eqx.tree_at(lambda p: p.proj, m.peg, peg),
     }
     if m.blocks is not None:
-        stacked = [
-            _block(stack_block(m.blocks, j), sd, blocks, j + 1) for j in range(m.blocks.depth)
-        ]
+        stacked = [_block(m.blocks[j], sd, blocks, j + 1) for j in range(m.blocks.depth)]
         subs["blocks"] = eqx.tree_at(lambda s: s.blocks, m.blocks, stack_modules(stacked))
     return eqx.tree_at(lambda s: [getattr(s, n) for n in subs], m, list(subs.values()))
 

@@ -152,4 +152,5 @@ def test_full_size_parity(name):
             torch_model.forward_features(x) if model.mlp_head is None else torch_model(x)
         ).numpy()
     out = jax.jit(jax.vmap(model))(jnp.asarray(x.numpy()))
-    assert rel_err(out, expected) <= 1e-4
+    # measured: 7.0e-7 (gap) to 1.9e-6 (distilled)
+    assert rel_err(out, expected) <= 1e-5

@@ -23,7 +23,7 @@ from eqx_vision import presets
 
 BAD_VALUES = (0, -1, 1.5, True)
 
-# Arguments for which 0 is a valid value: ViT with `num_classes=0` returns the encoded tokens
+# Arguments for which 0 is a valid value: ViT with `num_classes=0` returns the pooled features
 # instead of logits (CaiT and PiT the normalised class token, NesT and TwinsSVT the pooled
 # features), a stage (or level) may have no blocks in CrossFormer, NesT, ScalableViT and
 # Twins-SVT, and ViT may have no register tokens.

@@ -150,7 +150,7 @@ def test_attention_maps_of_a_vit_with_timm_options():
     maps = attention_maps(model, image)
     assert maps.shape == (2, 2, 1 + 2 + 4, 1 + 2 + 4)
     out, _ = transformer_attention_maps(model.transformer, _tokens(model, image))
-    np.testing.assert_allclose(out, eqx.nn.inference_mode(model)(image), rtol=1e-6)
+    np.testing.assert_allclose(out, eqx.nn.inference_mode(model).forward_features(image), rtol=1e-6)
 
 
 def test_attention_maps_errors():

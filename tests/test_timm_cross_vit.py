@@ -13,8 +13,7 @@ import torch
 
 import eqx_vision as ev
 from eqx_vision.interop import timm as ev_timm
-from eqx_vision.layers import Attention, FeedForward
-from eqx_vision.models.cross_vit import resize_bicubic
+from eqx_vision.layers import Attention, FeedForward, resize_bicubic
 from reference import count_params, perturb_, rel_err
 from timm_reference import check_timm_parity, import_timm, timm_model
 

@@ -54,8 +54,8 @@ def test_parity(kind):
 
 
 def test_num_classes_zero_returns_timm_features():
-    """A name without a classifier (`num_classes=0`): the model returns the tokens, timm's
-    `forward_features`."""
+    """A name without a classifier (`num_classes=0`): `forward_features` returns timm's
+    `forward_features`, the model timm's pooled features."""
     name, overrides = "vit_base_patch16_224.mae", {**SMALL, "patch_size": 8}
     torch_model = timm_model(name, **overrides)
     perturb_(torch_model)
@@ -63,8 +63,10 @@ def test_num_classes_zero_returns_timm_features():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = torch_model.forward_features(x).numpy()
-    out = jax.vmap(model)(jnp.asarray(x.numpy()))
+        pooled = torch_model(x).numpy()
+    out = jax.vmap(model.forward_features)(jnp.asarray(x.numpy()))
     assert rel_err(out, expected) <= TOL
+    assert rel_err(jax.vmap(model)(jnp.asarray(x.numpy())), pooled) <= TOL
 
 
 def test_new_head():
@@ -84,7 +86,7 @@ def test_new_head():
     np.testing.assert_array_equal(ten.pos_embedding, loaded.pos_embedding)
     headless = ev.from_timm(name, sd, num_classes=0, **overrides)
     assert headless.mlp_head is None
-    assert headless(jnp.zeros((3, 32, 32))).shape == (1 + 16, 64)
+    assert headless(jnp.zeros((3, 32, 32))).shape == (64,)
 
 
 def test_checkpoint_errors():
@@ -148,9 +150,7 @@ def test_full_size_parity(name):
     model = ev.from_timm(name, torch_model.state_dict())
     x = torch.randn(1, 3, *model.image_size)
     with torch.no_grad():
-        expected = (
-            torch_model.forward_features(x) if model.mlp_head is None else torch_model(x)
-        ).numpy()
+        expected = torch_model(x).numpy()
     out = jax.jit(jax.vmap(model))(jnp.asarray(x.numpy()))
     # measured: 7.0e-7 (gap) to 1.9e-6 (distilled)
     assert rel_err(out, expected) <= 1e-5

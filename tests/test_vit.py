@@ -56,4 +56,11 @@ def test_parity_features():
         image_size=16, patch_size=8, num_classes=0, dim=32, depth=2, heads=2, mlp_dim=32
     )
     model = ev.ViT(**config, key=jax.random.key(0))
-    check_parity(model, reference("vit").ViT(**config), (3, 16, 16), tol=TOL, grad_tol=GRAD_TOL)
+    check_parity(
+        model,
+        reference("vit").ViT(**config),
+        (3, 16, 16),
+        tol=TOL,
+        grad_tol=GRAD_TOL,
+        call=lambda m, x: jax.vmap(m.forward_features)(x),
+    )

@@ -17,6 +17,7 @@ from .models import (
     CrossViT as CrossViT,
     CvT as CvT,
     DeepViT as DeepViT,
+    FeatureInfo as FeatureInfo,
     LeViT as LeViT,
     NesT as NesT,
     ParallelViT as ParallelViT,
@@ -32,6 +33,8 @@ from .models import (
     TwinsSVT as TwinsSVT,
     ViT as ViT,
     ViTWithPatchMerger as ViTWithPatchMerger,
+    reset_head as reset_head,
+    set_image_size as set_image_size,
 )
 from .precision import Precision as Precision
 

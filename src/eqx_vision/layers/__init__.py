@@ -39,6 +39,12 @@ from ._patch import (
 )
 from ._peg import PEG as PEG
 from ._random import check_key as check_key, split_key as split_key
+from ._replace import replace as replace
+from ._resize import (
+    bicubic_matrix as bicubic_matrix,
+    resample_pos_embed as resample_pos_embed,
+    resize_bicubic as resize_bicubic,
+)
 from ._stack import (
     REMAT as REMAT,
     LayerDrop as LayerDrop,

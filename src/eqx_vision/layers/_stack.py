@@ -164,11 +164,16 @@ class Stack(eqx.Module, Generic[Block]):
         *args: Any,
         key: PRNGKeyArray | None = None,
         per_layer: dict[str, Array] | None = None,
+        intermediates: bool = False,
     ) -> Any:
         """Apply the blocks in order: `x = block_i(x, *args, key=key_i)`.
 
         `per_layer` maps keyword names to arrays with a leading axis of size `depth`: block
         `i` is called with `name=array[i]` as well (a per-layer rate, for instance).
+
+        With `intermediates`, returns `(x, outputs)`, where `outputs` holds every block's
+        output stacked along a leading axis of size `depth` (the scan's outputs: the blocks
+        stay in one loop).
         """
         per_layer = per_layer or {}
         dynamic, static = eqx.partition(self.blocks, eqx.is_array)
@@ -184,18 +189,25 @@ class Stack(eqx.Module, Generic[Block]):
             out = eqx.combine(params, static)(carry, *args, key=block_key, **extra)
             if skip is not None:
                 out = jax.tree.map(lambda new, old: jnp.where(skip, old, new), out, carry)
-            return out, None
+            return out, (out if intermediates else None)
 
-        x, _ = self._scan(step, x, (dynamic, keys, drop, per_layer))
-        return x
+        x, outputs = self._scan(step, x, (dynamic, keys, drop, per_layer))
+        return (x, outputs) if intermediates else x
 
     def call_with_state(
-        self, x: Any, state: eqx.nn.State, *args: Any, key: PRNGKeyArray | None = None
+        self,
+        x: Any,
+        state: eqx.nn.State,
+        *args: Any,
+        key: PRNGKeyArray | None = None,
+        intermediates: bool = False,
     ) -> tuple[Any, eqx.nn.State]:
         """Apply stateful blocks in order: `x, s_i = block_i(x, s_i, *args, key=key_i)`.
 
         Each block's slice of `state` (e.g. its BatchNorm statistics) is scanned along with
-        its parameters, and the updated slices are written back.
+        its parameters, and the updated slices are written back. With `intermediates`,
+        returns `((x, outputs), state)`, `outputs` every block's output stacked along a
+        leading axis of size `depth`.
         """
         if self.layer_drop.active():
             raise NotImplementedError("layer dropout is not supported for stateful blocks.")
@@ -206,14 +218,15 @@ class Stack(eqx.Module, Generic[Block]):
         def step(carry, layer):
             params, block_state, block_key = layer
             out, block_state = eqx.combine(params, static)(carry, block_state, *args, key=block_key)
-            return out, block_state
+            return out, (block_state, out if intermediates else None)
 
-        x, substate = self._scan(step, x, (dynamic, substate, keys))
+        x, (substate, outputs) = self._scan(step, x, (dynamic, substate, keys))
+        result = (x, outputs) if intermediates else x
         if not _updates_state(self.blocks):
             # Inference: nothing changed; returning the caller's state keeps it usable in
             # eager code (`State.update` retires the object it is called on).
-            return x, state
-        return x, state.update(substate)
+            return result, state
+        return result, state.update(substate)
 
 
 def _is_stateful_layer(node: Any) -> bool:

@@ -283,8 +283,22 @@ class Transformer(eqx.Module):
         - `context`: extra keys/values given to every block's attention.
         - `key`: needed only for dropout in training mode.
         """
+        return self.forward_intermediates(x, context, key=key, intermediates=False)[0]
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "seq dim"],
+        context: Float[Array, "ctx_seq dim"] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        intermediates: bool = True,
+    ) -> tuple[Float[Array, "seq dim"], Float[Array, "depth seq dim"] | None]:
+        """As `__call__`, and every block's output (before the final norm), stacked
+        `(depth, seq, dim)`, out of the one scan over the blocks (`None` without
+        `intermediates`)."""
         per_layer = None
         if key is not None and self.drop_path.active():
             per_layer = {"drop_path": self.drop_path.rates(self.layers.depth)}
-        x = self.layers(x, context, key=key, per_layer=per_layer)
-        return x if self.norm is None else self.norm(x)
+        out = self.layers(x, context, key=key, per_layer=per_layer, intermediates=intermediates)
+        x, outputs = out if intermediates else (out, None)
+        return (x if self.norm is None else self.norm(x)), outputs

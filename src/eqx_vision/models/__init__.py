@@ -1,5 +1,10 @@
 """One module per architecture."""
 
+from ._backbone import (
+    FeatureInfo as FeatureInfo,
+    reset_head as reset_head,
+    set_image_size as set_image_size,
+)
 from .cait import CaiT as CaiT
 from .cross_vit import CrossViT as CrossViT, TimmCrossViT as TimmCrossViT
 from .crossformer import CrossFormer as CrossFormer

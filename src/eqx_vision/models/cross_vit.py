@@ -8,7 +8,6 @@ both branches, the class token of each branch attends to the patch tokens of the
 network after the authors' code.
 """
 
-import functools
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
@@ -16,7 +15,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..layers import (
@@ -42,6 +40,7 @@ from ..layers._checks import (
     checked_arguments,
 )
 from ..layers._init import normal
+from ..layers._resize import resize_bicubic
 
 
 class ImageEmbedder(eqx.Module):
@@ -405,46 +404,6 @@ class CrossViT(eqx.Module):
 
 
 # timm's CrossViT: a different architecture under the same name.
-
-
-@functools.cache
-def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """The `(out_size, in_size)` matrix of torch's bicubic interpolation along one axis
-    (`F.interpolate(mode="bicubic", align_corners=False)`, no antialiasing): Keys' cubic
-    convolution with `A = -0.75` on the four neighbours of each sample, indices clamped
-    at the borders; computed in float32 as torch computes it."""
-    f32 = np.float32
-    a = f32(-0.75)
-    scale = f32(in_size) / f32(out_size)
-    # torch: a float32 scale times a double `dst + 0.5`, rounded to float32 once
-    real = (np.float64(scale) * (np.arange(out_size) + 0.5) - 0.5).astype(f32)
-    index = np.minimum(np.floor(real).astype(np.int64), in_size - 1)
-    t = np.clip(real - index.astype(f32), f32(0), f32(1)).astype(f32)
-
-    def near(x: np.ndarray) -> np.ndarray:  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x: np.ndarray) -> np.ndarray:  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    rest = f32(1) - t
-    coeffs = (far(t + f32(1)), near(t), near(rest), far(rest + f32(1)))
-    matrix = np.zeros((out_size, in_size), f32)
-    rows = np.arange(out_size)
-    for offset, c in enumerate(coeffs):
-        np.add.at(matrix, (rows, np.clip(index - 1 + offset, 0, in_size - 1)), c)
-    return matrix
-
-
-def resize_bicubic(
-    x: Float[Array, "channels height width"], size: tuple[int, int]
-) -> Float[Array, "channels out_height out_width"]:
-    """`x` resized to `size` `(height, width)` by bicubic interpolation, as torch's
-    `F.interpolate(x, size, mode="bicubic", align_corners=False)` (no antialiasing when
-    shrinking): one matrix product per axis."""
-    rows = _bicubic_matrix(x.shape[1], size[0])
-    cols = _bicubic_matrix(x.shape[2], size[1])
-    return jnp.einsum("oh,chw,pw->cop", rows.astype(x.dtype), x, cols.astype(x.dtype))
 
 
 def scale_image(

@@ -3,7 +3,7 @@
 Dosovitskiy et al., 2020, https://arxiv.org/abs/2010.11929.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
 
 import equinox as eqx
@@ -20,11 +20,15 @@ from ..layers import (
     check_divisible,
     check_image,
     check_key,
+    replace,
+    resample_pos_embed,
+    tokens_to_grid,
 )
 from ..layers._checks import NonNegative, Positive, PositivePair, Rate, checked_arguments
 from ..layers._init import normal
 from ..layers._linear import gelu
 from ..layers._random import split_key
+from ._backbone import FeatureInfo, OutputFmt, check_output_fmt, feature_indices
 
 
 Pool = Literal["cls", "mean"]
@@ -116,7 +120,8 @@ class ViT(eqx.Module):
         - `patch_size`: patch height and width, an int or a pair; must divide `image_size`
           (with `patch_embedding="conv"`, the rows and columns beyond the last whole patch
           are left out, as a strided convolution does).
-        - `num_classes`: number of output logits; `0` returns the encoded tokens instead.
+        - `num_classes`: number of output logits; `0` for no head (the model returns the
+          pooled features; `forward_features` returns the tokens).
         - `dim`: token dimension.
         - `depth`: number of transformer blocks.
         - `heads`: attention heads per block.
@@ -251,31 +256,157 @@ class ViT(eqx.Module):
             tokens = self.pre_norm(tokens)
         return tokens
 
-    def __call__(
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The `(height, width)` of the patch grid."""
+        (ph, pw), (h, w) = self.to_patch_embedding.patch_size, self.image_size
+        return h // ph, w // pw
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The outputs of `forward_intermediates`: the tokens after each block, as
+        `(dim, grid_h, grid_w)` maps of stride `patch_size`."""
+        dim = self.pos_embedding.shape[1]
+        patch = cast(tuple[int, int], tuple(self.to_patch_embedding.patch_size))
+        return tuple(
+            FeatureInfo(i, f"transformer.layers[{i}]", dim, patch)
+            for i in range(self.transformer.layers.depth)
+        )
+
+    def forward_features(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " num_classes"] | Float[Array, "seq dim"]:
+    ) -> Float[Array, "seq dim"]:
         """**Arguments:**
 
         - `x`: one image, `(channels, height, width)`.
         - `key`: a `jax.random.key`, needed only for dropout in training mode.
 
-        **Returns:** the logits `(num_classes,)`, or with `num_classes=0` the encoded tokens
-        `(seq, dim)`.
+        **Returns:** the encoded tokens `(seq, dim)`, prefix tokens first, after the final
+        norm (none with `fc_norm`, which normalises the pooled token in `forward_head`).
         """
         check_image(x, (self.channels, *self.image_size), type(self).__name__)
         check_key(self, key)
         emb_key, enc_key = split_key(key, 2)
-        tokens = self.embed(x, key=emb_key)
-        tokens = self.transformer(tokens, key=enc_key)
-        if self.mlp_head is None:
-            return tokens
+        return self.transformer(self.embed(x, key=emb_key), key=enc_key)
+
+    def forward_head(
+        self, x: Float[Array, "seq dim"], *, pre_logits: bool = False
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
+        """**Arguments:**
+
+        - `x`: the tokens from `forward_features`.
+        - `pre_logits`: return the pooled features instead of the logits.
+
+        **Returns:** the logits (the mean of both heads' with a distillation token), or the
+        pooled features `(dim,)` with `pre_logits` or without a head: the class token (with
+        a distillation token, the mean of both), or the mean of the patch tokens, after
+        `fc_norm`.
+        """
         if self.pool == "mean":
-            pooled = tokens[self.num_prefix_tokens :].mean(axis=0)
+            pooled = x[self.num_prefix_tokens :].mean(axis=0)
         else:
-            pooled = tokens[0]
+            pooled = x[0]
         if self.fc_norm is not None:
             pooled = self.fc_norm(pooled)
+        if pre_logits or self.mlp_head is None:
+            return pooled if self.dist_token is None else (x[0] + x[1]) / 2
         logits = self.mlp_head(pooled)
         if self.dist_head is not None:
-            logits = (logits + self.dist_head(tokens[1])) / 2
+            logits = (logits + self.dist_head(x[1])) / 2
         return logits
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFmt = "map",
+        prefix_tokens: bool = False,
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """The final features and the tokens after chosen blocks.
+
+        **Arguments:**
+
+        - `x`: one image, `(channels, height, width)`.
+        - `indices`: which blocks (see `feature_info`): `None` for all, an int `n` for the
+          last `n`, or a sequence of block indices (negative from the end).
+        - `norm`: apply the final norm to each output.
+        - `output_fmt`: `"map"` for `(dim, grid_h, grid_w)` maps of the patch tokens,
+          `"tokens"` for the patch tokens `(grid_h * grid_w, dim)`.
+        - `prefix_tokens`: return each output as `(patch output, prefix tokens)`, the prefix
+          tokens `(num_prefix, dim)`.
+        - `intermediates_only`: return the list of outputs only.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** `(forward_features(x), outputs)`, or `outputs` with
+        `intermediates_only`; `outputs` is a list in the order of `indices`. The blocks run
+        in their scanned stack, all of them.
+        """
+        name = type(self).__name__
+        check_output_fmt(output_fmt, name)
+        chosen = feature_indices(indices, self.transformer.layers.depth, name)
+        check_image(x, (self.channels, *self.image_size), name)
+        check_key(self, key)
+        emb_key, enc_key = split_key(key, 2)
+        final, stacked = self.transformer.forward_intermediates(
+            self.embed(x, key=emb_key), key=enc_key
+        )
+        assert stacked is not None
+        outputs = []
+        for i in chosen:
+            y = stacked[i]
+            if norm and self.transformer.norm is not None:
+                y = self.transformer.norm(y)
+            prefix, y = y[: self.num_prefix_tokens], y[self.num_prefix_tokens :]
+            if output_fmt == "map":
+                y = tokens_to_grid(y, self.grid[0])
+            outputs.append((y, prefix) if prefix_tokens else y)
+        return outputs if intermediates_only else (final, outputs)
+
+    def set_image_size(self, image_size: tuple[int, int]) -> "ViT":
+        """This model for `(height, width)` images: the position embeddings of the patches
+        resampled (see [`set_image_size`][eqx_vision.set_image_size])."""
+        hw = (int(image_size[0]), int(image_size[1]))
+        if hw == self.image_size:
+            return self
+        patch = cast(tuple[int, int], tuple(self.to_patch_embedding.patch_size))
+        if self.to_patch_embedding.channels_first:
+            grid = (hw[0] // patch[0], hw[1] // patch[1])
+            if min(grid) == 0:
+                raise ValueError(f"ViT: image_size {hw} is smaller than patch_size {tuple(patch)}.")
+        else:
+            grid = check_divisible(hw, patch)
+        prefix = self.num_prefix_tokens if self.pos_embed_prefix else 0
+        pos = resample_pos_embed(self.pos_embedding, grid, self.grid, num_prefix=prefix)
+        return replace(self, pos_embedding=pos, image_size=hw)
+
+    def reset_head(self, num_classes: int, *, key: PRNGKeyArray | None = None) -> "ViT":
+        """This model with a new classifier (and distillation head, if it has one) of
+        `num_classes` outputs, or none for `0` (see [`reset_head`][eqx_vision.reset_head])."""
+        dim = self.pos_embedding.shape[1]
+        head = dist = None
+        if num_classes > 0:
+            assert key is not None
+            head_key, dist_key = jr.split(key)
+            head = Linear(dim, num_classes, key=head_key)
+            if self.dist_token is not None:
+                dist = Linear(dim, num_classes, key=dist_key)
+        return eqx.tree_at(
+            lambda m: (m.mlp_head, m.dist_head), self, (head, dist), is_leaf=lambda n: n is None
+        )
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the logits `(num_classes,)`, or with `num_classes=0` the pooled
+        features `(dim,)`: `forward_head(forward_features(x, key=key))`.
+        """
+        return self.forward_head(self.forward_features(x, key=key))

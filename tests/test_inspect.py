@@ -109,7 +109,7 @@ def _head(model, tokens):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_attention_maps_of_models(name):
-    from eqx_vision.inspect import _tokens
+    from eqx_vision.inspect._token_maps import _tokens
 
     model = build_model(name, jr.key(0))
     image = jr.normal(jr.key(1), (model.channels, *np.broadcast_to(model.image_size, 2)))
@@ -130,7 +130,7 @@ def test_attention_maps_of_models(name):
 def test_attention_maps_of_a_vit_with_timm_options():
     """Registers, position embeddings without the prefix and a norm before the encoder:
     the maps cover the class and register tokens, and the encoder's output is the model's."""
-    from eqx_vision.inspect import _tokens
+    from eqx_vision.inspect._token_maps import _tokens
 
     model = ev.ViT(
         image_size=8,

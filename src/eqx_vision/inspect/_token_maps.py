@@ -22,22 +22,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .layers import (
+from ..layers import (
     Attention,
     Transformer,
     TransformerBlock,
     check_image,
     sincos_2d,
 )
-from .models import DeepViT, SimpleViT, SmallDatasetViT, ViT
+from ..models import DeepViT, SimpleViT, SmallDatasetViT, ViT
 
-
-__all__ = [
-    "attention_maps",
-    "attention_probabilities",
-    "attention_rollout",
-    "transformer_attention_maps",
-]
 
 SupportedModel = ViT | SimpleViT | DeepViT | SmallDatasetViT
 

@@ -1,0 +1,1 @@
+"""Attention maps in image coordinates: see `_core.image_attention`."""

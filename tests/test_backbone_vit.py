@@ -2,17 +2,16 @@
 vit-pytorch's residual stream after each block and to timm's `forward_intermediates`."""
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
 import torch
+
+import eqx_vision as ev
 from backbone import check_backbone, torch_outputs
 from reference import perturb_, reference, rel_err
 from timm_reference import import_timm, timm_model
-
-import eqx_vision as ev
 
 
 TINY = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=3, heads=2, mlp_dim=64)

@@ -99,11 +99,25 @@ import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from .data import Dataset
+from .finetune import (
+    DECAY_LABELS as DECAY_LABELS,
+    LABELS as LABELS,
+    freeze_updates as freeze_updates,
+    frozen_mask as frozen_mask,
+    layer_decay_scales as layer_decay_scales,
+    layer_ids as layer_ids,
+    num_blocks as num_blocks,
+    param_labels as param_labels,
+    scale_updates as scale_updates,
+    weight_decay_mask as weight_decay_mask,
+)
 from .layers import REMAT, is_stateful, remat
 from .precision import COMPUTE_DTYPES, Precision
 
 
 __all__ = [
+    "DECAY_LABELS",
+    "LABELS",
     "Callback",
     "DataParallel",
     "FitInfo",
@@ -116,12 +130,20 @@ __all__ = [
     "eval_step",
     "evaluate",
     "fit",
+    "freeze_updates",
+    "frozen_mask",
     "init_optimizer",
     "is_stateful",
+    "layer_decay_scales",
+    "layer_ids",
     "learning_rate_schedule",
     "loss_fn",
     "make_optimizer",
+    "num_blocks",
+    "param_labels",
+    "scale_updates",
     "train_step",
+    "weight_decay_mask",
 ]
 
 
@@ -205,6 +227,9 @@ def make_optimizer(
     b2: float = 0.999,
     clip_norm: float | None = 1.0,
     skip_non_finite: int = 0,
+    weight_decay_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+    layer_scales: PyTree | Callable[[PyTree], PyTree] | None = None,
+    frozen: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with a linear warm-up from 0 and a cosine decay (optax).
 
@@ -224,6 +249,23 @@ def make_optimizer(
       up to this many in a row. Its state is then an `optax.ApplyIfFiniteState` around the
       state of the default, `0` (no wrapping).
 
+    For fine-tuning (see the [fine-tuning guide](../finetuning.md)), each a tree of the
+    structure of the parameters or a function from the parameters to one:
+
+    - `weight_decay_mask`: which parameters get weight decay (e.g.
+      [`weight_decay_mask`][eqx_vision.training.weight_decay_mask]); all by default.
+    - `layer_scales`: a factor of each parameter's learning rate, applied to AdamW's
+      update and weight decay (e.g.
+      [`layer_decay_scales`][eqx_vision.training.layer_decay_scales]; a `(depth,)` array
+      along a stacked axis).
+    - `frozen`: the parameters whose updates are zero, before the clipping and after
+      everything else, so that they keep their values exactly (e.g.
+      [`frozen_mask`][eqx_vision.training.frozen_mask]).
+
+    The chain is `freeze_updates(frozen)`, `clip_by_global_norm`,
+    `adamw(mask=weight_decay_mask)`, `scale_updates(layer_scales)`,
+    `freeze_updates(frozen)`, each only when given.
+
     **Returns:** an `optax.GradientTransformation`.
     """
     if total_steps <= 0:
@@ -242,9 +284,15 @@ def make_optimizer(
         raise ValueError(f"skip_non_finite must be an int; got {skip_non_finite!r}.")
     if skip_non_finite < 0:
         raise ValueError(f"skip_non_finite must be >= 0; got {skip_non_finite}.")
-    optimizer = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    optimizer = optax.adamw(
+        schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask
+    )
     if clip_norm is not None:
         optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
+    if layer_scales is not None:
+        optimizer = optax.chain(optimizer, scale_updates(layer_scales))
+    if frozen is not None:
+        optimizer = optax.chain(freeze_updates(frozen), optimizer, freeze_updates(frozen))
     if skip_non_finite:
         optimizer = optax.apply_if_finite(optimizer, skip_non_finite)
     return optimizer
@@ -601,6 +649,15 @@ class TrainConfig:
       [`make_optimizer`][eqx_vision.training.make_optimizer], whose optimizer state
       changes structure when it is positive). The skipped steps are counted in the
       metrics (`skipped_steps`).
+    - `selective_decay`: weight decay only on the weights (matrices and kernels), none on
+      biases, norms, position embeddings, tokens and LayerScale (see
+      [`weight_decay_mask`][eqx_vision.training.weight_decay_mask]); `False`, the default,
+      decays every parameter.
+    - `layer_decay`: layer-wise learning-rate decay in `(0, 1]` (see
+      [`layer_decay_scales`][eqx_vision.training.layer_decay_scales]); `None` for none.
+    - `freeze`: keep the embeddings and the first `freeze` blocks fixed (see
+      [`frozen_mask`][eqx_vision.training.frozen_mask]); `0`, the default, trains every
+      parameter. At most the model's number of blocks, checked by `fit`.
 
     A warm-up longer than the run is a warm-up over the whole run. Every number is checked
     at construction: `seed` must be in `0 .. 2**32 - 1` (what `jax.random.key` keeps of a
@@ -616,9 +673,13 @@ class TrainConfig:
     precision: str = "float32"
     remat: str | None = None
     skip_non_finite: int = 0
+    selective_decay: bool = False
+    layer_decay: float | None = None
+    freeze: int = 0
 
     def __post_init__(self):
-        for name, low in (("epochs", 1), ("batch_size", 1), ("seed", 0), ("skip_non_finite", 0)):
+        for name, low in (("epochs", 1), ("batch_size", 1), ("seed", 0), ("skip_non_finite", 0),
+                          ("freeze", 0)):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}; got {value!r}.")
@@ -641,6 +702,15 @@ class TrainConfig:
             )
         if self.remat is not None and self.remat not in REMAT:
             raise ValueError(f"remat must be {' or '.join(REMAT)}; got {self.remat!r}.")
+        if not isinstance(self.selective_decay, bool):
+            raise ValueError(f"selective_decay must be a bool; got {self.selective_decay!r}.")
+        decay = self.layer_decay
+        if decay is not None and (
+            isinstance(decay, bool)
+            or not isinstance(decay, numbers.Real)
+            or not 0 < decay <= 1  # NaN fails too
+        ):
+            raise ValueError(f"layer_decay must be None or a number in (0, 1]; got {decay!r}.")
 
     def to_json(self) -> dict[str, Any]:
         """The settings as a JSON object (as saved in `config.json`)."""
@@ -1244,6 +1314,7 @@ def fit(
             config.learning_rate,
             weight_decay=config.weight_decay,
             skip_non_finite=config.skip_non_finite,
+            **_finetune_options(config, model),
             **schedule_args,
         ),  # fmt: skip
         schedule=learning_rate_schedule(config.learning_rate, **schedule_args),
@@ -1297,6 +1368,22 @@ def fit(
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def _finetune_options(config: TrainConfig, model: PyTree) -> dict[str, Any]:
+    """The fine-tuning arguments of `make_optimizer` for `config`, as functions of the
+    parameters (whatever tree optax is given); a `freeze` beyond the model's blocks is a
+    `ValueError` here."""
+    options: dict[str, Any] = {}
+    if config.selective_decay:
+        options["weight_decay_mask"] = weight_decay_mask
+    if config.layer_decay is not None:
+        decay = float(config.layer_decay)
+        options["layer_scales"] = lambda params: layer_decay_scales(params, decay)
+    if config.freeze:
+        frozen_mask(model, config.freeze)  # checks the range
+        options["frozen"] = lambda params: frozen_mask(params, config.freeze)
+    return options
 
 
 def _result(run: _Run, model, state, opt_state, epoch: int, stopped: bool) -> FitResult:

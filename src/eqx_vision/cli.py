@@ -70,10 +70,21 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "precision": "float32",
     "skip_non_finite": 0,
+    "init": None,
+    "layer_decay": None,
+    "freeze": 0,
 }
 SETTINGS = tuple(DEFAULTS)
 # Settings a run saved by an earlier version may lack, with the value it was trained with.
-LATER_SETTINGS: dict[str, Any] = {"precision": "float32", "skip_non_finite": 0}
+LATER_SETTINGS: dict[str, Any] = {
+    "precision": "float32",
+    "skip_non_finite": 0,
+    "init": None,
+    "layer_decay": None,
+    "freeze": 0,
+}
+# The prefix of `--init` for a pretrained timm model.
+TIMM_PREFIX = "timm/"
 # The seeds `jax.random.key` tells apart (it keeps a seed's low 32 bits), as
 # `eqx_vision.training.MAX_SEED`.
 MAX_SEED = 2**32 - 1
@@ -129,6 +140,16 @@ def _non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative number; got {text!r}")
+    return value
+
+
+def _layer_decay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1]; got {text!r}") from None
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1]; got {text!r}")
     return value
 
 
@@ -213,6 +234,28 @@ def _add_train_parser(sub: Any) -> None:
         help="what the backward pass keeps of each block's forward pass: the linear layers' "
         "outputs (default), only each block's input (least memory), or everything; the "
         "results are the same, so it may change on --resume",
+    )
+    train.add_argument(
+        "--init",
+        metavar="timm/NAME|CHECKPOINT",
+        help="fine-tune: start from a pretrained timm model (timm/<name>, needs the pretrained "
+        "extra) or from a checkpoint of eqx-vision train (a --out folder or a .safetensors "
+        "file), with a new head for the data's classes, resized to --image-size (default: the "
+        "initial model's size); weight decay then spares biases, norms, position embeddings "
+        "and tokens",
+    )
+    train.add_argument(
+        "--layer-decay",
+        type=_layer_decay,
+        metavar="FLOAT",
+        help="layer-wise learning-rate decay in (0, 1]: block i of N learns at "
+        "FLOAT**(N+1-i) times --lr, the head at --lr (default: none)",
+    )
+    train.add_argument(
+        "--freeze",
+        type=_non_negative_int,
+        metavar="N",
+        help="keep the embeddings and the first N blocks fixed (default: 0, train everything)",
     )
     train.add_argument(
         "--out", metavar="DIR", help="output folder (default: runs/<model>-<date>-<time>)"
@@ -376,7 +419,7 @@ def _model_config(obj: Any, where: str):
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: the model config must be a JSON object; got {_short(obj)}")
     try:
-        config = ModelConfig.from_json(obj)
+        config = _timm_model_config(obj) if "timm" in obj else ModelConfig.from_json(obj)
         config.cls  # noqa: B018 - raises for an unknown or unavailable architecture
         config.num_classes  # noqa: B018 - raises for a missing or malformed one
         check_input_size(config)
@@ -477,6 +520,14 @@ def _setting_problem(name: str, value: Any) -> str | None:
     if name == "precision":
         ok = isinstance(value, str) and value in COMPUTE_DTYPES
         return None if ok else f"must be {' or '.join(COMPUTE_DTYPES)}"
+    if name == "init":
+        ok = value is None or (isinstance(value, str) and value not in ("", TIMM_PREFIX))
+        return None if ok else "must be null, timm/<name> or a checkpoint path"
+    if name == "layer_decay":
+        ok = value is None or (_is_number(value) and 0 < value <= 1)
+        return None if ok else "must be null or a number in (0, 1]"
+    if name == "freeze":
+        return None if _is_int(value) and value >= 0 else "must be a non-negative integer"
     raise AssertionError(name)  # pragma: no cover
 
 
@@ -582,6 +633,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.allow_changed_data and not args.resume:
         raise UsageError("--allow-changed-data goes with --resume")
     settings, saved_json = _resolve_settings(args)
+    initial = None
     if settings["data"] != "digits":
         _require("train", ["PIL"])
 
@@ -604,6 +656,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             saved_data, where = _entry(saved_json, "data", config_path), config_path
         _check_same_data(saved_data, data_info, where, args.allow_changed_data)
+        if header is None and settings["init"] is not None:
+            # a fine-tuning run stopped before its first checkpoint starts again from --init
+            config, initial = _initial_model(settings, raw)
+    elif settings["init"] is not None:
+        if args.model is not None:
+            raise UsageError(
+                "--init and --model do not go together: the architecture is the initial model's"
+            )
+        config, initial = _initial_model(settings, raw)
     else:
         try:
             config = presets.resolve_model(
@@ -644,9 +705,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             precision=settings["precision"],
             remat=args.remat or "linear",
             skip_non_finite=settings["skip_non_finite"],
+            selective_decay=settings["init"] is not None,
+            layer_decay=settings["layer_decay"],
+            freeze=settings["freeze"],
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if settings["freeze"]:
+        blocks = training.num_blocks(config.build_like()[0])
+        if settings["freeze"] > blocks:
+            raise UsageError(
+                f"--freeze {settings['freeze']} is more than the {blocks} blocks of the "
+                f"{config.model} (0 to {blocks}: the embeddings and the first N blocks stay fixed)"
+            )
     if saved_json is not None and "train_config" in saved_json:  # (not in 0.1.0's runs)
         saved_train = _entry(saved_json, "train_config", config_path)
         changed = train_config.changes_from(saved_train)
@@ -675,7 +746,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # which `fit` starts again if its config.json is the one this command writes.
     return _train(
         args, settings, train_config, config, raw, data_info, parallel, out,
-        resume=saved_json is not None, from_checkpoint=from_checkpoint,
+        resume=saved_json is not None, from_checkpoint=from_checkpoint, initial=initial,
     )  # fmt: skip
 
 
@@ -691,9 +762,10 @@ def _train(
     *,
     resume: bool,
     from_checkpoint: bool,
+    initial: tuple[Any, Any] | None = None,
 ) -> int:
-    """Run `training.fit` with the checked settings, reporting its progress, then print
-    the summary."""
+    """Run `training.fit` with the checked settings (from the `initial` model and state
+    when given), reporting its progress, then print the summary."""
     import jax.random as jr
 
     from . import checkpoint, data as data_mod, training
@@ -701,6 +773,8 @@ def _train(
     ds = data_mod.prepare(raw, channels=config.channels, image_size=config.image_size)
     if from_checkpoint:  # the structure only: the checkpoint fills it
         model, state = config.build_like()
+    elif initial is not None:
+        model, state = initial
     else:
         model, state = config.build(jr.fold_in(jr.key(settings["seed"]), 0))
     name = config.preset or config.model
@@ -736,6 +810,147 @@ def _train(
         return 0
     _summary(result, report.model_line, train_config.batch_size, out, time.perf_counter() - start)
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# train --init: fine-tuning a pretrained model or a checkpoint
+
+
+def _timm_config_class() -> Any:
+    """`ModelConfig` for a timm model fine-tuned by `train --init timm/<name>`: built with
+    `interop.timm.build` (the architecture of timm's name, with `num_classes` outputs) at
+    its `image_size`; saved in the checkpoint as a model config with a `"timm"` entry, which
+    `evaluate` and `predict` read back."""
+    import dataclasses
+
+    from .presets import ModelConfig
+
+    @dataclasses.dataclass(frozen=True)
+    class TimmModelConfig(ModelConfig):
+        timm: str = ""
+
+        @property
+        def cls(self) -> Any:
+            import eqx_vision
+
+            return getattr(eqx_vision, self.model)
+
+        def build(self, key: Any) -> tuple[Any, Any]:
+            import equinox as eqx
+
+            from .interop.timm import build
+            from .models import set_image_size
+
+            built = build(self.timm, num_classes=self.num_classes, key=key)
+            model, state = built if isinstance(built, tuple) else (built, eqx.nn.State(built))
+            return set_image_size(model, self.image_size), state
+
+        def to_json(self) -> dict[str, Any]:
+            return {**super().to_json(), "timm": self.timm}
+
+    return TimmModelConfig
+
+
+def _timm_model_config(obj: dict[str, Any]) -> Any:
+    """The `TimmModelConfig` of a saved model config with a `"timm"` entry."""
+    from .presets import ConfigError
+
+    name = obj.get("timm")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"the timm model name must be a non-empty string; got {_short(name)}")
+    base = _timm_config_class().from_json(obj)
+    return _timm_config_class()(
+        base.model, base.kwargs, base.image_size, base.channels, base.preset, timm=name
+    )
+
+
+def _same_structure(a: Any, b: Any) -> bool:
+    """Whether two models (or states) have one structure and the same array shapes."""
+    import jax
+
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    return ta == tb and all(
+        getattr(x, "shape", None) == getattr(y, "shape", None) for x, y in zip(la, lb, strict=True)
+    )
+
+
+def _initial_model(settings: dict[str, Any], raw: Any) -> tuple[Any, tuple[Any, Any]]:
+    """`(config, (model, state))` of `--init`: a pretrained timm model or a checkpoint's,
+    with a new head for the data's classes (drawn from the seed), resized to
+    `--image-size`; every failure is a `UsageError` naming `--init`."""
+    import inspect
+
+    import jax.random as jr
+
+    from .models import reset_head, set_image_size
+
+    spec = settings["init"]
+    shown = _printable(spec)
+    if spec.startswith(TIMM_PREFIX):
+        model, state, data_config = _open_init_pretrained(spec)
+        source_size = tuple(data_config.input_size[1:])
+        arch = type(model).__name__
+        channels = int(data_config.input_size[0])
+    else:
+        path = _checkpoint_path(spec)
+        header = _read_checkpoint_header(path)
+        source = _model_config(header["model_config"], path)
+        loaded = _load_checkpoint(path, source)
+        model, state = loaded.model, loaded.state
+        source_size, arch, channels = source.image_size, source.model, source.channels
+    size = source_size if settings["image_size"] is None else tuple(settings["image_size"])
+    key = jr.fold_in(jr.key(settings["seed"]), 0)
+    try:
+        method = getattr(model, "reset_head", None)
+        if method is None:
+            raise TypeError(f"{arch} has no reset_head")
+        if "state" in inspect.signature(method).parameters and state is not None:
+            model, state = reset_head(model, raw.num_classes, key=key, state=state)
+        else:
+            model = reset_head(model, raw.num_classes, key=key)
+        model = set_image_size(model, size)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--init {shown}: {_printable(str(e))}") from None
+    if spec.startswith(TIMM_PREFIX):
+        kwargs = {"num_classes": raw.num_classes}
+        config = _timm_config_class()(arch, kwargs, size, channels, None, timm=spec)
+    else:
+        import dataclasses
+
+        kwargs = {**source.kwargs, "num_classes": raw.num_classes}
+        if "image_size" in kwargs:
+            kwargs["image_size"] = size[0] if size[0] == size[1] else size
+        config = dataclasses.replace(source, kwargs=kwargs, image_size=size)
+    if state is None:
+        import equinox as eqx
+
+        state = eqx.nn.State(model)
+    like = config.build_like()
+    if not _same_structure(like[0], model) or not _same_structure(like[1], state):
+        raise UsageError(
+            f"--init {shown}: the {arch} with a new head at {size[0]}x{size[1]} differs from "
+            "the one its configuration builds, so its checkpoints could not be read back"
+        )
+    return config, (model, state)
+
+
+def _open_init_pretrained(spec: str) -> tuple[Any, Any, Any]:
+    """`(model, state or None, data_config)` of `--init timm/<name>`, in training mode."""
+    missing = [m for m in ("huggingface_hub", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(
+            f"--init {_printable(spec)} needs {', '.join(missing)}, which is not installed: "
+            "pip install 'eqx_vision[train,pretrained]'"
+        )
+    from .interop import CheckpointError, TimmConfigError, pretrained
+
+    try:
+        loaded, data_config = pretrained(spec)
+    except (TimmConfigError, CheckpointError, ConnectionError) as e:
+        raise UsageError(f"--init: {_printable(str(e))}") from None
+    model, state = loaded if isinstance(loaded, tuple) else (loaded, None)
+    return model, state, data_config
 
 
 def _reporter(model: str, data_line: str, progress: bool, stop_after: int | None) -> Any:

@@ -1,0 +1,388 @@
+"""Finding where a port diverges: a torch reference module and an eqx_vision model run on
+the same input, compared output by output.
+
+`diff(reference, model, x)` captures the reference's intermediate outputs with forward
+hooks and takes the matching outputs of `model.forward_intermediates` (and the embedded
+tokens, the final features and the logits where the family has them), then reports the
+error of each and the first that exceeds the tolerance.
+
+`RECIPES` says, for each reference class (by its library and class name:
+`"vit_pytorch.ViT"`, `"timm.VisionTransformer"`), which eqx_vision classes it converts to
+and which of its submodules give the outputs matching our intermediate indices. A new
+family gets a `Recipe` and a line there; torch is imported only when `diff` runs.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from ..models import ViT
+
+
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    """One output of a torch module, captured with a forward hook.
+
+    - `module`: the submodule's name in `named_modules()` (`"transformer.layers.3.1"`).
+    - `residual`: capture `output + input`, the residual stream after a branch whose
+      module returns the branch only (vit-pytorch's `x = ff(x) + x`).
+    - `input`: capture the module's (first) input instead of its output.
+    - `transform`: applied to the captured value before it is compared (to pick one
+      tensor of a tuple, or to move axes into the layout of ours); it keeps the batch axis
+      first.
+
+    A module that runs several times keeps its last output.
+    """
+
+    module: str
+    residual: bool = False
+    input: bool = False
+    transform: Callable[[Any], Any] | None = None
+
+    def describe(self) -> str:
+        if self.input:
+            return f"{self.module} (input)"
+        return f"{self.module} + input" if self.residual else self.module
+
+
+Intermediates = Callable[[Any, Any, Any], tuple[Any, list[Any]]]
+"""`fn(model, image, state) -> (final features, outputs)` on one image: our side of the
+comparison, each output in the reference's layout (without the batch axis)."""
+
+
+def tokens_with_prefix(model: Any, x: Any, state: Any) -> tuple[Any, list[Any]]:
+    """A flat ViT-like model's `forward_intermediates` as full token sequences
+    `(seq, dim)`, prefix tokens first, as the residual stream of the reference holds them."""
+    kwargs = dict(output_fmt="tokens", prefix_tokens=True)
+    if state is None:
+        final, outputs = model.forward_intermediates(x, **kwargs)
+    else:
+        (final, outputs), _ = model.forward_intermediates(x, state, **kwargs)
+    return final, [jnp.concatenate([prefix, y], axis=0) for y, prefix in outputs]
+
+
+def maps(model: Any, x: Any, state: Any) -> tuple[Any, list[Any]]:
+    """A hierarchical model's `forward_intermediates` as they are: one
+    `(channels, height, width)` map per stage."""
+    if state is None:
+        return model.forward_intermediates(x)
+    return model.forward_intermediates(x, state)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How the outputs of one reference class line up with an eqx_vision model's.
+
+    - `models`: the eqx_vision classes that this reference converts to.
+    - `blocks`: `blocks(reference)`, one `Tap` per output of the model's
+      `forward_intermediates` (per entry of its `feature_info`), in order.
+    - `intermediates`: our side (see `Intermediates`).
+    - `embed`: the tap of the tokens the first block takes, and our function
+      `embed(model, image)` giving them; `None` to leave that row out.
+    - `features`: the tap equal to our `forward_features` (the final features, compared
+      with `intermediates`' first result); `None` to leave that row out.
+    - `logits`: `logits(reference)`, whether the reference's output is comparable with
+      `model(x)` (vit-pytorch's ViT without a head returns its tokens, ours the pooled
+      features).
+    """
+
+    models: tuple[type, ...]
+    blocks: Callable[[Any], Sequence[Tap]]
+    intermediates: Intermediates = tokens_with_prefix
+    embed: tuple[Tap, Callable[[Any, Any], Any]] | None = None
+    features: Tap | None = None
+    logits: Callable[[Any], bool] = lambda _reference: True
+
+
+def _vit_pytorch_blocks(reference: Any) -> list[Tap]:
+    """The residual stream after each block of vit-pytorch's `Transformer`: each block is
+    `[attn, ff]`, run as `x = attn(x) + x; x = ff(x) + x`."""
+    return [
+        Tap(f"transformer.layers.{i}.1", residual=True)
+        for i in range(len(reference.transformer.layers))
+    ]
+
+
+def _timm_blocks(reference: Any) -> list[Tap]:
+    """timm's blocks return the residual stream themselves."""
+    return [Tap(f"blocks.{i}") for i in range(len(reference.blocks))]
+
+
+def _vit_embed(model: Any, x: Any) -> Any:
+    return model.embed(x)
+
+
+RECIPES: dict[str, Recipe] = {
+    "vit_pytorch.ViT": Recipe(
+        models=(ViT,),
+        blocks=_vit_pytorch_blocks,
+        embed=(Tap("transformer", input=True), _vit_embed),
+        features=Tap("transformer"),
+        logits=lambda reference: reference.mlp_head is not None,
+    ),
+    "timm.VisionTransformer": Recipe(
+        models=(ViT,),
+        blocks=_timm_blocks,
+        embed=(Tap("blocks", input=True), _vit_embed),
+        features=Tap("norm"),
+    ),
+    "timm.VisionTransformerDistilled": Recipe(
+        models=(ViT,),
+        blocks=_timm_blocks,
+        embed=(Tap("blocks", input=True), _vit_embed),
+        features=Tap("norm"),
+    ),
+}
+"""The recipe of each supported reference class, by `"<library>.<class name>"`."""
+
+
+def reference_name(reference: Any) -> str:
+    """`"<library>.<class name>"` of a torch module: the key of `RECIPES`."""
+    cls = type(reference)
+    return f"{cls.__module__.partition('.')[0]}.{cls.__name__}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One compared output.
+
+    - `name`: ours: `"embed"`, the `feature_info` name of a block or stage
+      (`"transformer.layers[3]"`), `"features"` (`forward_features`) or `"output"` (the
+      model's output, the logits).
+    - `reference`: the torch submodule it was captured from.
+    - `index`: the `forward_intermediates` index, `None` for the other rows.
+    - `shape`: the compared shape, the batch axis first.
+    - `max_abs`: the largest absolute difference.
+    - `rel`: `max_abs` over the largest absolute value of the reference's output.
+    - `ok`: `rel <= tol`.
+    """
+
+    name: str
+    reference: str
+    index: int | None
+    shape: tuple[int, ...]
+    max_abs: float
+    rel: float
+    ok: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """The outcome of [`diff`][eqx_vision.interop.diff]: one `Row` per compared output, in
+    the order the model computes them. `str(report)` is a table."""
+
+    model: str
+    reference: str
+    tol: float
+    rows: tuple[Row, ...]
+
+    @property
+    def first_divergence(self) -> Row | None:
+        """The first row whose relative error exceeds `tol`, or `None`."""
+        return next((row for row in self.rows if not row.ok), None)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every output agrees within `tol`."""
+        return self.first_divergence is None
+
+    def __str__(self) -> str:
+        header = ("output", "reference", "shape", "max abs", "relative", "")
+        lines = [
+            (
+                row.name,
+                row.reference,
+                "x".join(map(str, row.shape)),
+                f"{row.max_abs:.2e}",
+                f"{row.rel:.2e}",
+                "ok" if row.ok else "DIVERGES",
+            )
+            for row in self.rows
+        ]
+        widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+
+        def fmt(line: Sequence[str]) -> str:
+            return "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+
+        first = self.first_divergence
+        verdict = (
+            f"all {len(self.rows)} outputs agree"
+            if first is None
+            else f"first divergence: {first.name} (from {first.reference}), relative error "
+            f"{first.rel:.2e}"
+        )
+        title = f"{self.model} against {self.reference}, tolerance {self.tol:.1e} (relative)"
+        return "\n".join([title, fmt(header), *map(fmt, lines), verdict])
+
+
+def _as_batch(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    array = np.asarray(x, dtype=np.float32)
+    if array.ndim == 3:
+        return array[None]
+    if array.ndim != 4:
+        raise ValueError(
+            f"diff: x must be one image (channels, height, width) or a batch (batch, channels, "
+            f"height, width); got shape {array.shape}."
+        )
+    return array
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _run_reference(
+    reference: Any, taps: Sequence[Tap], x: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray]:
+    import torch
+
+    named = dict(reference.named_modules())
+    captured: dict[int, Any] = {}
+    handles = []
+    training = reference.training
+    try:
+        for i, tap in enumerate(taps):
+            if tap.module not in named:
+                raise ValueError(
+                    f"diff: {type(reference).__name__} has no submodule {tap.module!r}."
+                )
+
+            def hook(_module: Any, inputs: Any, output: Any, i: int = i, tap: Tap = tap) -> None:
+                value = inputs[0] if tap.input else output
+                if tap.residual:
+                    value = value + inputs[0]
+                captured[i] = value if tap.transform is None else tap.transform(value)
+
+            handles.append(named[tap.module].register_forward_hook(hook))
+        reference.eval()
+        dtype = next(reference.parameters()).dtype
+        with torch.no_grad():
+            out = reference(torch.from_numpy(x).to(dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+        reference.train(training)
+    missing = [taps[i].module for i in range(len(taps)) if i not in captured]
+    if missing:
+        raise ValueError(
+            f"diff: the submodules {missing} of {type(reference).__name__} did not run."
+        )
+    return [_to_numpy(captured[i]) for i in range(len(taps))], _to_numpy(out)
+
+
+def _run_model(
+    recipe: Recipe, model: Any, x: np.ndarray, state: Any
+) -> tuple[Any, Any, list[Any], Any]:
+    def run(model: Any, image: Any, state: Any) -> tuple[Any, Any, list[Any], Any]:
+        embedded = None if recipe.embed is None else recipe.embed[1](model, image)
+        final, outputs = recipe.intermediates(model, image, state)
+        out = model(image) if state is None else model(image, state)[0]
+        return embedded, final, list(outputs), out
+
+    batched = eqx.filter_vmap(run, in_axes=(None, 0, None))
+    return eqx.filter_jit(batched)(model, jnp.asarray(x), state)
+
+
+def _row(name: str, tap: str, index: int | None, ours: Any, theirs: np.ndarray, tol: float) -> Row:
+    a = np.asarray(ours, dtype=np.float64)
+    e = np.asarray(theirs, dtype=np.float64)
+    if a.shape != e.shape:
+        raise ValueError(
+            f"diff: {name} has shape {a.shape} in the model but {e.shape} in the reference "
+            f"({tap}); the model and the reference are not built alike."
+        )
+    max_abs = float(np.max(np.abs(a - e))) if a.size else 0.0
+    scale = float(np.max(np.abs(e))) if e.size else 0.0
+    rel = max_abs / max(scale, 1e-12) if max_abs else 0.0
+    ok = bool(rel <= tol) and not math.isnan(rel)
+    return Row(name, tap, index, tuple(int(s) for s in a.shape), max_abs, rel, ok)
+
+
+def diff(
+    reference: Any,
+    model: Any,
+    x: Any,
+    *,
+    state: Any = None,
+    tol: float = 1e-4,
+) -> Report:
+    """Run a vit-pytorch or timm module and an eqx_vision model on the same input and
+    compare their outputs block by block, to find where a port goes wrong.
+
+    The reference's outputs are captured with forward hooks (in eval mode, without
+    gradients; its mode is restored afterwards); ours are those of
+    `model.forward_intermediates` (in inference mode), one per entry of
+    `model.feature_info`. Where the family has them, the embedded tokens before the first
+    block, the final features (`forward_features`) and the output (the logits) are compared
+    too. Which submodule matches which output is looked up in `RECIPES` by the reference's
+    class.
+
+    **Arguments:**
+
+    - `reference`: the torch module (`vit_pytorch.vit.ViT`, `timm`'s `VisionTransformer`,
+      ... ; see `RECIPES`).
+    - `model`: the eqx_vision model it was ported to (e.g. with `from_vit_pytorch` or
+      `from_timm`).
+    - `x`: one image `(channels, height, width)` or a batch `(batch, channels, height,
+      width)`, as a NumPy, JAX or torch array.
+    - `state`: the model's `eqx.nn.State`, for a model with one.
+    - `tol`: the largest relative error (the largest absolute difference over the largest
+      absolute value of the reference's output) that counts as agreeing.
+
+    **Returns:** a [`Report`][eqx_vision.interop.Report]: `report.first_divergence` is the
+    first output that differs by more than `tol` (`None` if none does), `print(report)`
+    shows the table.
+
+    **Raises:** `TypeError` for a reference class that has no recipe (naming the supported
+    ones) or a model of another class than the reference converts to; `ValueError` for an
+    input that is not an image or a batch of them, or for a model whose outputs do not
+    have the reference's number or shapes (built with another configuration).
+    """
+    name = reference_name(reference)
+    recipe = RECIPES.get(name)
+    if recipe is None:
+        known = ", ".join(sorted(RECIPES))
+        raise TypeError(f"diff: no recipe for the reference class {name}; supported: {known}.")
+    if not isinstance(model, recipe.models):
+        expected = " or ".join(cls.__name__ for cls in recipe.models)
+        raise TypeError(
+            f"diff: a {name} reference compares with an eqx_vision {expected}; got "
+            f"{type(model).__name__}."
+        )
+    if not (isinstance(tol, float | int) and tol >= 0):
+        raise ValueError(f"diff: tol must be a number >= 0; got {tol!r}.")
+    batch = _as_batch(x)
+    taps = list(recipe.blocks(reference))
+    info = model.feature_info
+    if len(taps) != len(info):
+        raise ValueError(
+            f"diff: the reference {type(reference).__name__} has {len(taps)} blocks to compare "
+            f"but the model's forward_intermediates has {len(info)} outputs; the model and the "
+            "reference are not built alike."
+        )
+    extra = [t for t in (recipe.embed and recipe.embed[0], recipe.features) if t is not None]
+    embedded, final, outputs, out = _run_model(recipe, eqx.nn.inference_mode(model), batch, state)
+    captured, expected_out = _run_reference(reference, [*taps, *extra], batch)
+    theirs = iter(captured[len(taps) :])
+
+    rows = []
+    if recipe.embed is not None:
+        rows.append(_row("embed", recipe.embed[0].describe(), None, embedded, next(theirs), tol))
+    for entry, tap, ours, theirs_block in zip(
+        info, taps, outputs, captured[: len(taps)], strict=True
+    ):
+        rows.append(_row(entry.name, tap.describe(), entry.index, ours, theirs_block, tol))
+    if recipe.features is not None:
+        rows.append(_row("features", recipe.features.describe(), None, final, next(theirs), tol))
+    if recipe.logits(reference):
+        rows.append(_row("output", "output", None, out, expected_out, tol))
+    return Report(type(model).__name__, name, float(tol), tuple(rows))

@@ -1,0 +1,141 @@
+"""`eqx_vision.interop.diff`: a converted model agrees with its torch reference block by
+block, and a weight perturbed in block k makes block k the first divergence."""
+
+from typing import Any
+
+import equinox as eqx
+import jax.random as jr
+import numpy as np
+import pytest
+import torch
+
+import eqx_vision as ev
+from eqx_vision.interop import RECIPES, Report, diff
+from reference import perturb_, reference
+from timm_reference import import_timm, timm_model
+
+
+TINY = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=3, heads=2, mlp_dim=64)
+TIMM_TINY: dict[str, Any] = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+
+
+def vit_pytorch_vit():
+    torch_model = reference("vit").ViT(**TINY)
+    perturb_(torch_model)
+    return torch_model, ev.from_vit_pytorch(ev.ViT(**TINY, key=jr.key(0)), torch_model.state_dict())
+
+
+def timm_vit(name):
+    import_timm()
+    torch_model = timm_model(name, **TIMM_TINY)
+    perturb_(torch_model)
+    return torch_model, ev.from_timm(name, torch_model.state_dict(), **TIMM_TINY)
+
+
+def images(batch=2, seed=0):
+    return np.random.default_rng(seed).normal(size=(batch, 3, 32, 32)).astype(np.float32)
+
+
+def perturb_block(model, k, scale=0.05):
+    """`model` with row k of its stacked first feed-forward weight changed."""
+    where = lambda m: m.transformer.layers.blocks.ff.fc1.weight  # noqa: E731
+    return eqx.tree_at(where, model, where(model).at[k].add(scale))
+
+
+def check_diverges_at(report, model, k):
+    names = [info.name for info in model.feature_info]
+    first = report.first_divergence
+    assert first is not None and first.name == names[k] and first.index == k, str(report)
+    for row in report.rows:
+        if row.index is not None and row.index < k or row.name == "embed":
+            assert row.ok, str(report)
+    assert [row.ok for row in report.rows if row.index is not None][k:] == [False] * (
+        len(names) - k
+    )
+    assert not report.ok
+    assert f"first divergence: {names[k]}" in str(report)
+
+
+CASES = {
+    "vit_pytorch": vit_pytorch_vit,
+    "timm_vit": lambda: timm_vit("vit_small_patch16_224"),
+    "timm_deit_distilled": lambda: timm_vit("deit_tiny_distilled_patch16_224"),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def converted(request):
+    return CASES[request.param]()
+
+
+def test_converted_model_agrees(converted):
+    """Every block, the embedding, the features and the logits. Measured: at most 1.3e-6
+    relative."""
+    torch_model, model = converted
+    report = diff(torch_model, model, images())
+    assert isinstance(report, Report) and report.ok, str(report)
+    names = [row.name for row in report.rows]
+    blocks = [info.name for info in model.feature_info]
+    assert names == ["embed", *blocks, "features", "output"]
+    for row in report.rows:
+        assert row.rel <= 1e-5 and row.max_abs >= 0, str(report)
+        assert row.shape[0] == 2
+    assert "all 6 outputs agree" in str(report)
+
+
+def test_perturbed_block_is_the_first_divergence(converted):
+    torch_model, model = converted
+    for k in (0, 2):
+        check_diverges_at(diff(torch_model, perturb_block(model, k), images()), model, k)
+
+
+def test_one_image_torch_input_and_modes_restored():
+    torch_model, model = vit_pytorch_vit()
+    torch_model.train()
+    x = torch.from_numpy(images(1)[0])
+    report = diff(torch_model, model, x)
+    assert report.ok and report.rows[0].shape == (1, 17, 32)
+    assert torch_model.training  # the reference's mode is restored
+    assert all(not p.grad_fn for p in torch_model.parameters())
+
+
+def test_tolerance():
+    torch_model, model = vit_pytorch_vit()
+    model = perturb_block(model, 1, scale=3e-3)
+    report = diff(torch_model, model, images())
+    assert report.first_divergence is not None and report.first_divergence.index == 1
+    assert diff(torch_model, model, images(), tol=0.1).ok
+    with pytest.raises(ValueError, match="tol"):
+        diff(torch_model, model, images(), tol=-1.0)
+
+
+def test_vit_pytorch_without_head_compares_the_tokens():
+    config = {**TINY, "num_classes": 0}
+    torch_model = reference("vit").ViT(**config)
+    model = ev.from_vit_pytorch(ev.ViT(**config, key=jr.key(0)), torch_model.state_dict())
+    report = diff(torch_model, model, images())
+    assert report.ok and report.rows[-1].name == "features"
+
+
+def test_unsupported_reference_class():
+    with pytest.raises(TypeError, match=r"torch\.Linear.*vit_pytorch\.ViT"):
+        diff(torch.nn.Linear(2, 2), ev.ViT(**TINY, key=jr.key(0)), images())
+    torch_model = reference("vit").ViT(**TINY)
+    simple = ev.SimpleViT(**{k: v for k, v in TINY.items()}, key=jr.key(0))
+    with pytest.raises(TypeError, match="ViT; got SimpleViT"):
+        diff(torch_model, simple, images())
+
+
+def test_model_and_reference_shape_mismatch():
+    torch_model = reference("vit").ViT(**TINY)
+    with pytest.raises(ValueError, match=r"\(2, 17, 32\) in the reference"):
+        diff(torch_model, ev.ViT(**{**TINY, "dim": 48}, key=jr.key(0)), images())
+    with pytest.raises(ValueError, match="3 blocks.*4 outputs"):
+        diff(torch_model, ev.ViT(**{**TINY, "depth": 4}, key=jr.key(0)), images())
+    with pytest.raises(ValueError, match="one image"):
+        diff(torch_model, ev.ViT(**TINY, key=jr.key(0)), images()[0, 0])
+
+
+def test_recipes_name_library_and_class():
+    assert {"vit_pytorch.ViT", "timm.VisionTransformer"} <= set(RECIPES)
+    assert all(name.count(".") == 1 for name in RECIPES)

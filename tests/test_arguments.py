@@ -33,6 +33,7 @@ ZERO_IS_VALID = {
     ("PiT", "num_classes"),
     ("CaiT", "num_classes"),
     ("CrossFormer", "depth"),
+    ("CrossViT", "num_classes"),
     ("NesT", "block_repeats"),
     ("NesT", "num_classes"),
     ("ScalableViT", "depth"),

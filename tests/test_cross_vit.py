@@ -169,7 +169,6 @@ def test_default_dropout_needs_key():
         (dict(image_size=(32, 32)), "image_size"),
         (dict(sm_patch_size=(8, 8)), "sm_patch_size"),
         (dict(lg_patch_size=0), "lg_patch_size"),
-        (dict(num_classes=0), "num_classes"),
         (dict(sm_dim=0), "sm_dim"),
         (dict(lg_enc_depth=0), "lg_enc_depth"),
         (dict(cross_attn_heads=0), "cross_attn_heads"),

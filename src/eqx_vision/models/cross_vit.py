@@ -29,7 +29,10 @@ from ..layers import (
     check_image,
     check_key,
     gelu,
+    replace,
+    resample_pos_embed,
     split_key,
+    tokens_to_grid,
     with_class_tokens,
 )
 from ..layers._checks import (
@@ -41,6 +44,7 @@ from ..layers._checks import (
 )
 from ..layers._init import normal
 from ..layers._resize import resize_bicubic
+from ._backbone import FeatureInfo, OutputFmt, check_output_fmt, feature_indices
 
 
 class ImageEmbedder(eqx.Module):
@@ -56,19 +60,19 @@ class ImageEmbedder(eqx.Module):
         self,
         *,
         dim: int,
-        image_size: int,
+        image_size: tuple[int, int],
         patch_size: int,
         dropout: float,
         channels: int,
         key: PRNGKeyArray,
     ):
         embed_key, cls_key, pos_key = jr.split(key, 3)
-        grid = image_size // patch_size
+        grid = (image_size[0] // patch_size, image_size[1] // patch_size)
         self.to_patch_embedding = PatchEmbedding(
             channels, (patch_size, patch_size), dim, key=embed_key
         )
         self.cls_token = normal(cls_key, (1, dim))
-        self.pos_embedding = normal(pos_key, (grid * grid + 1, dim))
+        self.pos_embedding = normal(pos_key, (grid[0] * grid[1] + 1, dim))
         self.dropout = eqx.nn.Dropout(dropout)
 
     def __call__(
@@ -126,6 +130,13 @@ class CrossAttention(eqx.Module):
         x = self.attn(x, context, key=key)
         return x if self.project_out is None else self.project_out(x)
 
+    def probabilities(
+        self, cls: Float[Array, "1 dim"], context: Float[Array, "ctx_seq ctx_dim"]
+    ) -> Float[Array, "heads 1 1+ctx_seq"]:
+        """The attention probabilities of the class token over `[itself; context]`."""
+        x = cls if self.project_in is None else self.project_in(cls)
+        return self.attn.probabilities(x, context)
+
 
 class CrossLayer(eqx.Module):
     """One round of cross attention: each branch's class token attends to the other
@@ -165,6 +176,22 @@ class CrossLayer(eqx.Module):
         sm_cls = sm_cls + self.sm_attend_lg(sm_cls, lg_patches, key=sm_key)
         lg_cls = lg_cls + self.lg_attend_sm(lg_cls, sm_patches, key=lg_key)
         return sm_cls, lg_cls
+
+    def probabilities(
+        self,
+        cls_tokens: tuple[Float[Array, "1 sm_dim"], Float[Array, "1 lg_dim"]],
+        sm_patches: Float[Array, "sm_seq sm_dim"],
+        lg_patches: Float[Array, "lg_seq lg_dim"],
+    ) -> tuple[Float[Array, "heads 1 1+lg_seq"], Float[Array, "heads 1 1+sm_seq"]]:
+        """The attention probabilities of this round, as `__call__` computes them: the
+        small-branch class token over `[itself; large patches]`, then the large-branch one
+        (after the small one's update, which it does not see) over `[itself; small
+        patches]`."""
+        sm_cls, lg_cls = cls_tokens
+        return (
+            self.sm_attend_lg.probabilities(sm_cls, lg_patches),
+            self.lg_attend_sm.probabilities(lg_cls, sm_patches),
+        )
 
 
 class CrossTransformer(eqx.Module):
@@ -278,10 +305,10 @@ class CrossViT(eqx.Module):
     lg_image_embedder: ImageEmbedder
     multi_scale_encoder: Stack[MultiScaleBlock]
     sm_head_norm: LayerNorm
-    sm_mlp_head: Linear
+    sm_mlp_head: Linear | None
     lg_head_norm: LayerNorm
-    lg_mlp_head: Linear
-    image_size: int = eqx.field(static=True)
+    lg_mlp_head: Linear | None
+    image_size: tuple[int, int] = eqx.field(static=True)
     channels: int = eqx.field(static=True)
 
     @checked_arguments
@@ -289,7 +316,7 @@ class CrossViT(eqx.Module):
         self,
         *,
         image_size: Positive,
-        num_classes: Positive,
+        num_classes: NonNegative,
         sm_dim: Positive,
         lg_dim: Positive,
         sm_patch_size: Positive = 12,
@@ -315,7 +342,8 @@ class CrossViT(eqx.Module):
 
         - `image_size`: image height and width, an int (images are square); must be a
           multiple of both patch sizes.
-        - `num_classes`: number of output logits.
+        - `num_classes`: number of output logits; `0` for no heads (the model returns the
+          pooled features, both branches' normalised class tokens concatenated).
         - `sm_dim`, `lg_dim`: token dimensions of the small- and large-patch branches.
         - `sm_patch_size`, `lg_patch_size`: patch sizes of the two branches, ints.
         - `sm_enc_depth`, `sm_enc_heads`, `sm_enc_mlp_dim`, `sm_enc_dim_head`: shape of the
@@ -337,7 +365,7 @@ class CrossViT(eqx.Module):
         sm_key, lg_key, enc_key, sm_head_key, lg_head_key = jr.split(key, 5)
         self.sm_image_embedder = ImageEmbedder(
             dim=sm_dim,
-            image_size=image_size,
+            image_size=image_hw,
             patch_size=sm_patch_size,
             dropout=emb_dropout,
             channels=channels,
@@ -345,7 +373,7 @@ class CrossViT(eqx.Module):
         )
         self.lg_image_embedder = ImageEmbedder(
             dim=lg_dim,
-            image_size=image_size,
+            image_size=image_hw,
             patch_size=lg_patch_size,
             dropout=emb_dropout,
             channels=channels,
@@ -374,33 +402,203 @@ class CrossViT(eqx.Module):
 
         self.multi_scale_encoder = Stack(make_block, depth, key=enc_key)
         self.sm_head_norm = LayerNorm(sm_dim)
-        self.sm_mlp_head = Linear(sm_dim, num_classes, key=sm_head_key)
         self.lg_head_norm = LayerNorm(lg_dim)
-        self.lg_mlp_head = Linear(lg_dim, num_classes, key=lg_head_key)
-        self.image_size = image_size
+        self.sm_mlp_head, self.lg_mlp_head = _heads(
+            sm_dim, lg_dim, num_classes, sm_head_key, lg_head_key
+        )
+        self.image_size = image_hw
         self.channels = channels
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The `(height, width)` of the small- and large-branch patch grids."""
+        h, w = self.image_size
+        out = []
+        for embedder in (self.sm_image_embedder, self.lg_image_embedder):
+            ph, pw = embedder.to_patch_embedding.patch_size
+            out.append((h // ph, w // pw))
+        return out[0], out[1]
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The outputs of `forward_intermediates`: the patch tokens of each branch after
+        each multi-scale block, as `(dim, grid_h, grid_w)` maps. Ordered by branch, then
+        block (as timm's CrossViT): with `depth` blocks, indices `0` to `depth - 1` are the
+        small-patch branch (stride `sm_patch_size`), `depth` to `2 * depth - 1` the
+        large-patch branch (stride `lg_patch_size`), so the reductions never decrease."""
+        depth = self.multi_scale_encoder.depth
+        info = []
+        for b, (name, embedder) in enumerate(
+            (("sm", self.sm_image_embedder), ("lg", self.lg_image_embedder))
+        ):
+            dim = embedder.pos_embedding.shape[1]
+            patch = cast(tuple[int, int], tuple(embedder.to_patch_embedding.patch_size))
+            for i in range(depth):
+                info.append(
+                    FeatureInfo(b * depth + i, f"multi_scale_encoder[{i}].{name}", dim, patch)
+                )
+        return tuple(info)
+
+    def _embed(
+        self, x: Float[Array, "channels height width"], key: PRNGKeyArray | None
+    ) -> tuple[Float[Array, "sm_seq sm_dim"], Float[Array, "lg_seq lg_dim"]]:
+        check_image(x, (self.channels, *self.image_size), type(self).__name__)
+        check_key(self, key)
+        sm_key, lg_key = split_key(key, 2)
+        return self.sm_image_embedder(x, key=sm_key), self.lg_image_embedder(x, key=lg_key)
+
+    def forward_features(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "sm_seq sm_dim"], Float[Array, "lg_seq lg_dim"]]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the tokens of both branches after the multi-scale encoder,
+        `(small, large)`, each `(1 + grid_h * grid_w, dim)`, class token first (the patch
+        tokens as each branch's encoder normalised them last; the head norms are applied in
+        `forward_head`).
+        """
+        embed_key, enc_key = split_key(key, 2)
+        return self.multi_scale_encoder(self._embed(x, embed_key), key=enc_key)
+
+    def forward_head(
+        self,
+        features: tuple[Float[Array, "sm_seq sm_dim"], Float[Array, "lg_seq lg_dim"]],
+        *,
+        pre_logits: bool = False,
+    ) -> Float[Array, " num_classes"] | Float[Array, " sm_dim+lg_dim"]:
+        """**Arguments:**
+
+        - `features`: the `(small, large)` tokens from `forward_features`.
+        - `pre_logits`: return the pooled features instead of the logits.
+
+        **Returns:** the logits, the sum of both branches' heads; or, with `pre_logits` or
+        without heads, the two normalised class tokens concatenated `(sm_dim + lg_dim,)`.
+        """
+        sm_tokens, lg_tokens = features
+        sm_cls = self.sm_head_norm(sm_tokens[0])
+        lg_cls = self.lg_head_norm(lg_tokens[0])
+        if pre_logits or self.sm_mlp_head is None or self.lg_mlp_head is None:
+            return jnp.concatenate([sm_cls, lg_cls])
+        return self.sm_mlp_head(sm_cls) + self.lg_mlp_head(lg_cls)
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFmt = "map",
+        prefix_tokens: bool = False,
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """The final features and the patch tokens of each branch after chosen multi-scale
+        blocks.
+
+        **Arguments:**
+
+        - `x`: one image, `(channels, height, width)`.
+        - `indices`: which outputs (see `feature_info`: the small branch after each block,
+          then the large branch): `None` for all, an int `n` for the last `n`, or a
+          sequence of indices (negative from the end).
+        - `norm`: apply the branch's head norm to each output.
+        - `output_fmt`: `"map"` for `(dim, grid_h, grid_w)` maps of the patch tokens,
+          `"tokens"` for the patch tokens `(grid_h * grid_w, dim)`.
+        - `prefix_tokens`: return each output as `(patch output, class token)`, the class
+          token `(1, dim)`.
+        - `intermediates_only`: return the list of outputs only.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** `(forward_features(x), outputs)`, or `outputs` with
+        `intermediates_only`; `outputs` is a list in the order of `indices`. The blocks run
+        in their scanned stack, all of them.
+        """
+        name = type(self).__name__
+        check_output_fmt(output_fmt, name)
+        depth = self.multi_scale_encoder.depth
+        chosen = feature_indices(indices, 2 * depth, name)
+        embed_key, enc_key = split_key(key, 2)
+        final, stacked = self.multi_scale_encoder(
+            self._embed(x, embed_key), key=enc_key, intermediates=True
+        )
+        norms = (self.sm_head_norm, self.lg_head_norm)
+        outputs = []
+        for index in chosen:
+            branch, block = divmod(index, depth)
+            y = stacked[branch][block]
+            if norm:
+                y = norms[branch](y)
+            cls, y = y[:1], y[1:]
+            if output_fmt == "map":
+                y = tokens_to_grid(y, self.grids[branch][0])
+            outputs.append((y, cls) if prefix_tokens else y)
+        return outputs if intermediates_only else (final, outputs)
+
+    def set_image_size(self, image_size: tuple[int, int]) -> "CrossViT":
+        """This model for `(height, width)` images, a multiple of both patch sizes (the
+        sides may differ): each branch's position embeddings of the patches resampled (see
+        [`set_image_size`][eqx_vision.set_image_size])."""
+        hw = (int(image_size[0]), int(image_size[1]))
+        if hw == self.image_size:
+            return self
+        embedders = []
+        for embedder, old in zip(
+            (self.sm_image_embedder, self.lg_image_embedder), self.grids, strict=True
+        ):
+            patch = cast(tuple[int, int], tuple(embedder.to_patch_embedding.patch_size))
+            try:
+                grid = check_divisible(hw, patch)
+            except ValueError as e:
+                raise ValueError(f"CrossViT.set_image_size: {e}") from None
+            pos = resample_pos_embed(embedder.pos_embedding, grid, old, num_prefix=1)
+            embedders.append(eqx.tree_at(lambda e: e.pos_embedding, embedder, pos))
+        return replace(
+            self, sm_image_embedder=embedders[0], lg_image_embedder=embedders[1], image_size=hw
+        )
+
+    def reset_head(self, num_classes: int, *, key: PRNGKeyArray | None = None) -> "CrossViT":
+        """This model with new heads of `num_classes` outputs on both branches (the head
+        norms kept), or none for `0` (see [`reset_head`][eqx_vision.reset_head])."""
+        sm_dim = self.sm_head_norm.weight.shape[0]
+        lg_dim = self.lg_head_norm.weight.shape[0]
+        keys = jr.split(key) if num_classes > 0 and key is not None else (None, None)
+        heads = _heads(sm_dim, lg_dim, num_classes, keys[0], keys[1])
+        return eqx.tree_at(
+            lambda m: (m.sm_mlp_head, m.lg_mlp_head), self, heads, is_leaf=lambda n: n is None
+        )
 
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " num_classes"]:
+    ) -> Float[Array, " num_classes"] | Float[Array, " sm_dim+lg_dim"]:
         """**Arguments:**
 
-        - `x`: one image, `(channels, image_size, image_size)`.
+        - `x`: one image, `(channels, *image_size)`.
         - `key`: a `jax.random.key`, needed only for dropout in training mode (the
           default dropout rates are 0.1, so a freshly built model needs one; use
           `eqx.nn.inference_mode(model)` for evaluation).
 
-        **Returns:** the logits `(num_classes,)`, the sum of the two branches' heads.
+        **Returns:** the logits `(num_classes,)`, the sum of the two branches' heads (with
+        `num_classes=0`, the pooled features `(sm_dim + lg_dim,)`):
+        `forward_head(forward_features(x, key=key))`.
         """
-        check_image(x, (self.channels, self.image_size, self.image_size), type(self).__name__)
-        check_key(self, key)
-        sm_key, lg_key, enc_key = split_key(key, 3)
-        sm_tokens = self.sm_image_embedder(x, key=sm_key)
-        lg_tokens = self.lg_image_embedder(x, key=lg_key)
-        sm_tokens, lg_tokens = self.multi_scale_encoder((sm_tokens, lg_tokens), key=enc_key)
-        sm_logits = self.sm_mlp_head(self.sm_head_norm(sm_tokens[0]))
-        lg_logits = self.lg_mlp_head(self.lg_head_norm(lg_tokens[0]))
-        return sm_logits + lg_logits
+        return self.forward_head(self.forward_features(x, key=key))
+
+
+def _heads(
+    sm_dim: int,
+    lg_dim: int,
+    num_classes: int,
+    sm_key: PRNGKeyArray | None,
+    lg_key: PRNGKeyArray | None,
+) -> tuple[Linear | None, Linear | None]:
+    """The classifiers of both CrossViT branches, or none for `num_classes=0`."""
+    if num_classes == 0:
+        return None, None
+    assert sm_key is not None and lg_key is not None
+    return Linear(sm_dim, num_classes, key=sm_key), Linear(lg_dim, num_classes, key=lg_key)
 
 
 # timm's CrossViT: a different architecture under the same name.
@@ -463,6 +661,26 @@ class MultiConvEmbedding(eqx.Module):
         return y.reshape(y.shape[0], -1).T
 
 
+def branch_grid(size: tuple[int, int], patch_size: int, multi_conv: bool) -> tuple[int, int]:
+    """The patch grid of a branch of timm's CrossViT that sees `size` images; a ValueError
+    if `patch_size` does not tile `size` (or the multi-conv embedding gives another grid)."""
+    if size[0] % patch_size or size[1] % patch_size:
+        raise ValueError(
+            f"a branch's image size (image_size scaled by its image_scale, {size}) must be "
+            f"a multiple of its patch size {patch_size}."
+        )
+    grid = (size[0] // patch_size, size[1] // patch_size)
+    if multi_conv:
+        conv_grid = MultiConvEmbedding.grid(patch_size, size)
+        if conv_grid != grid:
+            raise ValueError(
+                f"the multi-conv embedding of a {size} image gives a {conv_grid} grid of "
+                f"tokens, not the {grid} of {patch_size}-pixel patches; choose another "
+                "image size."
+            )
+    return grid
+
+
 class BranchEmbedding(eqx.Module):
     """One branch's tokens in timm's CrossViT: the image at the branch's size
     (`scale_image`), its patches embedded (a strided convolution or `MultiConvEmbedding`),
@@ -474,6 +692,7 @@ class BranchEmbedding(eqx.Module):
     pos_embedding: Float[Array, "seq dim"]
     size: tuple[int, int] = eqx.field(static=True)
     crop: bool = eqx.field(static=True)
+    patch_size: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -487,22 +706,10 @@ class BranchEmbedding(eqx.Module):
         key: PRNGKeyArray,
     ):
         embed_key, cls_key, pos_key = jr.split(key, 3)
-        if size[0] % patch_size or size[1] % patch_size:
-            raise ValueError(
-                f"a branch's image size (image_size scaled by its image_scale, {size}) must be "
-                f"a multiple of its patch size {patch_size}."
-            )
-        grid = (size[0] // patch_size, size[1] // patch_size)
         if multi_conv:
             self.patch_embedding = MultiConvEmbedding(channels, patch_size, dim, key=embed_key)
-            conv_grid = MultiConvEmbedding.grid(patch_size, size)
-            if conv_grid != grid:
-                raise ValueError(
-                    f"the multi-conv embedding of a {size} image gives a {conv_grid} grid of "
-                    f"tokens, not the {grid} of {patch_size}-pixel patches; choose another "
-                    "image size."
-                )
-        else:
+        grid = branch_grid(size, patch_size, multi_conv)
+        if not multi_conv:
             self.patch_embedding = PatchEmbedding(
                 channels,
                 (patch_size, patch_size),
@@ -516,6 +723,12 @@ class BranchEmbedding(eqx.Module):
         self.pos_embedding = normal(pos_key, (grid[0] * grid[1] + 1, dim))
         self.size = size
         self.crop = crop
+        self.patch_size = patch_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The `(height, width)` of the branch's patch grid."""
+        return self.size[0] // self.patch_size, self.size[1] // self.patch_size
 
     def __call__(self, x: Float[Array, "channels height width"]) -> Float[Array, "seq dim"]:
         x = scale_image(x, self.size, self.crop)
@@ -581,6 +794,13 @@ class CrossAttentionBlock(eqx.Module):
         tokens = self.norm(tokens)
         context = None if context is None else tokens[1:]
         return cls + self.attn(tokens[:1], context, key=key)
+
+    def probabilities(
+        self, cls: Float[Array, "1 dim"], context: Float[Array, "ctx_seq dim"]
+    ) -> Float[Array, "heads 1 1+ctx_seq"]:
+        """The attention probabilities of the class token over `[itself; context]`."""
+        tokens = self.norm(jnp.concatenate([cls, context], axis=0))
+        return self.attn.probabilities(tokens[:1], tokens[1:])
 
 
 def _with_attn_dropout(module: Any, rate: float) -> Any:
@@ -681,8 +901,16 @@ class TimmMultiScaleBlock(eqx.Module):
         """
         n = len(self.encoders)
         enc_key, fusion_key = split_key(key, 2)
-        enc_keys, fusion_keys = split_key(enc_key, n), split_key(fusion_key, n)
+        enc_keys = split_key(enc_key, n)
         encoded = [enc(t, key=k) for enc, t, k in zip(self.encoders, tokens, enc_keys, strict=True)]
+        return self.fuse(tuple(encoded), key=fusion_key)
+
+    def fuse(
+        self, encoded: tuple[Float[Array, "_ _"], ...], *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "_ _"], ...]:
+        """The cross-attention half of the block, on the tokens its encoders returned."""
+        n = len(self.encoders)
+        fusion_keys = split_key(key, n)
         out = []
         for i in range(n):
             cls = self.projections[i](encoded[i][:1])
@@ -694,6 +922,21 @@ class TimmMultiScaleBlock(eqx.Module):
                 context = None
             out.append(jnp.concatenate([self.reverts[i](cls), encoded[i][1:]], axis=0))
         return tuple(out)
+
+    def fusion_probabilities(
+        self, encoded: tuple[Float[Array, "_ _"], ...]
+    ) -> tuple[Float[Array, "_ 1 _"], ...]:
+        """For each branch `i`, the attention probabilities `(heads, 1, 1 + seq_j)` of its
+        projected class token over `[itself; the next branch's patch tokens]` in its first
+        cross-attention block (the later ones see the class token alone), as `fuse`
+        computes them."""
+        n = len(self.encoders)
+        return tuple(
+            self.fusions[i][0].probabilities(
+                self.projections[i](encoded[i][:1]), encoded[(i + 1) % n][1:]
+            )
+            for i in range(n)
+        )
 
 
 class TimmCrossViT(eqx.Module):
@@ -732,6 +975,7 @@ class TimmCrossViT(eqx.Module):
     image_size: tuple[int, int] = eqx.field(static=True)
     channels: int = eqx.field(static=True)
     pool: str = eqx.field(static=True)
+    image_scales: tuple[float, ...] = eqx.field(static=True)
 
     @checked_arguments
     def __init__(
@@ -831,40 +1075,205 @@ class TimmCrossViT(eqx.Module):
         self.image_size = size
         self.channels = channels
         self.pool = pool
+        self.image_scales = scales
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The outputs of `forward_intermediates`: the patch tokens of each branch after
+        each multi-scale block, as `(dim, grid_h, grid_w)` maps, ordered by branch, then
+        block (timm's order): index `b * len(depth) + i` is branch `b` after block `i`.
+        A branch's reduction is its patch size over its image scale, rounded (as timm's
+        `round(patch_size / img_scale)`; exact when the scale is 1)."""
+        depth = len(self.blocks)
+        info = []
+        for b, embedding in enumerate(self.embeddings):
+            dim = embedding.pos_embedding.shape[1]
+            reduction = cast(
+                tuple[int, int],
+                tuple(
+                    round(embedding.patch_size * side / branch)
+                    for side, branch in zip(self.image_size, embedding.size, strict=True)
+                ),
+            )
+            for i in range(depth):
+                info.append(FeatureInfo(b * depth + i, f"blocks[{i}][{b}]", dim, reduction))
+        return tuple(info)
+
+    def _embed(
+        self, x: Float[Array, "channels height width"], key: PRNGKeyArray | None
+    ) -> tuple[Float[Array, "_ _"], ...]:
+        check_image(x, (self.channels, *self.image_size), type(self).__name__)
+        check_key(self, key)
+        keys = split_key(key, len(self.embeddings))
+        return tuple(
+            self.emb_dropout(embed(x), key=k)
+            for embed, k in zip(self.embeddings, keys, strict=True)
+        )
+
+    def _encode(
+        self, tokens: tuple[Float[Array, "_ _"], ...], key: PRNGKeyArray | None
+    ) -> tuple[tuple[Float[Array, "_ _"], ...], list[tuple[Float[Array, "_ _"], ...]]]:
+        """The tokens after the last block, and those after each block (a list with one
+        tuple of stacked `(depth, seq, dim)` outputs for a stack of blocks, or one tuple
+        per block)."""
+        if isinstance(self.blocks, Stack):
+            tokens, stacked = self.blocks(tokens, key=key, intermediates=True)
+            return tokens, [stacked]
+        outputs = []
+        for block, k in zip(self.blocks, split_key(key, len(self.blocks)), strict=True):
+            tokens = block(tokens, key=k)
+            outputs.append(tuple(t[None] for t in tokens))
+        return tokens, outputs
+
+    def _final(self, tokens: tuple[Float[Array, "_ _"], ...]) -> tuple[Float[Array, "_ _"], ...]:
+        return tuple(norm(t) for norm, t in zip(self.norms, tokens, strict=True))
+
+    def forward_features(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "_ _"], ...]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, *image_size)`.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the tokens of every branch after the multi-scale blocks and the
+        branch's final LayerNorm, a tuple (for two branches `(small, large)`), each
+        `(1 + grid_h * grid_w, dim)`, class token first.
+        """
+        embed_key, block_key = split_key(key, 2)
+        tokens = self._embed(x, embed_key)
+        if isinstance(self.blocks, Stack):
+            tokens = self.blocks(tokens, key=block_key)
+        else:
+            for block, k in zip(self.blocks, split_key(block_key, len(self.blocks)), strict=True):
+                tokens = block(tokens, key=k)
+        return self._final(tokens)
+
+    def forward_head(
+        self,
+        features: tuple[Float[Array, "_ _"], ...],
+        *,
+        pre_logits: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, " num_classes"] | Float[Array, " sum_dims"]:
+        """**Arguments:**
+
+        - `features`: the tokens of every branch from `forward_features`.
+        - `pre_logits`: return the pooled features instead of the logits.
+        - `key`: a `jax.random.key`, needed only for the head dropout in training mode.
+
+        **Returns:** the logits, the mean of the branches' heads; or, with `pre_logits` or
+        without heads, the branches' pooled tokens (class tokens, or mean patch tokens with
+        `pool="mean"`) concatenated, `(sum(dims),)`.
+        """
+        keys = split_key(key, len(features))
+        pooled = [
+            self.head_dropout(_pool(t, self.pool), key=k)
+            for t, k in zip(features, keys, strict=True)
+        ]
+        if pre_logits or self.mlp_heads is None:
+            return jnp.concatenate(pooled)
+        logits = [head(p) for head, p in zip(self.mlp_heads, pooled, strict=True)]
+        return jnp.mean(jnp.stack(logits), axis=0)
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFmt = "map",
+        prefix_tokens: bool = False,
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """The final features and the patch tokens of each branch after chosen multi-scale
+        blocks, as timm's `forward_intermediates`.
+
+        **Arguments:**
+
+        - `x`: one image, `(channels, *image_size)`.
+        - `indices`: which outputs (see `feature_info`: the first branch after each block,
+          then the next branch): `None` for all, an int `n` for the last `n`, or a
+          sequence of indices (negative from the end).
+        - `norm`: apply the branch's final norm to each output.
+        - `output_fmt`: `"map"` for `(dim, grid_h, grid_w)` maps of the patch tokens,
+          `"tokens"` for the patch tokens `(grid_h * grid_w, dim)`.
+        - `prefix_tokens`: return each output as `(patch output, class token)`, the class
+          token `(1, dim)`.
+        - `intermediates_only`: return the list of outputs only.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** `(forward_features(x), outputs)`, or `outputs` with
+        `intermediates_only`; `outputs` is a list in the order of `indices`. A stack of
+        blocks runs in its scan, all of them.
+        """
+        name = type(self).__name__
+        check_output_fmt(output_fmt, name)
+        depth = len(self.blocks)
+        chosen = feature_indices(indices, len(self.embeddings) * depth, name)
+        embed_key, block_key = split_key(key, 2)
+        tokens, parts = self._encode(self._embed(x, embed_key), block_key)
+        stacked = [jnp.concatenate(ys, axis=0) for ys in zip(*parts, strict=True)]
+        outputs = []
+        for index in chosen:
+            branch, block = divmod(index, depth)
+            y = stacked[branch][block]
+            if norm:
+                y = self.norms[branch](y)
+            cls, y = y[:1], y[1:]
+            if output_fmt == "map":
+                y = tokens_to_grid(y, self.embeddings[branch].grid[0])
+            outputs.append((y, cls) if prefix_tokens else y)
+        return outputs if intermediates_only else (self._final(tokens), outputs)
+
+    def set_image_size(self, image_size: tuple[int, int]) -> "TimmCrossViT":
+        """This model for `(height, width)` images: each branch sees `int(side * scale)`
+        images of its own (its `image_scales` entry, as timm computes a branch's size), and
+        its position embeddings of the patches are resampled to that grid (see
+        [`set_image_size`][eqx_vision.set_image_size]). A size whose branch sizes are not a
+        multiple of their patch sizes is a ValueError."""
+        hw = (int(image_size[0]), int(image_size[1]))
+        if hw == self.image_size:
+            return self
+        embeddings = []
+        for embedding, scale in zip(self.embeddings, self.image_scales, strict=True):
+            size = (int(hw[0] * scale), int(hw[1] * scale))
+            multi_conv = isinstance(embedding.patch_embedding, MultiConvEmbedding)
+            try:
+                grid = branch_grid(size, embedding.patch_size, multi_conv)
+            except ValueError as e:
+                raise ValueError(f"TimmCrossViT.set_image_size to {hw}: {e}") from None
+            pos = resample_pos_embed(embedding.pos_embedding, grid, embedding.grid, num_prefix=1)
+            embeddings.append(replace(embedding, pos_embedding=pos, size=size))
+        return replace(self, embeddings=tuple(embeddings), image_size=hw)
+
+    def reset_head(self, num_classes: int, *, key: PRNGKeyArray | None = None) -> "TimmCrossViT":
+        """This model with a new head of `num_classes` outputs on every branch, or none
+        for `0` (see [`reset_head`][eqx_vision.reset_head])."""
+        heads = None
+        if num_classes > 0:
+            assert key is not None
+            dims = [e.pos_embedding.shape[1] for e in self.embeddings]
+            keys = jr.split(key, len(dims))
+            heads = tuple(Linear(d, num_classes, key=k) for d, k in zip(dims, keys, strict=True))
+        return replace(self, mlp_heads=heads)
 
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " num_classes"]:
+    ) -> Float[Array, " num_classes"] | Float[Array, " sum_dims"]:
         """**Arguments:**
 
         - `x`: one image, `(channels, *image_size)`.
         - `key`: a `jax.random.key`, needed only for dropout in training mode.
 
         **Returns:** the logits `(num_classes,)`, the mean of the branches' heads (with
-        `num_classes=0`, the branches' pooled tokens concatenated, `(sum(dims),)`).
+        `num_classes=0`, the branches' pooled tokens concatenated, `(sum(dims),)`):
+        `forward_head(forward_features(x, key=key), key=key)` with the key split between
+        the two.
         """
-        check_image(x, (self.channels, *self.image_size), type(self).__name__)
-        check_key(self, key)
-        emb_key, block_key, head_key = split_key(key, 3)
-        tokens = tuple(
-            self.emb_dropout(embed(x), key=k)
-            for embed, k in zip(
-                self.embeddings, split_key(emb_key, len(self.embeddings)), strict=True
-            )
-        )
-        if isinstance(self.blocks, Stack):
-            tokens = self.blocks(tokens, key=block_key)
-        else:
-            for block, k in zip(self.blocks, split_key(block_key, len(self.blocks)), strict=True):
-                tokens = block(tokens, key=k)
-        pooled = [
-            self.head_dropout(_pool(norm(t), self.pool), key=k)
-            for norm, t, k in zip(self.norms, tokens, split_key(head_key, len(tokens)), strict=True)
-        ]
-        if self.mlp_heads is None:
-            return jnp.concatenate(pooled)
-        logits = [head(p) for head, p in zip(self.mlp_heads, pooled, strict=True)]
-        return jnp.mean(jnp.stack(logits), axis=0)
+        features_key, head_key = split_key(key, 2)
+        return self.forward_head(self.forward_features(x, key=features_key), key=head_key)
 
 
 def _pool(tokens: Float[Array, "seq dim"], pool: str) -> Float[Array, " dim"]:

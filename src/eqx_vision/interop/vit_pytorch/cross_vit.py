@@ -72,7 +72,9 @@ def _convert_block(m: MultiScaleBlock, sd: StateDict, prefix: str) -> MultiScale
 
 
 def convert_cross_vit(model: CrossViT, sd: StateDict) -> CrossViT:
-    """The weights of a `vit_pytorch.cross_vit.CrossViT` state dict."""
+    """The weights of a `vit_pytorch.cross_vit.CrossViT` state dict (a model without heads
+    takes the head norms only, so the state dict's classifiers are left over)."""
+    sm_head, lg_head = model.sm_mlp_head, model.lg_mlp_head
     return eqx.tree_at(
         lambda m: (
             m.sm_image_embedder,
@@ -94,8 +96,9 @@ def convert_cross_vit(model: CrossViT, sd: StateDict) -> CrossViT:
                 _convert_block,
             ),
             convert_layernorm(model.sm_head_norm, sd, "sm_mlp_head.0."),
-            convert_linear(model.sm_mlp_head, sd, "sm_mlp_head.1."),
+            None if sm_head is None else convert_linear(sm_head, sd, "sm_mlp_head.1."),
             convert_layernorm(model.lg_head_norm, sd, "lg_mlp_head.0."),
-            convert_linear(model.lg_mlp_head, sd, "lg_mlp_head.1."),
+            None if lg_head is None else convert_linear(lg_head, sd, "lg_mlp_head.1."),
         ),
+        is_leaf=lambda n: n is None,
     )

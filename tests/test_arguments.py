@@ -33,6 +33,7 @@ ZERO_IS_VALID = {
     ("PiT", "num_classes"),
     ("CaiT", "num_classes"),
     ("CrossFormer", "depth"),
+    ("CrossFormer", "num_classes"),
     ("CrossViT", "num_classes"),
     ("NesT", "block_repeats"),
     ("NesT", "num_classes"),

@@ -148,7 +148,7 @@ def test_position_bias_indices_reproduce_reference():
         (dict(cross_embed_kernel_sizes=(4, 8, 16, 32)), "cross_embed_kernel_sizes"),
         (dict(cross_embed_kernel_sizes=((2, 3), (2,), (2,), (2,))), "cross_embed_kernel_sizes"),
         (dict(cross_embed_kernel_sizes=((1,), (2,), (2,), (2,))), "cross_embed_kernel_sizes"),
-        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=-1), "num_classes"),
         (dict(channels=0), "channels"),
         (dict(attn_dropout=1.0), "attn_dropout"),
         (dict(ff_dropout=-0.1), "ff_dropout"),

@@ -5,9 +5,10 @@ Wang et al., 2021, https://arxiv.org/abs/2108.00154.
 
 import math
 from collections.abc import Sequence
-from typing import Annotated, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -24,8 +25,12 @@ from ..layers import (
     check_windowed_image,
     size_multiple as find_size_multiple,
     split_key,
+    window_merge,
+    window_partition,
 )
-from ..layers._checks import Minimum, PerStage, Positive, Rate, checked_arguments
+from ..layers._attention import split_heads
+from ..layers._checks import Minimum, NonNegative, PerStage, Positive, Rate, checked_arguments
+from ._backbone import FeatureInfo, OutputFmt, check_output_fmt, feature_indices
 
 
 NUM_STAGES = 4
@@ -181,12 +186,45 @@ class DistanceAttention(eqx.Module):
         self.dpb = DynamicPositionBias(dim // 4, key=dpb_key)
         self.window = window
 
+    def bias(self, dtype: Any) -> Float[Array, "seq seq"]:
+        """The dynamic position bias of every (query, key) pair of a window."""
+        table = self.dpb(jnp.asarray(dpb_offsets(self.window), dtype=dtype))
+        return table[dpb_gather_indices(self.window)]
+
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "channels height width"]:
-        table = self.dpb(jnp.asarray(dpb_offsets(self.window), dtype=x.dtype))
-        bias = table[dpb_gather_indices(self.window)]
-        return self.attn(x, bias=bias, key=key)
+        return self.attn(x, bias=self.bias(x.dtype), key=key)
+
+    def probabilities(
+        self, x: Float[Array, "channels height width"]
+    ) -> Float[Array, "windows heads seq seq"]:
+        """The attention probabilities of each window (without dropout), windows numbered
+        as `window_partition` numbers them (contiguous for short-distance attention,
+        interleaved for long-distance attention), each of `window ** 2` pixels row by row:
+        the softmax of the scaled scores plus the position bias."""
+        attn = self.attn
+        assert attn.window is not None
+        y = x.transpose(1, 2, 0)
+        if attn.norm is not None:
+            y = attn.norm(y)
+        q, k, _ = attn._linear_qkv(y)
+        q, k = (window_partition(t, attn.window, dilated=attn.dilated) for t in (q, k))
+        q, k = (jax.vmap(split_heads, in_axes=(0, None))(t, attn.heads) for t in (q, k))
+        dots = jnp.einsum("whid,whjd->whij", q, k) * attn.scale + self.bias(x.dtype)
+        probs = jax.nn.softmax(dots.astype(jnp.promote_types(dots.dtype, jnp.float32)), axis=-1)
+        return probs.astype(x.dtype)
+
+    def key_map(
+        self, probs: Float[Array, "windows heads seq seq"], size: tuple[int, int]
+    ) -> Float[Array, "heads height width"]:
+        """The attention each pixel of a `size` map receives, averaged over the queries of
+        its window, each window's keys put back at their place in the map."""
+        attn = self.attn
+        assert attn.window is not None
+        received = probs.mean(axis=2).transpose(0, 2, 1)  # (windows, seq, heads)
+        merged = window_merge(received, size, attn.window, dilated=attn.dilated)
+        return merged.transpose(2, 0, 1)
 
 
 class CrossFormerBlock(eqx.Module):
@@ -225,6 +263,23 @@ class CrossFormerBlock(eqx.Module):
         x = x + self.long_attn(x, key=k3)
         return x + self.long_ff(x, key=k4)
 
+    def attention_maps(
+        self, x: Float[Array, "channels height width"]
+    ) -> tuple[
+        Float[Array, "channels height width"],
+        tuple[Float[Array, "heads height width"], Float[Array, "heads height width"]],
+    ]:
+        """The block's output (in inference mode) and what each pixel receives from the
+        short- and long-distance attention, `(heads, height, width)` each (see
+        `DistanceAttention.key_map`)."""
+        size = (x.shape[1], x.shape[2])
+        short = self.short_attn.key_map(self.short_attn.probabilities(x), size)
+        x = x + self.short_attn(x)
+        x = x + self.short_ff(x)
+        long = self.long_attn.key_map(self.long_attn.probabilities(x), size)
+        x = x + self.long_attn(x)
+        return x + self.long_ff(x), (short, long)
+
 
 class CrossFormer(eqx.Module):
     """CrossFormer, a four-stage hierarchical vision transformer with cross-scale attention.
@@ -256,7 +311,7 @@ class CrossFormer(eqx.Module):
 
     embeds: tuple[CrossEmbedLayer, ...]
     stages: tuple[Stack[CrossFormerBlock] | None, ...]
-    to_logits: Linear
+    to_logits: Linear | None
     channels: int = eqx.field(static=True)
     local_window_size: tuple[int, ...] = eqx.field(static=True)
     global_window_size: tuple[int, ...] = eqx.field(static=True)
@@ -275,7 +330,7 @@ class CrossFormer(eqx.Module):
             Sequence[Sequence[int]], PerStage(NUM_STAGES), Minimum(1)
         ] = ((4, 8, 16, 32), (2, 4), (2, 4), (2, 4)),
         cross_embed_strides: Annotated[StageInts, Minimum(1)] = (4, 2, 2, 2),
-        num_classes: Positive = 1000,
+        num_classes: NonNegative = 1000,
         attn_dropout: Rate = 0.0,
         ff_dropout: Rate = 0.0,
         channels: Positive = 3,
@@ -293,7 +348,8 @@ class CrossFormer(eqx.Module):
           embedding convolutions. Within a stage, `k - stride` must have one parity, so
           that the convolutions agree on the output size.
         - `cross_embed_strides`: the embedding stride per stage (an int or four).
-        - `num_classes`: number of output logits.
+        - `num_classes`: number of output logits; `0` for no head (the model returns the
+          pooled features).
         - `attn_dropout`: dropout rate on the attention probabilities.
         - `ff_dropout`: dropout rate after the feed-forward activation.
         - `channels`: input channels.
@@ -328,7 +384,7 @@ class CrossFormer(eqx.Module):
             stages.append(Stack(make_block, depths[i], key=keys[2 * i + 1]) if depths[i] else None)
         self.embeds = tuple(embeds)
         self.stages = tuple(stages)
-        self.to_logits = Linear(dims[-1], num_classes, key=keys[-1])
+        self.to_logits = Linear(dims[-1], num_classes, key=keys[-1]) if num_classes > 0 else None
         self.channels = channels
         self.local_window_size = local_windows
         self.global_window_size = global_windows
@@ -364,17 +420,7 @@ class CrossFormer(eqx.Module):
                     return f"the stage-{i + 1} map side {n} is not a multiple of {name} {window}"
         return None
 
-    def __call__(
-        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " num_classes"]:
-        """**Arguments:**
-
-        - `x`: one image, `(channels, height, width)`, with sides the windows fit (see the
-          class docstring).
-        - `key`: a `jax.random.key`, needed only for dropout in training mode.
-
-        **Returns:** the logits, `(num_classes,)`.
-        """
+    def _check(self, x: Float[Array, "channels height width"]) -> None:
         check_windowed_image(
             x,
             self.channels,
@@ -383,10 +429,141 @@ class CrossFormer(eqx.Module):
             self.smallest_size,
             type(self).__name__,
         )
-        check_key(self, key)
-        keys = split_key(key, NUM_STAGES)
-        for embed, stage, stage_key in zip(self.embeds, self.stages, keys, strict=True):
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The outputs of `forward_intermediates`: each stage's output map, of the stage's
+        channels, its stride the product of the embedding strides so far. (With kernels
+        that differ from the stride by an odd amount, a stage's map is one cell smaller
+        than the image side over the stride when the stride divides that side.)"""
+        infos, reduction = [], 1
+        for i, embed in enumerate(self.embeds):
+            reduction *= embed.stride
+            channels = sum(conv.weight.shape[0] for conv in embed.convs)
+            infos.append(FeatureInfo(i, f"stages[{i}]", channels, (reduction, reduction)))
+        return tuple(infos)
+
+    def _stages(
+        self, x: Float[Array, "channels height width"], key: PRNGKeyArray | None
+    ) -> list[Float[Array, "dim h w"]]:
+        """Every stage's output map, in order."""
+        outputs = []
+        for embed, stage, stage_key in zip(
+            self.embeds, self.stages, split_key(key, NUM_STAGES), strict=True
+        ):
             x = embed(x)
             if stage is not None:
                 x = stage(x, key=stage_key)
-        return self.to_logits(x.mean(axis=(1, 2)))
+            outputs.append(x)
+        return outputs
+
+    def forward_features(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "dim h w"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`, with sides the windows fit.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the last stage's map `(dim, height / 32, width / 32)` (for the default
+        strides), before pooling.
+        """
+        self._check(x)
+        check_key(self, key)
+        return self._stages(x, key)[-1]
+
+    def forward_head(
+        self, x: Float[Array, "dim h w"], *, pre_logits: bool = False
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
+        """**Arguments:**
+
+        - `x`: the map from `forward_features`.
+        - `pre_logits`: return the pooled features instead of the logits.
+
+        **Returns:** the logits, or with `pre_logits` or without a head the mean over the
+        map, `(dim,)`.
+        """
+        pooled = x.mean(axis=(1, 2))
+        if pre_logits or self.to_logits is None:
+            return pooled
+        return self.to_logits(pooled)
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFmt = "map",
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """The final features and the output map of chosen stages.
+
+        **Arguments:**
+
+        - `x`: one image, `(channels, height, width)`.
+        - `indices`: which stages (see `feature_info`): `None` for all four, an int `n` for
+          the last `n`, or a sequence of stage indices (negative from the end).
+        - `norm`: accepted for the common signature; CrossFormer has no final norm, so it
+          changes nothing.
+        - `output_fmt`: `"map"` for `(channels, h, w)` maps, `"tokens"` for
+          `(h * w, channels)` tokens, row by row.
+        - `intermediates_only`: return the list of outputs only.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** `(forward_features(x), outputs)`, or `outputs` with
+        `intermediates_only`; `outputs` is a list in the order of `indices`. The blocks of
+        each stage run in their scanned stack.
+        """
+        del norm
+        name = type(self).__name__
+        check_output_fmt(output_fmt, name)
+        chosen = feature_indices(indices, NUM_STAGES, name)
+        self._check(x)
+        check_key(self, key)
+        maps = self._stages(x, key)
+        outputs = []
+        for i in chosen:
+            y = maps[i]
+            if output_fmt == "tokens":
+                y = y.reshape(y.shape[0], -1).T
+            outputs.append(y)
+        return outputs if intermediates_only else (maps[-1], outputs)
+
+    def set_image_size(self, image_size: tuple[int, int]) -> "CrossFormer":
+        """This model for `(height, width)` images: the model has no parameter that depends
+        on the image size, so it is returned as it is if its windows tile both sides, and a
+        `ValueError` says why otherwise (see
+        [`set_image_size`][eqx_vision.set_image_size])."""
+        for side, axis in zip(image_size, ("height", "width"), strict=True):
+            reason = self._fit(int(side))
+            if reason is not None:
+                raise ValueError(
+                    f"CrossFormer cannot take images of size {tuple(image_size)}: for the "
+                    f"{axis}, {reason}."
+                )
+        return self
+
+    def reset_head(self, num_classes: int, *, key: PRNGKeyArray | None = None) -> "CrossFormer":
+        """This model with a new classifier of `num_classes` outputs, or none for `0` (see
+        [`reset_head`][eqx_vision.reset_head])."""
+        head = None
+        if num_classes > 0:
+            assert key is not None
+            head = Linear(self.feature_info[-1].channels, num_classes, key=key)
+        return eqx.tree_at(lambda m: m.to_logits, self, head, is_leaf=lambda n: n is None)
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`, with sides the windows fit (see the
+          class docstring).
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the logits `(num_classes,)`, or with `num_classes=0` the pooled
+        features `(dim,)`: `forward_head(forward_features(x, key=key))`.
+        """
+        return self.forward_head(self.forward_features(x, key=key))

@@ -11,6 +11,7 @@ from .._state_dict import (
     convert_map_attention,
     convert_map_feedforward,
     convert_stack,
+    required,
 )
 
 
@@ -59,6 +60,10 @@ def convert_crossformer(model: CrossFormer, sd: StateDict) -> CrossFormer:
     return eqx.tree_at(
         lambda m: (m.embeds, m.stages, m.to_logits),
         model,
-        (tuple(embeds), tuple(stages), convert_linear(model.to_logits, sd, "to_logits.1.")),
+        (
+            tuple(embeds),
+            tuple(stages),
+            convert_linear(required(model.to_logits, "the classifier"), sd, "to_logits.1."),
+        ),
         is_leaf=lambda x: x is None,
     )

@@ -32,6 +32,7 @@ ZERO_IS_VALID = {
     ("ViT", "num_registers"),
     ("PiT", "num_classes"),
     ("CaiT", "num_classes"),
+    ("CvT", "num_classes"),
     ("CrossFormer", "depth"),
     ("CrossFormer", "num_classes"),
     ("CrossViT", "num_classes"),

@@ -168,7 +168,7 @@ def test_checkpoint_errors():
         (dict(s1_emb_stride=0), "s1_emb_stride"),
         (dict(s3_kv_proj_stride=0), "s3_kv_proj_stride"),
         (dict(s1_mlp_mult=0), "s1_mlp_mult"),
-        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=-1), "num_classes"),
         (dict(channels=0), "channels"),
         (dict(dropout=1.0), "dropout"),
     ],

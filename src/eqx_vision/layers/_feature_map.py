@@ -474,7 +474,31 @@ class MapAttention(eqx.Module):
     ) -> tuple[Float[Array, "out_channels out_height out_width"], eqx.nn.State]:
         """Convolutional projections (`"separable"`, `"conv_bn"`): the map channels first,
         BatchNorm statistics in `state`, attention over the whole map."""
-        assert state is not None and isinstance(self.to_q, ConvBN | ConvProjection)
+        assert state is not None
+        q, k, v, bias, height, state = self._conv_heads(x, state, bias)
+        out = attend(q, k, v, scale=self.scale, bias=bias, dropout=self.attn_dropout, key=attn_key)
+        out = tokens_to_grid(merge_heads(out), height)
+        if self.gelu_before_out:
+            out = gelu(out, keep_bits=bool(self.keep_bits))
+        if isinstance(self.to_out, ConvBN):
+            out, state = self.to_out(out, state)
+        else:
+            assert isinstance(self.to_out, Conv2d)
+            out = self.to_out(out)
+        if self.out_dropout is not None:
+            out = self.out_dropout(out, key=out_key)
+        return out, state
+
+    def _conv_heads(
+        self,
+        x: Float[Array, "channels height width"],
+        state: eqx.nn.State,
+        bias: Float[Array, "*#bias_batch q_seq kv_seq"] | None,
+    ) -> tuple[Array, Array, Array, Array | None, int, eqx.nn.State]:
+        """Convolutional projections: queries, keys and values `(heads, seq, dim)`, the
+        score bias (the learned one included), the height of the query map and the
+        state."""
+        assert isinstance(self.to_q, ConvBN | ConvProjection)
         if self.norm is not None:
             x = self.norm(x)
         q, state = self.to_q(x, state)
@@ -490,18 +514,28 @@ class MapAttention(eqx.Module):
         if bias is not None:
             bias = jnp.broadcast_to(bias, (1, self.heads, q.shape[1], k.shape[1]))[0]
         bias = self._learned_bias(bias, q.shape[1], k.shape[1])
-        out = attend(q, k, v, scale=self.scale, bias=bias, dropout=self.attn_dropout, key=attn_key)
-        out = tokens_to_grid(merge_heads(out), height)
-        if self.gelu_before_out:
-            out = gelu(out, keep_bits=bool(self.keep_bits))
-        if isinstance(self.to_out, ConvBN):
-            out, state = self.to_out(out, state)
-        else:
-            assert isinstance(self.to_out, Conv2d)
-            out = self.to_out(out)
-        if self.out_dropout is not None:
-            out = self.out_dropout(out, key=out_key)
-        return out, state
+        return q, k, v, bias, height, state
+
+    def conv_probabilities(
+        self,
+        x: Float[Array, "channels height width"],
+        state: eqx.nn.State,
+        *,
+        bias: Float[Array, "*#bias_batch q_seq kv_seq"] | None = None,
+    ) -> Float[Array, "heads q_seq kv_seq"]:
+        """The weights that multiply the values in `self(x, state, bias=bias)`, for the
+        convolutional projections (`"separable"`, `"conv_bn"`), without dropout: the
+        softmax of the scaled scores plus the biases, `(heads, q_seq, kv_seq)`, queries
+        and keys on their maps row by row. The state is read, not updated (use it in
+        inference mode)."""
+        if isinstance(self.to_out, Linear):
+            raise ValueError("conv_probabilities needs convolutional projections.")
+        q, k, _, bias, _, _ = self._conv_heads(x, state, bias)
+        dots = jnp.einsum("hid,hjd->hij", q, k) * self.scale
+        if bias is not None:
+            dots = dots + bias.astype(dots.dtype)
+        probs = jax.nn.softmax(dots.astype(jnp.promote_types(dots.dtype, jnp.float32)), axis=-1)
+        return probs.astype(q.dtype)
 
     def _learned_bias(
         self, bias: Float[Array, "heads q_seq kv_seq"] | None, q_seq: int, kv_seq: int

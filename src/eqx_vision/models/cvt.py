@@ -3,9 +3,11 @@
 Wu et al., 2021, https://arxiv.org/abs/2103.15808.
 """
 
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
@@ -19,9 +21,11 @@ from ..layers import (
     Stack,
     check_image,
     check_key,
+    grid_to_tokens,
     split_key,
 )
-from ..layers._checks import Minimum, Odd, Positive, Rate, checked_arguments
+from ..layers._checks import Minimum, NonNegative, Odd, Positive, Rate, checked_arguments
+from ._backbone import FeatureInfo, OutputFmt, check_output_fmt, feature_indices
 
 
 DIM_HEAD = 64  # fixed in the reference, not a constructor argument
@@ -143,6 +147,27 @@ class CvTStage(eqx.Module):
         x = self.norm(self.embed(x))
         return self.blocks.call_with_state(x, state, key=key)
 
+    def attention_maps(
+        self, x: Float[Array, "in_channels height width"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "depth heads q_seq kv_seq"], Float[Array, "channels h w"]]:
+        """The attention probabilities of every block, in inference mode: `(depth, heads,
+        height * width, kv_height * kv_width)`, queries on the stage's map and keys on the
+        map of the strided key/value projection, and the stage's output map. The blocks run
+        in their scanned stack."""
+        x = self.norm(self.embed(x))
+        dynamic, static = eqx.partition(self.blocks.blocks, eqx.is_array)
+        substate = state.substate(self.blocks.blocks)
+
+        def step(carry, layer):
+            params, block_state = layer
+            block: CvTBlock = eqx.combine(params, static)
+            probs = block.attn.conv_probabilities(carry, block_state)
+            out, _ = block(carry, block_state)
+            return out, probs
+
+        x, probs = jax.lax.scan(step, x, (dynamic, substate))
+        return probs, x
+
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     """The output length of a convolution along one axis (<= 0: the kernel does not fit)."""
@@ -181,7 +206,7 @@ class CvT(eqx.Module):
     """
 
     stages: tuple[CvTStage, CvTStage, CvTStage]
-    head: Linear
+    head: Linear | None
     channels: int = eqx.field(static=True)
     min_image_size: tuple[int, int] = eqx.field(static=True)
 
@@ -189,7 +214,7 @@ class CvT(eqx.Module):
     def __init__(
         self,
         *,
-        num_classes: Positive,
+        num_classes: NonNegative,
         s1_emb_dim: Positive = 64,
         s1_emb_kernel: Positive = 7,
         s1_emb_stride: Positive = 4,
@@ -233,7 +258,8 @@ class CvT(eqx.Module):
 
         And:
 
-        - `num_classes`: number of output logits.
+        - `num_classes`: number of output logits; `0` for no head (the model then returns
+          the pooled features).
         - `dropout`: dropout rate in attention and feed-forward blocks.
         - `channels`: input channels.
         - `key`: a `jax.random.key` for the initialisation.
@@ -248,7 +274,7 @@ class CvT(eqx.Module):
             stages.append(CvTStage(in_dim, dim, **options, dropout=dropout, key=stage_key))
             in_dim = dim
         self.stages = (stages[0], stages[1], stages[2])
-        self.head = Linear(in_dim, num_classes, key=head_key)
+        self.head = Linear(in_dim, num_classes, key=head_key) if num_classes else None
         self.channels = channels
 
         def fits(size: int) -> bool:
@@ -263,23 +289,7 @@ class CvT(eqx.Module):
         smallest = next(n for n in range(1, 1 << 16) if fits(n))
         self.min_image_size = (smallest, smallest)
 
-    def __call__(
-        self,
-        x: Float[Array, "channels height width"],
-        state: eqx.nn.State,
-        *,
-        key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, " num_classes"], eqx.nn.State]:
-        """**Arguments:**
-
-        - `x`: one image, `(channels, height, width)`, of any size from `min_image_size`.
-        - `state`: the BatchNorm statistics, from `eqx.nn.make_with_state`.
-        - `key`: a `jax.random.key`, needed only for dropout in training mode.
-
-        **Returns:** the logits `(num_classes,)` and the updated state (unchanged in
-        inference mode).
-        """
-        check_key(self, key)
+    def _check_image(self, x: Float[Array, "channels height width"]) -> None:
         check_image(x, (self.channels, None, None), type(self).__name__)
         height, width = x.shape[1:]
         min_h, min_w = self.min_image_size
@@ -288,6 +298,155 @@ class CvT(eqx.Module):
                 f"CvT needs images of at least {min_h}x{min_w} pixels, shape "
                 f"({self.channels}, >={min_h}, >={min_w}); got shape {tuple(x.shape)}."
             )
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The outputs of `forward_intermediates`: each stage's output map, its channels
+        the stage's `emb_dim`, its reduction the product of the embedding strides so far
+        (the maps have `ceil(size / reduction)` rows and columns)."""
+        info, reduction = [], (1, 1)
+        for i, stage in enumerate(self.stages):
+            sh, sw = stage.embed.stride
+            reduction = (reduction[0] * sh, reduction[1] * sw)
+            info.append(FeatureInfo(i, f"stages[{i}]", stage.embed.weight.shape[0], reduction))
+        return tuple(info)
+
+    def forward_features(
+        self,
+        x: Float[Array, "channels height width"],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, "dim out_height out_width"], eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`, of any size from `min_image_size`.
+        - `state`: the BatchNorm statistics, from `eqx.nn.make_with_state`.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the last stage's map `(s3_emb_dim, height, width)` and the updated
+        state.
+        """
+        (final, _), state = self._forward(x, state, key=key)
+        return final, state
+
+    def _forward(
+        self,
+        x: Float[Array, "channels height width"],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None,
+    ) -> tuple[tuple[Float[Array, "dim h w"], list[Array]], eqx.nn.State]:
+        check_key(self, key)
+        self._check_image(x)
+        outputs = []
         for stage, stage_key in zip(self.stages, split_key(key, 3), strict=True):
             x, state = stage(x, state, key=stage_key)
-        return self.head(jnp.mean(x, axis=(1, 2))), state
+            outputs.append(x)
+        return (x, outputs), state
+
+    def forward_head(
+        self,
+        x: Float[Array, "dim height width"],
+        state: eqx.nn.State,
+        *,
+        pre_logits: bool = False,
+    ) -> tuple[Float[Array, " num_classes"] | Float[Array, " dim"], eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: the map from `forward_features`.
+        - `state`: the BatchNorm statistics (returned as they are: the head has none).
+        - `pre_logits`: return the pooled features instead of the logits.
+
+        **Returns:** the logits, or the map's mean `(dim,)` with `pre_logits` or without a
+        head; and the state.
+        """
+        pooled = jnp.mean(x, axis=(1, 2))
+        if pre_logits or self.head is None:
+            return pooled, state
+        return self.head(pooled), state
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        state: eqx.nn.State,
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFmt = "map",
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Any, eqx.nn.State]:
+        """The final features and the output maps of chosen stages.
+
+        **Arguments:**
+
+        - `x`: one image, `(channels, height, width)`.
+        - `state`: the BatchNorm statistics.
+        - `indices`: which stages (see `feature_info`): `None` for all three, an int `n`
+          for the last `n`, or a sequence of stage indices (negative from the end).
+        - `norm`: accepted for the common signature; CvT has no norm after its stages.
+        - `output_fmt`: `"map"` for `(channels, height, width)` maps, `"tokens"` for
+          `(height * width, channels)`.
+        - `intermediates_only`: return the list of outputs only.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** `((forward_features(x), outputs), state)`, or `(outputs, state)` with
+        `intermediates_only`; `outputs` is a list in the order of `indices`.
+        """
+        del norm
+        name = type(self).__name__
+        check_output_fmt(output_fmt, name)
+        chosen = feature_indices(indices, len(self.stages), name)
+        (final, maps), state = self._forward(x, state, key=key)
+        outputs = [maps[i] if output_fmt == "map" else grid_to_tokens(maps[i]) for i in chosen]
+        return (outputs if intermediates_only else (final, outputs)), state
+
+    def set_image_size(self, image_size: tuple[int, int]) -> "CvT":
+        """This model for `(height, width)` images: CvT has no position embedding and takes
+        any size from `min_image_size`, so it is this model itself; a smaller size is a
+        `ValueError` (see [`set_image_size`][eqx_vision.set_image_size])."""
+        min_h, min_w = self.min_image_size
+        if image_size[0] < min_h or image_size[1] < min_w:
+            raise ValueError(
+                f"CvT needs images of at least {min_h}x{min_w} pixels; got image_size "
+                f"{tuple(image_size)}."
+            )
+        return self
+
+    def reset_head(
+        self,
+        num_classes: int,
+        *,
+        key: PRNGKeyArray | None = None,
+        state: eqx.nn.State | None = None,
+    ) -> "CvT | tuple[CvT, eqx.nn.State]":
+        """This model with a new linear head of `num_classes` outputs, or none for `0`
+        (see [`reset_head`][eqx_vision.reset_head]). The head holds no statistics: a
+        `state` given is returned with the model, unchanged."""
+        head = None
+        if num_classes > 0:
+            assert key is not None
+            head = Linear(self.stages[-1].embed.weight.shape[0], num_classes, key=key)
+        model = eqx.tree_at(lambda m: m.head, self, head, is_leaf=lambda n: n is None)
+        return model if state is None else (model, state)
+
+    def __call__(
+        self,
+        x: Float[Array, "channels height width"],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, " num_classes"] | Float[Array, " dim"], eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`, of any size from `min_image_size`.
+        - `state`: the BatchNorm statistics, from `eqx.nn.make_with_state`.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the logits `(num_classes,)` (with `num_classes=0`, the pooled features
+        `(s3_emb_dim,)`) and the updated state (unchanged in inference mode):
+        `forward_head(*forward_features(x, state, key=key))`.
+        """
+        x, state = self.forward_features(x, state, key=key)
+        return self.forward_head(x, state)

@@ -76,6 +76,10 @@ def convert_cvt(model: CvT, sd: StateDict, state: eqx.nn.State) -> tuple[CvT, eq
     model = eqx.tree_at(
         lambda m: (m.stages, m.head),
         model,
-        (tuple(stages), convert_linear(model.head, sd, "to_logits.2.")),
+        (
+            tuple(stages),
+            None if model.head is None else convert_linear(model.head, sd, "to_logits.2."),
+        ),
+        is_leaf=lambda n: n is None,
     )
     return model, state

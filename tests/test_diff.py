@@ -11,8 +11,10 @@ import torch
 
 import eqx_vision as ev
 from eqx_vision.interop import RECIPES, Report, diff
+from eqx_vision.training import is_stateful
 from reference import perturb_, reference
 from timm_reference import import_timm, timm_model
+from tiny import config, input_shape
 
 
 TINY = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=3, heads=2, mlp_dim=64)
@@ -118,7 +120,7 @@ def test_vit_pytorch_without_head_compares_the_tokens():
 
 
 def test_unsupported_reference_class():
-    with pytest.raises(TypeError, match=r"torch\.Linear.*vit_pytorch\.ViT"):
+    with pytest.raises(TypeError, match=r"torch.nn.modules.linear.Linear.*vit_pytorch.vit.ViT"):
         diff(torch.nn.Linear(2, 2), ev.ViT(**TINY, key=jr.key(0)), images())
     torch_model = reference("vit").ViT(**TINY)
     simple = ev.SimpleViT(**{k: v for k, v in TINY.items()}, key=jr.key(0))
@@ -136,6 +138,40 @@ def test_model_and_reference_shape_mismatch():
         diff(torch_model, ev.ViT(**TINY, key=jr.key(0)), images()[0, 0])
 
 
-def test_recipes_name_library_and_class():
-    assert {"vit_pytorch.ViT", "timm.VisionTransformer"} <= set(RECIPES)
-    assert all(name.count(".") == 1 for name in RECIPES)
+def test_recipes_name_module_and_class():
+    assert {"vit_pytorch.vit.ViT", "timm.models.vision_transformer.VisionTransformer"} <= set(
+        RECIPES
+    )
+    assert all(name.startswith(("vit_pytorch.", "timm.models.")) for name in RECIPES)
+
+
+# vit-pytorch module, class, overrides of the tiny preset (at least two blocks or stages)
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "ViT": ("vit", "ViT", dict(depth=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_agrees_and_locates_a_perturbed_block(name):
+    """Each family with a recipe: the converted tiny model agrees with vit-pytorch, and with
+    the reference's block k perturbed (its tap's parameters), block k is the first
+    divergence."""
+    module, cls, overrides = FAMILIES[name]
+    c = config(name, **overrides)
+    torch_model = getattr(reference(module), cls)(**c.kwargs)
+    perturb_(torch_model)
+    template, state = c.build(jr.key(0))
+    if is_stateful(template):
+        model, state = ev.from_vit_pytorch(template, torch_model.state_dict(), state=state)
+    else:
+        model, state = ev.from_vit_pytorch(template, torch_model.state_dict()), None
+    x = np.random.default_rng(1).normal(size=(2, *input_shape(name))).astype(np.float32)
+    report = diff(torch_model, model, x, state=state)
+    assert report.ok, str(report)
+    recipe = RECIPES[f"{type(torch_model).__module__}.{type(torch_model).__qualname__}"]
+    k = len(model.feature_info) - 1
+    tap = recipe.blocks(torch_model)[k]
+    with torch.no_grad():
+        for p in torch_model.get_submodule(tap.module).parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    check_diverges_at(diff(torch_model, model, x, state=state), model, k)

@@ -6,13 +6,15 @@ hooks and takes the matching outputs of `model.forward_intermediates` (and the e
 tokens, the final features and the logits where the family has them), then reports the
 error of each and the first that exceeds the tolerance.
 
-`RECIPES` says, for each reference class (by its library and class name:
-`"vit_pytorch.ViT"`, `"timm.VisionTransformer"`), which eqx_vision classes it converts to
-and which of its submodules give the outputs matching our intermediate indices. A new
-family gets a `Recipe` and a line there; torch is imported only when `diff` runs.
+`RECIPES` says, for each reference class (by its module and name: `"vit_pytorch.vit.ViT"`,
+`"timm.models.vision_transformer.VisionTransformer"`), which eqx_vision classes it
+converts to and which of its submodules give the outputs matching our intermediate
+indices. A new family gets a `Recipe` and a line there; torch is imported only when `diff`
+runs.
 """
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -55,15 +57,20 @@ Intermediates = Callable[[Any, Any, Any], tuple[Any, list[Any]]]
 comparison, each output in the reference's layout (without the batch axis)."""
 
 
-def tokens_with_prefix(model: Any, x: Any, state: Any) -> tuple[Any, list[Any]]:
-    """A flat ViT-like model's `forward_intermediates` as full token sequences
-    `(seq, dim)`, prefix tokens first, as the residual stream of the reference holds them."""
-    kwargs = dict(output_fmt="tokens", prefix_tokens=True)
+def tokens(model: Any, x: Any, state: Any) -> tuple[Any, list[Any]]:
+    """A flat ViT-like model's `forward_intermediates` as token sequences `(seq, dim)`,
+    with the prefix tokens first where the model has them (as the reference's residual
+    stream holds them)."""
+    kwargs: dict[str, Any] = dict(output_fmt="tokens")
+    if "prefix_tokens" in inspect.signature(model.forward_intermediates).parameters:
+        kwargs["prefix_tokens"] = True
     if state is None:
         final, outputs = model.forward_intermediates(x, **kwargs)
     else:
         (final, outputs), _ = model.forward_intermediates(x, state, **kwargs)
-    return final, [jnp.concatenate([prefix, y], axis=0) for y, prefix in outputs]
+    return final, [
+        jnp.concatenate([y[1], y[0]], axis=0) if isinstance(y, tuple) else y for y in outputs
+    ]
 
 
 def maps(model: Any, x: Any, state: Any) -> tuple[Any, list[Any]]:
@@ -93,58 +100,82 @@ class Recipe:
 
     models: tuple[type, ...]
     blocks: Callable[[Any], Sequence[Tap]]
-    intermediates: Intermediates = tokens_with_prefix
+    intermediates: Intermediates = tokens
     embed: tuple[Tap, Callable[[Any, Any], Any]] | None = None
     features: Tap | None = None
     logits: Callable[[Any], bool] = lambda _reference: True
 
 
-def _vit_pytorch_blocks(reference: Any) -> list[Tap]:
-    """The residual stream after each block of vit-pytorch's `Transformer`: each block is
-    `[attn, ff]`, run as `x = attn(x) + x; x = ff(x) + x`."""
-    return [
-        Tap(f"transformer.layers.{i}.1", residual=True)
-        for i in range(len(reference.transformer.layers))
-    ]
+def residual_blocks(layers: str, branch: int = 1) -> Callable[[Any], list[Tap]]:
+    """The residual stream after each block of a vit-pytorch transformer whose blocks are
+    `ModuleList`s `[attn, ff]` under `layers` (`"transformer.layers"`), run as
+    `x = attn(x) + x; x = ff(x) + x`: the output plus the input of branch `branch`."""
+
+    def blocks(reference: Any) -> list[Tap]:
+        count = len(reference.get_submodule(layers))
+        return [Tap(f"{layers}.{i}.{branch}", residual=True) for i in range(count)]
+
+    return blocks
 
 
-def _timm_blocks(reference: Any) -> list[Tap]:
-    """timm's blocks return the residual stream themselves."""
-    return [Tap(f"blocks.{i}") for i in range(len(reference.blocks))]
+def module_blocks(layers: str) -> Callable[[Any], list[Tap]]:
+    """The output of each module of the `ModuleList` or `Sequential` `layers` (timm's
+    `"blocks"`, whose blocks return the residual stream themselves)."""
+
+    def blocks(reference: Any) -> list[Tap]:
+        return [Tap(f"{layers}.{i}") for i in range(len(reference.get_submodule(layers)))]
+
+    return blocks
 
 
-def _vit_embed(model: Any, x: Any) -> Any:
+def embed_method(model: Any, x: Any) -> Any:
+    """The model's `embed(x)`: the tokens its first block takes."""
     return model.embed(x)
 
 
+def _has_head(reference: Any) -> bool:
+    return getattr(reference, "mlp_head", None) is not None
+
+
+def vit_pytorch_transformer(
+    *models: type, features: bool = True, logits: Callable[[Any], bool] = _has_head
+) -> Recipe:
+    """The recipe of a vit-pytorch ViT-like model: the embedded tokens are the input of
+    its `transformer`, the blocks `transformer.layers`, the final features (with
+    `features`) the transformer's output."""
+    return Recipe(
+        models=models,
+        blocks=residual_blocks("transformer.layers"),
+        embed=(Tap("transformer", input=True), embed_method),
+        features=Tap("transformer") if features else None,
+        logits=logits,
+    )
+
+
+def timm_vision_transformer(*models: type) -> Recipe:
+    """The recipe of timm's `VisionTransformer` and its subclasses: the embedded tokens
+    are the input of `blocks`, the final features the output of `norm`."""
+    return Recipe(
+        models=models,
+        blocks=module_blocks("blocks"),
+        embed=(Tap("blocks", input=True), embed_method),
+        features=Tap("norm"),
+    )
+
+
 RECIPES: dict[str, Recipe] = {
-    "vit_pytorch.ViT": Recipe(
-        models=(ViT,),
-        blocks=_vit_pytorch_blocks,
-        embed=(Tap("transformer", input=True), _vit_embed),
-        features=Tap("transformer"),
-        logits=lambda reference: reference.mlp_head is not None,
-    ),
-    "timm.VisionTransformer": Recipe(
-        models=(ViT,),
-        blocks=_timm_blocks,
-        embed=(Tap("blocks", input=True), _vit_embed),
-        features=Tap("norm"),
-    ),
-    "timm.VisionTransformerDistilled": Recipe(
-        models=(ViT,),
-        blocks=_timm_blocks,
-        embed=(Tap("blocks", input=True), _vit_embed),
-        features=Tap("norm"),
-    ),
+    "vit_pytorch.vit.ViT": vit_pytorch_transformer(ViT),
+    "timm.models.vision_transformer.VisionTransformer": timm_vision_transformer(ViT),
+    "timm.models.deit.VisionTransformerDistilled": timm_vision_transformer(ViT),
 }
-"""The recipe of each supported reference class, by `"<library>.<class name>"`."""
+"""The recipe of each supported reference class, by its module and name
+(`"vit_pytorch.vit.ViT"`; vit-pytorch has several classes named `ViT`)."""
 
 
 def reference_name(reference: Any) -> str:
-    """`"<library>.<class name>"` of a torch module: the key of `RECIPES`."""
+    """The module and name of a torch module's class: its key in `RECIPES`."""
     cls = type(reference)
-    return f"{cls.__module__.partition('.')[0]}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +268,7 @@ def _as_batch(x: Any) -> np.ndarray:
 def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().float().cpu().numpy()
-    return np.asarray(value, dtype=np.float32)
+    return np.array(value, dtype=np.float32)
 
 
 def _run_reference(
@@ -260,7 +291,8 @@ def _run_reference(
                 value = inputs[0] if tap.input else output
                 if tap.residual:
                     value = value + inputs[0]
-                captured[i] = value if tap.transform is None else tap.transform(value)
+                # converted (copied) at once: a later in-place operation must not change it
+                captured[i] = _to_numpy(value if tap.transform is None else tap.transform(value))
 
             handles.append(named[tap.module].register_forward_hook(hook))
         reference.eval()
@@ -276,7 +308,7 @@ def _run_reference(
         raise ValueError(
             f"diff: the submodules {missing} of {type(reference).__name__} did not run."
         )
-    return [_to_numpy(captured[i]) for i in range(len(taps))], _to_numpy(out)
+    return [captured[i] for i in range(len(taps))], _to_numpy(out)
 
 
 def _run_model(

@@ -23,7 +23,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ..models import ViT
+from ..models import CrossFormer, CrossViT, CvT, TimmCrossViT, ViT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +34,13 @@ class Tap:
     - `residual`: capture `output + input`, the residual stream after a branch whose
       module returns the branch only (vit-pytorch's `x = ff(x) + x`).
     - `input`: capture the module's (first) input instead of its output.
-    - `transform`: applied to the captured value before it is compared (to pick one
-      tensor of a tuple, or to move axes into the layout of ours); it keeps the batch axis
-      first.
+    - `item`: the position of the compared tensor in a module output that is a tuple or
+      list (one per branch, for instance).
+    - `transform`: applied to the captured value before it is compared (to move axes into
+      the layout of ours); it keeps the batch axis first.
+    - `step`: where the output is computed, when the order of the model's outputs is not
+      the order of computation (CrossViT's, branch by branch: `step` is the block): the
+      report lists the blocks by `step`, so that the first divergence is the earliest.
 
     A module that runs several times keeps its last output.
     """
@@ -44,12 +48,15 @@ class Tap:
     module: str
     residual: bool = False
     input: bool = False
+    item: int | None = None
     transform: Callable[[Any], Any] | None = None
+    step: int | None = None
 
     def describe(self) -> str:
         if self.input:
             return f"{self.module} (input)"
-        return f"{self.module} + input" if self.residual else self.module
+        name = self.module if self.item is None else f"{self.module}[{self.item}]"
+        return f"{name} + input" if self.residual else name
 
 
 Intermediates = Callable[[Any, Any, Any], tuple[Any, list[Any]]]
@@ -106,14 +113,18 @@ class Recipe:
     logits: Callable[[Any], bool] = lambda _reference: True
 
 
-def residual_blocks(layers: str, branch: int = 1) -> Callable[[Any], list[Tap]]:
-    """The residual stream after each block of a vit-pytorch transformer whose blocks are
-    `ModuleList`s `[attn, ff]` under `layers` (`"transformer.layers"`), run as
-    `x = attn(x) + x; x = ff(x) + x`: the output plus the input of branch `branch`."""
+def residual_blocks(
+    layers: str, branch: int = 1, *, residual: bool = True
+) -> Callable[[Any], list[Tap]]:
+    """The output of submodule `branch` of each block under `layers`. By default the
+    residual stream after each block of a vit-pytorch transformer whose blocks are
+    `ModuleList`s `[attn, ff]` (`"transformer.layers"`), run as `x = attn(x) + x;
+    x = ff(x) + x`: the output plus the input of `ff`. Without `residual`, the submodule's
+    output itself (CrossFormer's stages `[embedding, transformer]`)."""
 
     def blocks(reference: Any) -> list[Tap]:
         count = len(reference.get_submodule(layers))
-        return [Tap(f"{layers}.{i}.{branch}", residual=True) for i in range(count)]
+        return [Tap(f"{layers}.{i}.{branch}", residual=residual) for i in range(count)]
 
     return blocks
 
@@ -163,10 +174,41 @@ def timm_vision_transformer(*models: type) -> Recipe:
     )
 
 
+def branch_blocks(layers: str, branch: int | None, branches: int = 2) -> Callable[[Any], list[Tap]]:
+    """The outputs of multi-branch blocks (CrossViT) ordered by branch, then block: each
+    module of `layers` (its submodule `branch`, if not `None`) returns one token sequence
+    per branch."""
+
+    def blocks(reference: Any) -> list[Tap]:
+        count = len(reference.get_submodule(layers))
+        suffix = "" if branch is None else f".{branch}"
+        return [
+            Tap(f"{layers}.{i}{suffix}", item=b, step=i)
+            for b in range(branches)
+            for i in range(count)
+        ]
+
+    return blocks
+
+
 RECIPES: dict[str, Recipe] = {
     "vit_pytorch.vit.ViT": vit_pytorch_transformer(ViT),
+    "vit_pytorch.cvt.CvT": Recipe(
+        models=(CvT,), blocks=module_blocks("layers"), intermediates=maps, features=Tap("layers")
+    ),
+    "vit_pytorch.crossformer.CrossFormer": Recipe(
+        models=(CrossFormer,),
+        blocks=residual_blocks("layers", 1, residual=False),
+        intermediates=maps,
+    ),
+    "vit_pytorch.cross_vit.CrossViT": Recipe(
+        models=(CrossViT,), blocks=branch_blocks("multi_scale_encoder.layers", 2)
+    ),
     "timm.models.vision_transformer.VisionTransformer": timm_vision_transformer(ViT),
     "timm.models.deit.VisionTransformerDistilled": timm_vision_transformer(ViT),
+    "timm.models.crossvit.CrossVit": Recipe(
+        models=(TimmCrossViT,), blocks=branch_blocks("blocks", None)
+    ),
 }
 """The recipe of each supported reference class, by its module and name
 (`"vit_pytorch.vit.ViT"`; vit-pytorch has several classes named `ViT`)."""
@@ -205,7 +247,8 @@ class Row:
 @dataclasses.dataclass(frozen=True)
 class Report:
     """The outcome of [`diff`][eqx_vision.interop.diff]: one `Row` per compared output, in
-    the order the model computes them. `str(report)` is a table."""
+    the order the model computes them (the blocks in the order of `feature_info`, or of
+    their `Tap.step` where the recipe gives one). `str(report)` is a table."""
 
     model: str
     reference: str
@@ -289,6 +332,8 @@ def _run_reference(
 
             def hook(_module: Any, inputs: Any, output: Any, i: int = i, tap: Tap = tap) -> None:
                 value = inputs[0] if tap.input else output
+                if tap.item is not None:
+                    value = value[tap.item]
                 if tap.residual:
                     value = value + inputs[0]
                 # converted (copied) at once: a later in-place operation must not change it

@@ -39,6 +39,7 @@ ZERO_IS_VALID = {
     ("NesT", "block_repeats"),
     ("NesT", "num_classes"),
     ("ScalableViT", "depth"),
+    ("ScalableViT", "num_classes"),
     *(("TwinsSVT", f"s{i}_depth") for i in range(1, 5)),
     ("TwinsSVT", "num_classes"),
 }

@@ -194,7 +194,6 @@ def test_size_multiple():
         (dict(dim=0), "dim"),
         (dict(ff_expansion_factor=0), "ff_expansion_factor"),
         (dict(channels=0), "channels"),
-        (dict(num_classes=0), "num_classes"),
         (dict(dropout=1.0), "dropout"),
     ],
 )

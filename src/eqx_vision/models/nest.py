@@ -5,7 +5,8 @@ Zhang et al., 2021, https://arxiv.org/abs/2105.12723.
 """
 
 import math
-from typing import Annotated, Literal, cast
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, cast
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -22,7 +23,10 @@ from ..layers import (
     Stack,
     check_image,
     check_key,
+    grid_to_tokens,
     max_pool2d,
+    replace,
+    resize_bicubic,
     split_key,
     tokens_to_grid,
 )
@@ -35,6 +39,7 @@ from ..layers._checks import (
     checked_arguments,
 )
 from ..layers._init import normal
+from ._backbone import FeatureInfo, OutputFmt, check_output_fmt, feature_indices
 
 
 PatchEmbed = Literal["norm", "conv"]
@@ -175,16 +180,64 @@ class NesTLevel(eqx.Module):
         x = jnp.pad(x, ((0, 0), *pads), constant_values=-jnp.inf)
         return max_pool2d(x, 3, 2, 0)
 
-    def __call__(
+    def encode(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "channels_out height_out width_out"]:
-        _, height, width = x.shape
-        x = x + self._position_map(height, width).astype(x.dtype)
+    ) -> Float[Array, "channels height width"]:
+        """The position embedding and the blocks: the level's output map, before the
+        aggregation."""
+        x = self.add_positions(x)
         if self.blocks is not None:
             x = self.blocks(x, key=key)
+        return x
+
+    def add_positions(
+        self, x: Float[Array, "channels height width"]
+    ) -> Float[Array, "channels height width"]:
+        """The map plus the position embedding: the input of the first block."""
+        _, height, width = x.shape
+        return x + self._position_map(height, width).astype(x.dtype)
+
+    def aggregate(
+        self, x: Float[Array, "channels height width"]
+    ) -> Float[Array, "channels_out height_out width_out"]:
+        """Convolution, channel LayerNorm and max pooling (the identity at the last level)."""
         if self.conv is None or self.norm is None:
             return x
         return self._pool(self.norm(self.conv(x)))
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "channels_out height_out width_out"]:
+        return self.aggregate(self.encode(x, key=key))
+
+    def with_block(self, block: int) -> "NesTLevel":
+        """This level for blocks of `block x block` pixels (the number of blocks kept): the
+        position embedding resized bicubically (torch's `F.interpolate`, as timm's
+        `resize_pos_embed`: the whole map of a `"full"` embedding, the block of a
+        `"scalar"` one), the attention windows changed."""
+        if block == self.block:
+            return self
+        b = self.block
+        if self.pos_embedding.ndim == 1:
+            grid = self.pos_embedding.reshape(1, b, b).astype(jnp.float32)
+            pos = resize_bicubic(grid, (block, block)).reshape(block * block)
+        else:
+            blocks, _, channels = self.pos_embedding.shape
+            side = math.isqrt(blocks)
+            full = self._position_map(side * b, side * b).astype(jnp.float32)
+            full = resize_bicubic(full, (side * block, side * block))
+            grid = full.reshape(channels, side, block, side, block).transpose(1, 3, 2, 4, 0)
+            pos = grid.reshape(blocks, block * block, channels)
+        stack = self.blocks
+        if stack is not None:
+            attn = replace(stack.blocks.attn, window=(block, block))
+            stack = replace(stack, blocks=replace(stack.blocks, attn=attn))
+        return replace(
+            self,
+            pos_embedding=pos.astype(self.pos_embedding.dtype),
+            blocks=stack,
+            block=block,
+        )
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -338,26 +391,144 @@ class NesT(eqx.Module):
         self.patch_size = patch_size
         self.channels = channels
 
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The outputs of `forward_intermediates`: each level's map after its blocks (before
+        its aggregation), level `i` of stride `patch_size · 2^i`."""
+        return tuple(
+            FeatureInfo(i, f"levels[{i}]", dim, (self.patch_size * 2**i,) * 2)
+            for i, dim in enumerate(self._level_dims())
+        )
+
+    def _level_dims(self) -> tuple[int, ...]:
+        """The channels of every level."""
+        dims = [level.conv.weight.shape[1] for level in self.levels if level.conv is not None]
+        return (*dims, self.norm.weight.shape[0])
+
+    def _embed(self, x: Float[Array, "channels height width"]) -> Float[Array, "dim grid grid"]:
+        size = self.image_size
+        check_image(x, (self.channels, size, size), type(self).__name__)
+        return tokens_to_grid(self.to_patch_embedding(x), size // self.patch_size)
+
+    def forward_features(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "dim fmap fmap"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, image_size, image_size)`.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the last level's map after the head's channel LayerNorm, `(channels,
+        fmap, fmap)` with `fmap = image_size // (patch_size · 2^(num_hierarchies - 1))`
+        (timm's `forward_features`).
+        """
+        x = self._embed(x)
+        check_key(self, key)
+        for level, level_key in zip(self.levels, split_key(key, len(self.levels)), strict=True):
+            x = level(x, key=level_key)
+        return self.norm(x)
+
+    def forward_head(
+        self, x: Float[Array, "dim fmap fmap"], *, pre_logits: bool = False
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
+        """**Arguments:**
+
+        - `x`: the map from `forward_features`.
+        - `pre_logits`: return the pooled features instead of the logits.
+
+        **Returns:** the logits, or the mean of the map `(channels,)` with `pre_logits` or
+        without a head.
+        """
+        pooled = x.mean(axis=(1, 2))
+        if pre_logits or self.mlp_head is None:
+            return pooled
+        return self.mlp_head(pooled)
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFmt = "map",
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """The final features and the output maps of chosen levels.
+
+        **Arguments:**
+
+        - `x`: one image, `(channels, image_size, image_size)`.
+        - `indices`: which levels (see `feature_info`): `None` for all, an int `n` for the
+          last `n`, or a sequence of level indices (negative from the end).
+        - `norm`: apply the head's channel LayerNorm to the last level's output (the only
+          one it fits, as in timm).
+        - `output_fmt`: `"map"` for `(channels, h, w)` maps, `"tokens"` for `(h * w,
+          channels)` sequences.
+        - `intermediates_only`: return the list of outputs only.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** `(forward_features(x), outputs)`, or `outputs` with
+        `intermediates_only`; `outputs` is a list in the order of `indices`, each level's map
+        after its blocks and before its aggregation. The blocks run in their scanned stacks.
+        """
+        name = type(self).__name__
+        check_output_fmt(output_fmt, name)
+        chosen = feature_indices(indices, len(self.levels), name)
+        x = self._embed(x)
+        check_key(self, key)
+        last = len(self.levels) - 1
+        maps = []
+        for level, level_key in zip(self.levels, split_key(key, len(self.levels)), strict=True):
+            y = level.encode(x, key=level_key)
+            maps.append(y)
+            x = level.aggregate(y)
+        final = self.norm(x)
+        outputs = []
+        for i in chosen:
+            y = final if norm and i == last else maps[i]
+            outputs.append(grid_to_tokens(y) if output_fmt == "tokens" else y)
+        return outputs if intermediates_only else (final, outputs)
+
+    def set_image_size(self, image_size: tuple[int, int]) -> "NesT":
+        """This model for `(height, width)` images (square, as the model takes): the
+        number of blocks per level is kept and their side changes, each level's position
+        embedding resized bicubically as timm's `resize_pos_embed` does (see
+        [`set_image_size`][eqx_vision.set_image_size]). The patch grid must be divisible by
+        the blocks per side of the first level."""
+        name = type(self).__name__
+        height, width = (int(image_size[0]), int(image_size[1]))
+        if height != width:
+            raise ValueError(f"{name} takes square images; got image_size {(height, width)}.")
+        if height == self.image_size:
+            return self
+        dims = self._level_dims()
+        heads = tuple(1 for _ in dims)
+        block, _, _ = _level_sizes(height, self.patch_size, len(self.levels), dims, heads, name)
+        levels = [level.with_block(block) for level in self.levels]
+        return replace(self, levels=levels, image_size=height)
+
+    def reset_head(self, num_classes: int, *, key: PRNGKeyArray | None = None) -> "NesT":
+        """This model with a new classifier of `num_classes` outputs, or none for `0` (see
+        [`reset_head`][eqx_vision.reset_head])."""
+        head = None
+        if num_classes > 0:
+            assert key is not None
+            head = Linear(self.norm.weight.shape[0], num_classes, key=key)
+        return eqx.tree_at(lambda m: m.mlp_head, self, head, is_leaf=lambda n: n is None)
+
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " num_classes"]:
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
         """**Arguments:**
 
         - `x`: one image, `(channels, image_size, image_size)`.
         - `key`: a `jax.random.key`, needed only for dropout in training mode.
 
         **Returns:** the logits, `(num_classes,)`; with `num_classes=0`, the pooled
-        features, `(channels_of_the_last_level,)`.
+        features, `(channels_of_the_last_level,)`: `forward_head(forward_features(x))`.
         """
-        size = self.image_size
-        check_image(x, (self.channels, size, size), type(self).__name__)
-        check_key(self, key)
-        tokens = self.to_patch_embedding(x)
-        x = tokens_to_grid(tokens, size // self.patch_size)
-        for level, level_key in zip(self.levels, split_key(key, len(self.levels)), strict=True):
-            x = level(x, key=level_key)
-        pooled = self.norm(x).mean(axis=(1, 2))
-        return pooled if self.mlp_head is None else self.mlp_head(pooled)
+        return self.forward_head(self.forward_features(x, key=key))
 
 
 def _level_sizes(

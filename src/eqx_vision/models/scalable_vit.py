@@ -5,7 +5,7 @@ Yang et al., 2022, https://arxiv.org/abs/2203.10790.
 
 import math
 from collections.abc import Sequence
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import equinox as eqx
 import jax.random as jr
@@ -22,10 +22,20 @@ from ..layers import (
     Stack,
     check_key,
     check_windowed_image,
+    grid_to_tokens,
     size_multiple as find_size_multiple,
     split_key,
 )
-from ..layers._checks import Minimum, NonEmpty, PerStage, Positive, Rate, checked_arguments
+from ..layers._checks import (
+    Minimum,
+    NonEmpty,
+    NonNegative,
+    PerStage,
+    Positive,
+    Rate,
+    checked_arguments,
+)
+from ._backbone import FeatureInfo, OutputFmt, check_output_fmt, feature_indices
 
 
 # One value for every stage or one per stage (the reference's `cast_tuple(value, len(depth))`),
@@ -95,13 +105,20 @@ class ScalableBlock(eqx.Module):
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "channels height width"]:
-        k1, k2, k3, k4 = split_key(key, 4)
+        first_key, iwsa_key = split_key(key, 2)
+        x = self.before_iwsa(x, key=first_key)
+        return x + self.iwsa(x, key=iwsa_key)
+
+    def before_iwsa(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "channels height width"]:
+        """SSA, FF, [PEG], FF: the input of the windowed attention."""
+        k1, k2, k3 = split_key(key, 3)
         x = x + self.ssa(x, key=k1)
         x = x + self.ff1(x, key=k2)
         if self.peg is not None:
             x = self.peg(x)
-        x = x + self.ff2(x, key=k3)
-        return x + self.iwsa(x, key=k4)
+        return x + self.ff2(x, key=k3)
 
 
 class ScalableStage(eqx.Module):
@@ -127,9 +144,11 @@ class ScalableStage(eqx.Module):
             None if last else Conv2d(dim, 2 * dim, 3, stride=2, padding=1, key=down_key)
         )
 
-    def __call__(
+    def encode(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "out_channels out_height out_width"]:
+    ) -> Float[Array, "channels height width"]:
+        """The blocks and the channel LayerNorm: the stage's output map (vit-pytorch's
+        `Transformer`), before the downsampling."""
         first_key, rest_key = split_key(key, 2)
         if self.first is not None:
             x = self.first(x, key=first_key)
@@ -137,6 +156,12 @@ class ScalableStage(eqx.Module):
             x = self.rest(x, key=rest_key)
         if self.norm is not None:
             x = self.norm(x)
+        return x
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "out_channels out_height out_width"]:
+        x = self.encode(x, key=key)
         if self.downsample is not None:
             x = self.downsample(x)
         return x
@@ -174,7 +199,7 @@ class ScalableViT(eqx.Module):
     to_patches: Conv2d
     stages: tuple[ScalableStage, ...]
     norm: LayerNorm
-    head: Linear
+    head: Linear | None
     channels: int = eqx.field(static=True)
     reduction_factor: tuple[int, ...] = eqx.field(static=True)
     window_size: tuple[int | None, ...] = eqx.field(static=True)
@@ -185,7 +210,7 @@ class ScalableViT(eqx.Module):
     def __init__(
         self,
         *,
-        num_classes: Positive,
+        num_classes: NonNegative,
         dim: Positive,
         depth: Annotated[Sequence[int], NonEmpty(), Minimum(0)],
         heads: StageInts,
@@ -202,7 +227,7 @@ class ScalableViT(eqx.Module):
     ):
         """**Arguments:**
 
-        - `num_classes`: number of output logits.
+        - `num_classes`: number of output logits; `0` returns the pooled features instead.
         - `dim`: channels of the first stage; stage `i` has `dim * 2**i`.
         - `depth`: a tuple, the number of blocks of each stage; its length is the number
           of stages.
@@ -257,7 +282,7 @@ class ScalableViT(eqx.Module):
         )
         last_dim = dim * 2 ** (num_stages - 1)
         self.norm = LayerNorm(last_dim)
-        self.head = Linear(last_dim, num_classes, key=keys[-1])
+        self.head = Linear(last_dim, num_classes, key=keys[-1]) if num_classes else None
         self.channels = channels
         self.reduction_factor = per_stage["reduction_factor"]
         self.window_size = windows
@@ -280,17 +305,7 @@ class ScalableViT(eqx.Module):
                 return f"the stage-{i + 1} map side {n} is not a multiple of window_size {w}"
         return None
 
-    def __call__(
-        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " num_classes"]:
-        """**Arguments:**
-
-        - `x`: one image, `(channels, height, width)`, with sides the windows fit (see the
-          class docstring).
-        - `key`: a `jax.random.key`, needed only for dropout in training mode.
-
-        **Returns:** the logits, `(num_classes,)`.
-        """
+    def _check(self, x: Float[Array, "channels height width"]) -> None:
         check_windowed_image(
             x,
             self.channels,
@@ -299,9 +314,135 @@ class ScalableViT(eqx.Module):
             self.smallest_size,
             type(self).__name__,
         )
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The outputs of `forward_intermediates`: each stage's map after its blocks and its
+        channel LayerNorm (before the downsampling), stage `i` of stride `4 · 2^i`."""
+        dim = self.to_patches.weight.shape[0]
+        return tuple(
+            FeatureInfo(i, f"stages[{i}]", dim * 2**i, (4 * 2**i, 4 * 2**i))
+            for i in range(len(self.stages))
+        )
+
+    def forward_features(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "dim h w"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`, with sides the windows fit (see the
+          class docstring).
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the last stage's map `(channels, h, w)` (the head's LayerNorm follows
+        the pooling, in `forward_head`).
+        """
+        self._check(x)
         check_key(self, key)
-        keys = split_key(key, len(self.stages))
         x = self.to_patches(x)
-        for stage, stage_key in zip(self.stages, keys, strict=True):
+        for stage, stage_key in zip(self.stages, split_key(key, len(self.stages)), strict=True):
             x = stage(x, key=stage_key)
-        return self.head(self.norm(x.mean(axis=(1, 2))))
+        return x
+
+    def forward_head(
+        self, x: Float[Array, "dim h w"], *, pre_logits: bool = False
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
+        """**Arguments:**
+
+        - `x`: the map from `forward_features`.
+        - `pre_logits`: return the pooled features instead of the logits.
+
+        **Returns:** the logits, or with `pre_logits` or without a head the mean of the
+        map after the LayerNorm, `(channels,)`.
+        """
+        pooled = self.norm(x.mean(axis=(1, 2)))
+        if pre_logits or self.head is None:
+            return pooled
+        return self.head(pooled)
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFmt = "map",
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """The final features and the output maps of chosen stages.
+
+        **Arguments:**
+
+        - `x`: one image, as `__call__` takes it.
+        - `indices`: which stages (see `feature_info`): `None` for all, an int `n` for the
+          last `n`, or a sequence of stage indices (negative from the end).
+        - `norm`: no effect: every stage but the last ends with its own channel LayerNorm,
+          and the head's LayerNorm acts on the pooled vector, not on a map.
+        - `output_fmt`: `"map"` for `(channels, h, w)` maps, `"tokens"` for `(h * w,
+          channels)` sequences.
+        - `intermediates_only`: return the list of outputs only.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** `(forward_features(x), outputs)`, or `outputs` with
+        `intermediates_only`; `outputs` is a list in the order of `indices`. The blocks run
+        in their scanned stacks.
+        """
+        del norm
+        name = type(self).__name__
+        check_output_fmt(output_fmt, name)
+        chosen = feature_indices(indices, len(self.stages), name)
+        self._check(x)
+        check_key(self, key)
+        x = self.to_patches(x)
+        maps = []
+        for stage, stage_key in zip(self.stages, split_key(key, len(self.stages)), strict=True):
+            x = stage.encode(x, key=stage_key)
+            maps.append(x)
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        outputs = [grid_to_tokens(maps[i]) if output_fmt == "tokens" else maps[i] for i in chosen]
+        return outputs if intermediates_only else (x, outputs)
+
+    def set_image_size(self, image_size: tuple[int, int]) -> "ScalableViT":
+        """This model for `(height, width)` images: itself, which takes every size whose
+        stage maps its windows tile and its reductions fit (it has no position embeddings,
+        and its windows are fixed in pixels of each stage's map), or a `ValueError` naming
+        why a side does not fit (see [`set_image_size`][eqx_vision.set_image_size])."""
+        name = type(self).__name__
+        for side, axis in zip(image_size, ("height", "width"), strict=True):
+            reason = f"it has {side} pixels" if side < 1 else self._fit(int(side))
+            if reason is not None:
+                hint = (
+                    f"sides that are multiples of {self.size_multiple} fit"
+                    if self.size_multiple is not None
+                    else f"the smallest side that fits is {self.smallest_size}"
+                )
+                raise ValueError(
+                    f"{name} cannot take images of size {tuple(image_size)}: for the {axis}, "
+                    f"{reason}; {hint}."
+                )
+        return self
+
+    def reset_head(self, num_classes: int, *, key: PRNGKeyArray | None = None) -> "ScalableViT":
+        """This model with a new classifier of `num_classes` outputs after the head's
+        LayerNorm, or none for `0` (see [`reset_head`][eqx_vision.reset_head])."""
+        head = None
+        if num_classes > 0:
+            assert key is not None
+            head = Linear(self.norm.weight.shape[0], num_classes, key=key)
+        return eqx.tree_at(lambda m: m.head, self, head, is_leaf=lambda n: n is None)
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`, with sides the windows fit (see the
+          class docstring).
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the logits, `(num_classes,)`; with `num_classes=0`, the pooled
+        features after the LayerNorm: `forward_head(forward_features(x))`.
+        """
+        return self.forward_head(self.forward_features(x, key=key))

@@ -4,6 +4,7 @@ Chu et al., 2021, https://arxiv.org/abs/2104.13840.
 """
 
 import math
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import equinox as eqx
@@ -20,6 +21,7 @@ from ..layers import (
     Stack,
     check_image,
     check_key,
+    grid_to_tokens,
     split_key,
     tokens_to_grid,
 )
@@ -32,6 +34,7 @@ from ..layers._checks import (
     Rate,
     checked_arguments,
 )
+from ._backbone import FeatureInfo, OutputFmt, check_output_fmt, feature_indices
 
 
 HEADS = 8
@@ -109,14 +112,33 @@ class TwinsBlock(eqx.Module):
 
         **Returns:** a map of the same shape as `x`.
         """
-        keys = split_key(key, 4)
+        local_key, global_key = split_key(key, 2)
+        return self.global_half(self.local_half(x, peg=peg, key=local_key), key=global_key)
+
+    def local_half(
+        self,
+        x: Float[Array, "channels height width"],
+        *,
+        peg: PEG | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "channels height width"]:
+        """The local attention and its feed-forward (if any), then `peg`: the input of the
+        global attention."""
+        keys = split_key(key, 2)
         if self.local_attn is not None and self.local_ff is not None:
             x = x + self.local_attn(x, key=keys[0])
             x = x + self.local_ff(x, key=keys[1])
         if peg is not None:
             x = peg(x)
-        x = x + self.global_attn(x, key=keys[2])
-        return x + self.global_ff(x, key=keys[3])
+        return x
+
+    def global_half(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "channels height width"]:
+        """The global sub-sampled attention and its feed-forward."""
+        keys = split_key(key, 2)
+        x = x + self.global_attn(x, key=keys[0])
+        return x + self.global_ff(x, key=keys[1])
 
 
 class TwinsStage(eqx.Module):
@@ -173,15 +195,24 @@ class TwinsStage(eqx.Module):
         self, x: Float[Array, "channels_in height_in width_in"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "channels height width"]:
         first_key, blocks_key = split_key(key, 2)
-        tokens = self.to_patch_embedding(x)
-        x = tokens_to_grid(tokens, x.shape[1] // self.patch_size)
-        if self.peg_after_local:
-            x = self.first(x, peg=self.peg, key=first_key)
-        else:
-            x = self.peg(self.first(x, key=first_key))
+        x = self.first_block(self.embed(x), key=first_key)
         if self.blocks is not None:
             x = self.blocks(x, key=blocks_key)
         return x
+
+    def embed(
+        self, x: Float[Array, "channels_in height_in width_in"]
+    ) -> Float[Array, "channels height width"]:
+        """The patch embedding, as a map."""
+        return tokens_to_grid(self.to_patch_embedding(x), x.shape[1] // self.patch_size)
+
+    def first_block(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "channels height width"]:
+        """The first block and the PEG (inside it with `peg_after_local`)."""
+        if self.peg_after_local:
+            return self.first(x, peg=self.peg, key=key)
+        return self.peg(self.first(x, key=key))
 
 
 class TwinsSVT(eqx.Module):
@@ -329,9 +360,135 @@ class TwinsSVT(eqx.Module):
         self.mlp_head = Linear(dim, num_classes, key=stage_keys[4]) if num_classes else None
         self.channels = channels
 
+    def _check_size(self, height: int, width: int) -> None:
+        m, low = self.size_multiple, self.min_size
+        if any(side % m or side < low for side in (height, width)):
+            raise ValueError(
+                f"{type(self).__name__} takes images whose height and width are multiples of "
+                f"{m} and at least {low} (so that every stage's windows tile its map and its "
+                f"key/value convolution fits); got {height}x{width}."
+            )
+
+    def _check(self, x: Float[Array, "channels height width"]) -> None:
+        check_image(x, (self.channels, None, None), type(self).__name__)
+        self._check_size(x.shape[1], x.shape[2])
+
+    def _final_norm(self, x: Float[Array, "dim h w"]) -> Float[Array, "dim h w"]:
+        if self.norm is None:
+            return x
+        return self.norm(x.transpose(1, 2, 0)).transpose(2, 0, 1)
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The outputs of `forward_intermediates`: each stage's output map, of stride the
+        product of the patch sizes so far."""
+        info, stride = [], 1
+        for i, stage in enumerate(self.stages):
+            stride *= stage.patch_size
+            dim = stage.to_patch_embedding.linear.weight.shape[0]
+            info.append(FeatureInfo(i, f"stages[{i}]", dim, (stride, stride)))
+        return tuple(info)
+
+    def forward_features(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "dim h w"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`, each side a multiple of
+          `size_multiple` and at least `min_size`.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the last stage's map `(s4_emb_dim, h, w)`, after the final norm with
+        `final_norm` (timm's `forward_features`, as a map).
+        """
+        self._check(x)
+        check_key(self, key)
+        for stage, stage_key in zip(self.stages, split_key(key, 4), strict=True):
+            x = stage(x, key=stage_key)
+        return self._final_norm(x)
+
+    def forward_head(
+        self, x: Float[Array, "dim h w"], *, pre_logits: bool = False
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
+        """**Arguments:**
+
+        - `x`: the map from `forward_features`.
+        - `pre_logits`: return the pooled features instead of the logits.
+
+        **Returns:** the logits, or the mean of the map `(s4_emb_dim,)` with `pre_logits`
+        or without a head.
+        """
+        pooled = x.mean(axis=(1, 2))
+        if pre_logits or self.mlp_head is None:
+            return pooled
+        return self.mlp_head(pooled)
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFmt = "map",
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """The final features and the output maps of chosen stages.
+
+        **Arguments:**
+
+        - `x`: one image, as `__call__` takes it.
+        - `indices`: which stages (see `feature_info`): `None` for all, an int `n` for the
+          last `n`, or a sequence of stage indices (negative from the end).
+        - `norm`: apply the final norm (with `final_norm`) to the last stage's output, the
+          only one it fits (as timm).
+        - `output_fmt`: `"map"` for `(channels, h, w)` maps, `"tokens"` for `(h * w,
+          channels)` sequences.
+        - `intermediates_only`: return the list of outputs only.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** `(forward_features(x), outputs)`, or `outputs` with
+        `intermediates_only`; `outputs` is a list in the order of `indices`. The blocks run
+        in their scanned stacks.
+        """
+        name = type(self).__name__
+        check_output_fmt(output_fmt, name)
+        chosen = feature_indices(indices, len(self.stages), name)
+        self._check(x)
+        check_key(self, key)
+        maps = []
+        for stage, stage_key in zip(self.stages, split_key(key, 4), strict=True):
+            x = stage(x, key=stage_key)
+            maps.append(x)
+        final = self._final_norm(x)
+        outputs = []
+        for i in chosen:
+            y = final if norm and i == len(self.stages) - 1 else maps[i]
+            outputs.append(grid_to_tokens(y) if output_fmt == "tokens" else y)
+        return outputs if intermediates_only else (final, outputs)
+
+    def set_image_size(self, image_size: tuple[int, int]) -> "TwinsSVT":
+        """This model for `(height, width)` images: itself, which takes every size whose
+        sides are multiples of `size_multiple` and at least `min_size` (it has no position
+        embeddings; its windows and key/value reductions are fixed in pixels of each stage's
+        map), or a `ValueError` for another size (see
+        [`set_image_size`][eqx_vision.set_image_size])."""
+        self._check_size(int(image_size[0]), int(image_size[1]))
+        return self
+
+    def reset_head(self, num_classes: int, *, key: PRNGKeyArray | None = None) -> "TwinsSVT":
+        """This model with a new classifier of `num_classes` outputs, or none for `0` (see
+        [`reset_head`][eqx_vision.reset_head])."""
+        head = None
+        if num_classes > 0:
+            assert key is not None
+            dim = self.feature_info[-1].channels
+            head = Linear(dim, num_classes, key=key)
+        return eqx.tree_at(lambda m: m.mlp_head, self, head, is_leaf=lambda n: n is None)
+
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " num_classes"]:
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
         """**Arguments:**
 
         - `x`: one image, `(channels, height, width)`, each side a multiple of
@@ -339,24 +496,9 @@ class TwinsSVT(eqx.Module):
         - `key`: a `jax.random.key`, needed only for dropout in training mode.
 
         **Returns:** the logits, `(num_classes,)`; with `num_classes=0`, the pooled
-        features, `(s4_emb_dim,)`.
+        features, `(s4_emb_dim,)`: `forward_head(forward_features(x))`.
         """
-        name = type(self).__name__
-        check_image(x, (self.channels, None, None), name)
-        m, low = self.size_multiple, self.min_size
-        if any(side % m or side < low for side in x.shape[1:]):
-            raise ValueError(
-                f"{name} takes images whose height and width are multiples of {m} and at least "
-                f"{low} (so that every stage's windows tile its map and its key/value "
-                f"convolution fits); got shape {tuple(x.shape)}."
-            )
-        check_key(self, key)
-        for stage, stage_key in zip(self.stages, split_key(key, 4), strict=True):
-            x = stage(x, key=stage_key)
-        if self.norm is not None:
-            x = self.norm(x.transpose(1, 2, 0)).transpose(2, 0, 1)
-        pooled = x.mean(axis=(1, 2))
-        return pooled if self.mlp_head is None else self.mlp_head(pooled)
+        return self.forward_head(self.forward_features(x, key=key))
 
 
 def _stages(

@@ -12,6 +12,7 @@ from .._state_dict import (
     convert_map_attention,
     convert_map_feedforward,
     convert_stack,
+    required,
 )
 
 
@@ -67,6 +68,6 @@ def convert_scalable_vit(model: ScalableViT, sd: StateDict) -> ScalableViT:
             convert_conv(model.to_patches, sd, "to_patches."),
             tuple(stages),
             convert_layernorm(model.norm, sd, "mlp_head.1."),
-            convert_linear(model.head, sd, "mlp_head.2."),
+            convert_linear(required(model.head, "the classifier"), sd, "mlp_head.2."),
         ),
     )

@@ -887,6 +887,7 @@ def _initial_model(settings: dict[str, Any], raw: Any) -> tuple[Any, tuple[Any, 
 
     spec = settings["init"]
     shown = _printable(spec)
+    source = None
     if spec.startswith(TIMM_PREFIX):
         model, state, data_config = _open_init_pretrained(spec)
         source_size = tuple(data_config.input_size[1:])
@@ -912,7 +913,7 @@ def _initial_model(settings: dict[str, Any], raw: Any) -> tuple[Any, tuple[Any, 
         model = set_image_size(model, size)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--init {shown}: {_printable(str(e))}") from None
-    if spec.startswith(TIMM_PREFIX):
+    if source is None:
         kwargs = {"num_classes": raw.num_classes}
         config = _timm_config_class()(arch, kwargs, size, channels, None, timm=spec)
     else:

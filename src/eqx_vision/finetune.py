@@ -81,6 +81,7 @@ from .layers import BatchNorm, ChannelLayerNorm, LayerNorm, Stack
 __all__ = [
     "DECAY_LABELS",
     "LABELS",
+    "as_function",
     "freeze_updates",
     "frozen_mask",
     "layer_decay_scales",
@@ -291,7 +292,8 @@ def frozen_mask(model: PyTree, freeze: int) -> PyTree[np.ndarray]:
             f"freeze must be in [0, {count}] for {type(model).__name__}, which has {count} "
             f"blocks (0: nothing frozen; {count}: every block); got {freeze}."
         )
-    return jax.tree_util.tree_unflatten(treedef, [i <= freeze if freeze else i < 0 for i in ids])
+    frozen = [np.asarray(i <= freeze if freeze else i < 0) for i in ids]
+    return jax.tree_util.tree_unflatten(treedef, frozen)
 
 
 def _broadcast(factor: Any, update: Array) -> Array:
@@ -300,8 +302,20 @@ def _broadcast(factor: Any, update: Array) -> Array:
     return factor.reshape(factor.shape + (1,) * (update.ndim - factor.ndim))
 
 
+def _is_function(tree: Any) -> bool:
+    """Whether `tree` is a function of the parameters rather than a tree (a tree of the
+    structure of an Equinox model is a module, and modules are callable)."""
+    return callable(tree) and not isinstance(tree, eqx.Module)
+
+
+def as_function(tree: PyTree | Callable[[PyTree], PyTree]) -> Callable[[PyTree], PyTree]:
+    """`tree` as a function of the parameters (a tree gives a constant function), the form
+    optax's `mask` arguments take unambiguously."""
+    return tree if _is_function(tree) else (lambda params: tree)
+
+
 def _tree_or_call(tree: PyTree | Callable[[PyTree], PyTree], updates: PyTree) -> PyTree:
-    return tree(updates) if callable(tree) else tree
+    return as_function(tree)(updates)
 
 
 def scale_updates(

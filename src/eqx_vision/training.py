@@ -102,6 +102,7 @@ from .data import Dataset
 from .finetune import (
     DECAY_LABELS as DECAY_LABELS,
     LABELS as LABELS,
+    as_function,
     freeze_updates as freeze_updates,
     frozen_mask as frozen_mask,
     layer_decay_scales as layer_decay_scales,
@@ -284,9 +285,9 @@ def make_optimizer(
         raise ValueError(f"skip_non_finite must be an int; got {skip_non_finite!r}.")
     if skip_non_finite < 0:
         raise ValueError(f"skip_non_finite must be >= 0; got {skip_non_finite}.")
-    optimizer = optax.adamw(
-        schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask
-    )
+    # A mask tree of a model's structure is an Equinox module, which optax would call.
+    mask = None if weight_decay_mask is None else as_function(weight_decay_mask)
+    optimizer = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask)
     if clip_norm is not None:
         optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
     if layer_scales is not None:

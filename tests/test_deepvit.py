@@ -97,7 +97,6 @@ def test_training_mode_needs_key_and_is_random():
         (dict(patch_size=(8, 8)), "patch_size"),
         (dict(image_size=30), "image_size"),
         (dict(pool="max"), "pool"),
-        (dict(num_classes=0), "num_classes"),
         (dict(channels=0), "channels"),
         (dict(depth=0), "depth"),
         (dict(dim_head=0), "dim_head"),

@@ -110,7 +110,6 @@ def test_training_mode_needs_key_and_is_random():
         (dict(image_size=(32, 36)), "image_size"),
         (dict(patch_size=(8, 3)), "patch_size"),
         (dict(pool="max"), "pool"),
-        (dict(num_classes=0), "num_classes"),
         (dict(channels=0), "channels"),
         (dict(depth=0), "depth"),
         (dict(heads=0), "heads"),

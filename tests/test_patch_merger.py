@@ -128,7 +128,6 @@ def test_split_encoder():
         (dict(depth=1), "patch_merge_layer"),  # the default depth // 2 is 0
         (dict(depth=0), "depth"),
         (dict(patch_merge_num_tokens=0), "patch_merge_num_tokens"),
-        (dict(num_classes=0), "num_classes"),
         (dict(channels=0), "channels"),
     ],
 )

@@ -88,7 +88,6 @@ def test_key_is_optional_and_ignored():
         (dict(image_size=30), "image_size"),
         (dict(image_size=(32, 36)), "image_size"),
         (dict(patch_size=(8, 0)), "patch_size"),
-        (dict(num_classes=0), "num_classes"),
         (dict(channels=0), "channels"),
         (dict(depth=0), "depth"),
         (dict(heads=0), "heads"),

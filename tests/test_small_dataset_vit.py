@@ -179,7 +179,6 @@ def test_training_mode_needs_key():
         (dict(patch_size=(8, 8)), "patch_size"),
         (dict(patch_size=0), "patch_size"),
         (dict(pool="max"), "pool"),
-        (dict(num_classes=0), "num_classes"),
         (dict(dim=0), "dim"),
         (dict(depth=0), "depth"),
         (dict(heads=0), "heads"),

@@ -3,9 +3,11 @@
 Touvron et al., 2021, https://arxiv.org/abs/2103.17239.
 """
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal, cast
 
 import equinox as eqx
+import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
@@ -17,10 +19,15 @@ from ..layers import (
     check_divisible,
     check_image,
     check_key,
+    pair,
+    replace,
+    resample_pos_embed,
     split_key,
+    tokens_to_grid,
 )
 from ..layers._checks import NonNegative, Positive, Rate, checked_arguments
 from ..layers._init import normal
+from ._backbone import FeatureInfo, OutputFmt, check_output_fmt, feature_indices
 
 
 class CaiT(eqx.Module):
@@ -54,7 +61,8 @@ class CaiT(eqx.Module):
     - In the class attention, only the class token is layer-normalised; the patch tokens
       it attends to enter the keys and values as they leave the patch transformer, which
       has no final LayerNorm.
-    - Image and patch sizes are single ints (square).
+    - Image and patch sizes are single ints (square); `set_image_size` may give the model
+      another, non-square, size (then a `(height, width)` pair).
 
     Deliberate differences:
 
@@ -65,6 +73,11 @@ class CaiT(eqx.Module):
       reference draws one set per batch.
     - An image of any other size than `image_size` is rejected, where the reference
       silently adds the wrong position embeddings to a smaller one.
+
+    As a backbone (as timm's `Cait`): `forward_features` returns `[class token; patch
+    tokens]` after `head_norm` (timm's final norm over all the tokens), and the
+    intermediate outputs are the patch tokens after each self-attention block; the
+    class-attention blocks update the class token only, so have no feature maps.
     """
 
     to_patch_embedding: PatchEmbedding
@@ -75,7 +88,7 @@ class CaiT(eqx.Module):
     cls_transformer: Transformer
     head_norm: LayerNorm
     mlp_head: Linear | None
-    image_size: int = eqx.field(static=True)
+    image_size: int | tuple[int, int] = eqx.field(static=True)
     channels: int = eqx.field(static=True)
 
     @checked_arguments
@@ -193,9 +206,146 @@ class CaiT(eqx.Module):
         self.image_size = size
         self.channels = channels
 
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """The `(height, width)` of a patch."""
+        return cast(tuple[int, int], tuple(self.to_patch_embedding.patch_size))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The `(height, width)` of the patch grid."""
+        (h, w), (ph, pw) = pair(self.image_size, "image_size"), self.patch_size
+        return h // ph, w // pw
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The outputs of `forward_intermediates`: the patch tokens after each block of the
+        patch transformer, as `(dim, grid_h, grid_w)` maps of stride `patch_size`."""
+        dim = self.pos_embedding.shape[1]
+        return tuple(
+            FeatureInfo(i, f"patch_transformer.layers[{i}]", dim, self.patch_size)
+            for i in range(self.patch_transformer.layers.depth)
+        )
+
+    def embed(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq dim"]:
+        """The patch tokens the patch transformer takes: the patch embeddings plus the
+        position embeddings, after the embedding dropout (with `key`)."""
+        check_image(x, (self.channels, *pair(self.image_size, "image_size")), type(self).__name__)
+        tokens = self.to_patch_embedding(x)
+        tokens = tokens + self.pos_embedding.astype(tokens.dtype)
+        return self.dropout(tokens, key=key)
+
+    def _class_attend(
+        self, patches: Float[Array, "seq dim"], key: PRNGKeyArray | None
+    ) -> Float[Array, "tokens dim"]:
+        """`head_norm([class token; patches])`, the class token updated by the
+        class-attention blocks."""
+        cls = self.cls_transformer(self.cls_token.astype(patches.dtype), patches, key=key)
+        return self.head_norm(jnp.concatenate([cls, patches], axis=0))
+
+    def forward_features(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "tokens dim"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`.
+        - `key`: a `jax.random.key`, needed only in training mode with a non-zero
+          `dropout`, `emb_dropout` or `layer_dropout`.
+
+        **Returns:** `[class token; patch tokens]`, `(1 + grid_h * grid_w, dim)`, after
+        `head_norm` (as timm's `forward_features`).
+        """
+        check_key(self, key)
+        emb_key, patch_key, cls_key = split_key(key, 3)
+        patches = self.patch_transformer(self.embed(x, key=emb_key), key=patch_key)
+        return self._class_attend(patches, cls_key)
+
+    def forward_head(
+        self, x: Float[Array, "seq dim"], *, pre_logits: bool = False
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
+        """**Arguments:**
+
+        - `x`: the tokens from `forward_features`.
+        - `pre_logits`: return the pooled features instead of the logits.
+
+        **Returns:** the logits, or with `pre_logits` or without a head the normalised
+        class token `(dim,)`.
+        """
+        if pre_logits or self.mlp_head is None:
+            return x[0]
+        return self.mlp_head(x[0])
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFmt = "map",
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """The final features and the patch tokens after chosen blocks of the patch
+        transformer (timm's `forward_intermediates` of `Cait`).
+
+        **Arguments:**
+
+        - `x`: one image, `(channels, height, width)`.
+        - `indices`: which blocks (see `feature_info`): `None` for all, an int `n` for the
+          last `n`, or a sequence of block indices (negative from the end).
+        - `norm`: apply `head_norm` (timm's final norm) to each output.
+        - `output_fmt`: `"map"` for `(dim, grid_h, grid_w)` maps, `"tokens"` for the
+          tokens `(grid_h * grid_w, dim)` (the class token is not among them yet).
+        - `intermediates_only`: return the list of outputs only (the class-attention
+          blocks are then not run).
+        - `key`: as in `forward_features`.
+
+        **Returns:** `(forward_features(x), outputs)`, or `outputs` with
+        `intermediates_only`; `outputs` is a list in the order of `indices`. The blocks run
+        in their scanned stacks.
+        """
+        name = type(self).__name__
+        check_output_fmt(output_fmt, name)
+        chosen = feature_indices(indices, self.patch_transformer.layers.depth, name)
+        check_key(self, key)
+        emb_key, patch_key, cls_key = split_key(key, 3)
+        patches, stacked = self.patch_transformer.forward_intermediates(
+            self.embed(x, key=emb_key), key=patch_key
+        )
+        assert stacked is not None
+        outputs = []
+        for i in chosen:
+            y = self.head_norm(stacked[i]) if norm else stacked[i]
+            outputs.append(tokens_to_grid(y, self.grid[0]) if output_fmt == "map" else y)
+        if intermediates_only:
+            return outputs
+        return self._class_attend(patches, cls_key), outputs
+
+    def set_image_size(self, image_size: tuple[int, int]) -> "CaiT":
+        """This model for `(height, width)` images: the position embeddings resampled (see
+        [`set_image_size`][eqx_vision.set_image_size]); the patch size must divide the new
+        size (with `patch_embedding="conv"` too)."""
+        hw = (int(image_size[0]), int(image_size[1]))
+        if hw == pair(self.image_size, "image_size"):
+            return self
+        grid = check_divisible(hw, self.patch_size)
+        pos = resample_pos_embed(self.pos_embedding, grid, self.grid)
+        return replace(self, pos_embedding=pos, image_size=hw[0] if hw[0] == hw[1] else hw)
+
+    def reset_head(self, num_classes: int, *, key: PRNGKeyArray | None = None) -> "CaiT":
+        """This model with a new linear classifier of `num_classes` outputs, or none for
+        `0` (see [`reset_head`][eqx_vision.reset_head])."""
+        head = None
+        if num_classes > 0:
+            assert key is not None
+            head = Linear(self.pos_embedding.shape[1], num_classes, key=key)
+        return eqx.tree_at(lambda m: m.mlp_head, self, head, is_leaf=lambda n: n is None)
+
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " num_classes"]:
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
         """**Arguments:**
 
         - `x`: one image, `(channels, image_size, image_size)`.
@@ -203,15 +353,6 @@ class CaiT(eqx.Module):
           `dropout`, `emb_dropout` or `layer_dropout`.
 
         **Returns:** the logits, `(num_classes,)`; without a head (`num_classes=0`), the
-        normalised class token, `(dim,)`.
+        normalised class token, `(dim,)`: `forward_head(forward_features(x, key=key))`.
         """
-        check_image(x, (self.channels, self.image_size, self.image_size), type(self).__name__)
-        check_key(self, key)
-        emb_key, patch_key, cls_key = split_key(key, 3)
-        tokens = self.to_patch_embedding(x)
-        tokens = tokens + self.pos_embedding.astype(tokens.dtype)
-        tokens = self.dropout(tokens, key=emb_key)
-        tokens = self.patch_transformer(tokens, key=patch_key)
-        cls = self.cls_transformer(self.cls_token.astype(tokens.dtype), tokens, key=cls_key)
-        pooled = self.head_norm(cls[0])
-        return pooled if self.mlp_head is None else self.mlp_head(pooled)
+        return self.forward_head(self.forward_features(x, key=key))

@@ -17,7 +17,7 @@ from ..layers import (
     Transformer,
     check_divisible,
 )
-from ..layers._checks import Positive, Rate, checked_arguments
+from ..layers._checks import NonNegative, Positive, Rate, checked_arguments
 from ..layers._init import normal
 
 
@@ -48,8 +48,10 @@ class DeepViT(AbstractClassTokenViT):
       dropped here: `pos_embedding` is `(num_patches + 1, dim)`, `cls_token` is `(1, dim)`.
 
     Images and patches are square (`image_size` and `patch_size` are ints), as in the
-    reference. Unlike the reference, which silently adds the wrong position embeddings to a
-    smaller image, an image of any other size than `image_size` is rejected.
+    reference; `set_image_size` may give the model another, non-square, size (then a
+    `(height, width)` pair). Unlike the reference, which silently adds the wrong position
+    embeddings to a smaller image, an image of any other size than `image_size` is
+    rejected.
     """
 
     to_patch_embedding: PatchEmbedding
@@ -58,8 +60,8 @@ class DeepViT(AbstractClassTokenViT):
     dropout: eqx.nn.Dropout
     transformer: Transformer
     head_norm: LayerNorm
-    mlp_head: Linear
-    image_size: int = eqx.field(static=True)
+    mlp_head: Linear | None
+    image_size: int | tuple[int, int] = eqx.field(static=True)
     channels: int = eqx.field(static=True)
     pool: str = eqx.field(static=True)
 
@@ -69,7 +71,7 @@ class DeepViT(AbstractClassTokenViT):
         *,
         image_size: Positive,
         patch_size: Positive,
-        num_classes: Positive,
+        num_classes: NonNegative,
         dim: Positive,
         depth: Positive,
         heads: Positive,
@@ -85,7 +87,8 @@ class DeepViT(AbstractClassTokenViT):
 
         - `image_size`: image height and width (an int: images are square).
         - `patch_size`: patch height and width (an int); must divide `image_size`.
-        - `num_classes`: number of output logits, at least 1.
+        - `num_classes`: number of output logits; `0` for no head (the model returns the
+          pooled features, `head_norm` of the pooled token).
         - `dim`: token dimension.
         - `depth`: number of transformer blocks.
         - `heads`: attention heads per block (also the size of the re-attention matrix).
@@ -119,7 +122,7 @@ class DeepViT(AbstractClassTokenViT):
             key=tf_key,
         )
         self.head_norm = LayerNorm(dim)
-        self.mlp_head = Linear(dim, num_classes, key=head_key)
+        self.mlp_head = Linear(dim, num_classes, key=head_key) if num_classes > 0 else None
         self.image_size = image
         self.channels = channels
         self.pool = pool

@@ -17,7 +17,7 @@ from ..layers import (
     Transformer,
     check_divisible,
 )
-from ..layers._checks import Positive, PositivePair, Rate, checked_arguments
+from ..layers._checks import NonNegative, Positive, PositivePair, Rate, checked_arguments
 from ..layers._init import normal
 
 
@@ -54,7 +54,7 @@ class ParallelViT(AbstractClassTokenViT):
     dropout: eqx.nn.Dropout
     transformer: Transformer
     head_norm: LayerNorm
-    mlp_head: Linear
+    mlp_head: Linear | None
     image_size: tuple[int, int] = eqx.field(static=True)
     channels: int = eqx.field(static=True)
     pool: str = eqx.field(static=True)
@@ -65,7 +65,7 @@ class ParallelViT(AbstractClassTokenViT):
         *,
         image_size: PositivePair,
         patch_size: PositivePair,
-        num_classes: Positive,
+        num_classes: NonNegative,
         dim: Positive,
         depth: Positive,
         heads: Positive,
@@ -82,7 +82,8 @@ class ParallelViT(AbstractClassTokenViT):
 
         - `image_size`: image height and width, an int or `(height, width)`.
         - `patch_size`: patch height and width, an int or a pair; must divide `image_size`.
-        - `num_classes`: number of output logits, at least 1.
+        - `num_classes`: number of output logits; `0` for no head (the model returns the
+          pooled features, `head_norm` of the pooled token).
         - `dim`: token dimension.
         - `depth`: number of layers, each with its parallel attention and feed-forward
           branches.
@@ -119,7 +120,7 @@ class ParallelViT(AbstractClassTokenViT):
             key=tf_key,
         )
         self.head_norm = LayerNorm(dim)
-        self.mlp_head = Linear(dim, num_classes, key=head_key)
+        self.mlp_head = Linear(dim, num_classes, key=head_key) if num_classes > 0 else None
         self.image_size = image_hw
         self.channels = channels
         self.pool = pool

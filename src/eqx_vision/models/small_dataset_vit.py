@@ -26,7 +26,7 @@ from ..layers import (
     check_divisible,
     check_image,
 )
-from ..layers._checks import Positive, PositivePair, Rate, checked_arguments
+from ..layers._checks import NonNegative, Positive, PositivePair, Rate, checked_arguments
 from ..layers._init import normal
 
 
@@ -159,7 +159,7 @@ class SmallDatasetViT(AbstractClassTokenViT):
     dropout: eqx.nn.Dropout
     transformer: Transformer
     head_norm: LayerNorm
-    mlp_head: Linear
+    mlp_head: Linear | None
     image_size: tuple[int, int] = eqx.field(static=True)
     channels: int = eqx.field(static=True)
     pool: str = eqx.field(static=True)
@@ -170,7 +170,7 @@ class SmallDatasetViT(AbstractClassTokenViT):
         *,
         image_size: PositivePair,
         patch_size: Positive,
-        num_classes: Positive,
+        num_classes: NonNegative,
         dim: Positive,
         depth: Positive,
         heads: Positive,
@@ -187,7 +187,8 @@ class SmallDatasetViT(AbstractClassTokenViT):
         - `image_size`: image height and width, an int or `(height, width)`.
         - `patch_size`: patch height and width, an int (patches are square); must divide
           `image_size`.
-        - `num_classes`: number of output logits.
+        - `num_classes`: number of output logits; `0` for no head (the model returns the
+          pooled features, `head_norm` of the pooled token).
         - `dim`: token dimension.
         - `depth`: number of transformer blocks.
         - `heads`: attention heads per block.
@@ -219,7 +220,7 @@ class SmallDatasetViT(AbstractClassTokenViT):
             key=tf_key,
         )
         self.head_norm = LayerNorm(dim)
-        self.mlp_head = Linear(dim, num_classes, key=head_key)
+        self.mlp_head = Linear(dim, num_classes, key=head_key) if num_classes > 0 else None
         self.image_size = image_hw
         self.channels = channels
         self.pool = pool

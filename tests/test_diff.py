@@ -194,10 +194,10 @@ def check_family(torch_model, model, state, x):
     assert report.ok, str(report)
     recipe = RECIPES[f"{type(torch_model).__module__}.{type(torch_model).__qualname__}"]
     taps = recipe.blocks(torch_model)
-    blocks = [row for row in report.rows if row.index is not None]
-    assert sorted(row.index for row in blocks) == list(range(len(model.feature_info)))
-    target = taps[blocks[-1].index].module
-    expected = next(row for row in blocks if taps[row.index].module == target)
+    blocks = [(row.index, row) for row in report.rows if row.index is not None]
+    assert sorted(index for index, _ in blocks) == list(range(len(model.feature_info)))
+    target = taps[blocks[-1][0]].module
+    expected = next(row for index, row in blocks if taps[index].module == target)
     with torch.no_grad():
         for p in torch_model.get_submodule(target).parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))

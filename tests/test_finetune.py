@@ -384,3 +384,35 @@ def test_finetuning_reaches_the_target_in_fewer_steps(demo):
     for (step, acc_ft), (_, acc_sc) in curves:
         if step <= tuned:
             assert acc_ft > acc_sc, step
+
+
+@pytest.mark.slow  # a full-size ViT-Ti/16: minutes on 2 cores
+def test_cli_init_from_timm(capsys, tmp_path, small_npz, monkeypatch):
+    """--init timm/<name>: the pretrained model (here timm's architecture with random
+    weights, standing in for the download) gets a head for the data's 10 classes and the
+    size of --image-size; its checkpoint records the timm name, from which evaluate
+    rebuilds it."""
+    pytest.importorskip("huggingface_hub")
+    from eqx_vision import interop
+    from eqx_vision.interop.timm import build
+
+    name = "timm/vit_tiny_patch16_224"
+
+    def pretrained(spec):
+        assert spec == name
+        config = interop.DataConfig(input_size=(3, 224, 224), mean=(0.5,) * 3, std=(0.5,) * 3)
+        return build(spec, key=jax.random.key(5)), config
+
+    monkeypatch.setattr(interop, "pretrained", pretrained)
+    out = str(tmp_path / "ft")
+    code, stdout, err = run(
+        capsys, "train", "--init", name, "--data", small_npz, "--image-size", "32",
+        "--epochs", "1", "--batch-size", "32", "--freeze", "12", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "input 3x32x32" in stdout
+    header = checkpoint.read_header(f"{out}/last.safetensors")
+    assert header["model_config"]["timm"] == name
+    assert header["model_config"]["kwargs"]["num_classes"] == 10
+    code, _, err = run(capsys, "evaluate", "--checkpoint", out)
+    assert code == 0, err

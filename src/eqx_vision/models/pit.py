@@ -3,6 +3,7 @@
 Heo et al., 2021, https://arxiv.org/abs/2103.16302.
 """
 
+from collections.abc import Sequence
 from typing import Annotated, Any, cast
 
 import equinox as eqx
@@ -19,6 +20,8 @@ from ..layers import (
     check_image,
     check_key,
     grid_to_tokens,
+    replace,
+    resample_pos_embed,
     split_key,
     tokens_to_grid,
     unfold,
@@ -33,6 +36,7 @@ from ..layers._checks import (
     checked_arguments,
 )
 from ..layers._init import normal
+from ._backbone import FeatureInfo, OutputFmt, check_output_fmt, feature_indices
 
 
 class PiTPool(eqx.Module):
@@ -301,36 +305,170 @@ class PiT(eqx.Module):
         parts = [p for p in (self.cls_token, self.dist_token) if p is not None]
         return jnp.concatenate([p.astype(dtype) for p in parts], axis=0)
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """The class token, and the distillation token if any."""
+        return 1 if self.dist_token is None else 2
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The outputs of `forward_intermediates`: the patch tokens after each stage (before
+        its pooling layer), as `(dim_i, grid_sizes[i], grid_sizes[i])` maps. The reduction
+        is `stride * 2 ** i`, as timm gives it; with overlapping windows
+        (`stride < patch_size`) the grid has `grid_sizes[i]` cells a side, about
+        `image_size / reduction` (a cell or so fewer)."""
+        dims = [self.pos_embedding.shape[1]] + [p.cls_ff.weight.shape[0] for p in self.pools]
+        return tuple(
+            FeatureInfo(i, f"stages[{i}]", dims[i], (self.stride * 2**i, self.stride * 2**i))
+            for i in range(len(self.stages))
+        )
+
+    def _embed(
+        self, x: Float[Array, "channels height width"], key: PRNGKeyArray | None
+    ) -> Float[Array, "seq dim"]:
+        """The first stage's input: prefix tokens, patch embeddings, position embeddings,
+        dropout."""
+        patches = self.to_patch_embedding(unfold(x, self.patch_size, self.stride))
+        prefix = self._prefix(patches.dtype)
+        pos = self.pos_embedding.astype(patches.dtype)
+        if self.pos_embed_prefix:
+            return self.dropout(jnp.concatenate([prefix, patches], axis=0) + pos, key=key)
+        return jnp.concatenate([prefix, self.dropout(patches + pos, key=key)], axis=0)
+
+    def _forward(
+        self, x: Float[Array, "channels height width"], key: PRNGKeyArray | None
+    ) -> tuple[Float[Array, "seq dim"], list[Array]]:
+        check_image(x, (self.channels, self.image_size, self.image_size), type(self).__name__)
+        check_key(self, key)
+        emb_key, *stage_keys = split_key(key, 1 + len(self.stages))
+        tokens = self._embed(x, emb_key)
+        outputs = []
+        for i, stage in enumerate(self.stages):
+            tokens = stage(tokens, key=stage_keys[i])
+            outputs.append(tokens)
+            if i < len(self.pools):
+                tokens = self.pools[i](tokens, self.num_prefix_tokens)
+        return tokens, outputs
+
+    def forward_features(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq dim"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, image_size, image_size)`.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the last stage's tokens `(seq, dim)`, the prefix tokens (class, then
+        distillation) first, before the head's norm.
+        """
+        return self._forward(x, key)[0]
+
+    def forward_head(
+        self, x: Float[Array, "seq dim"], *, pre_logits: bool = False
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
+        """**Arguments:**
+
+        - `x`: the tokens from `forward_features`.
+        - `pre_logits`: return the pooled features instead of the logits.
+
+        **Returns:** the logits (the mean of both heads' with a distillation token), or,
+        with `pre_logits` or without a head, the normalised class token (with a
+        distillation token, the mean of both normalised tokens).
+        """
+        pooled = self.head_norm(x[: self.num_prefix_tokens])
+        if pre_logits or self.mlp_head is None:
+            return pooled.mean(axis=0)
+        logits = self.mlp_head(pooled[0])
+        if self.dist_head is not None:
+            logits = (logits + self.dist_head(pooled[1])) / 2
+        return logits
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFmt = "map",
+        prefix_tokens: bool = False,
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """The final features and the patch tokens after chosen stages.
+
+        **Arguments:**
+
+        - `x`: one image, `(channels, image_size, image_size)`.
+        - `indices`: which stages (see `feature_info`): `None` for all, an int `n` for the
+          last `n`, or a sequence of stage indices (negative from the end).
+        - `norm`: accepted for the common signature; as in timm, the head's norm is never
+          applied to the stage outputs (it is sized for the last stage's prefix tokens).
+        - `output_fmt`: `"map"` for `(dim_i, grid, grid)` maps, `"tokens"` for the patch
+          tokens `(grid * grid, dim_i)`.
+        - `prefix_tokens`: return each output as `(patch output, prefix tokens)`, the prefix
+          tokens `(num_prefix, dim_i)`.
+        - `intermediates_only`: return the list of outputs only.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** `(forward_features(x), outputs)`, or `outputs` with
+        `intermediates_only`; `outputs` is a list in the order of `indices`.
+        """
+        del norm
+        name = type(self).__name__
+        check_output_fmt(output_fmt, name)
+        chosen = feature_indices(indices, len(self.stages), name)
+        final, stage_outputs = self._forward(x, key)
+        n = self.num_prefix_tokens
+        outputs = []
+        for i in chosen:
+            prefix, y = stage_outputs[i][:n], stage_outputs[i][n:]
+            if output_fmt == "map":
+                y = tokens_to_grid(y, self.grid_sizes[i])
+            outputs.append((y, prefix) if prefix_tokens else y)
+        return outputs if intermediates_only else (final, outputs)
+
+    def set_image_size(self, image_size: tuple[int, int]) -> "PiT":
+        """This model for `(size, size)` images (PiT's are square): the position embeddings
+        of the patches resampled (see [`set_image_size`][eqx_vision.set_image_size]);
+        the patch windows must fit as the constructor requires."""
+        if image_size[0] != image_size[1]:
+            raise ValueError(f"PiT takes square images; got image_size {tuple(image_size)}.")
+        size = int(image_size[0])
+        if size == self.image_size:
+            return self
+        given = None if self.stride == self.patch_size // 2 else self.stride
+        grids = _grid_sizes(size, self.patch_size, given, len(self.stages))
+        prefix = self.num_prefix_tokens if self.pos_embed_prefix else 0
+        old = (self.grid_sizes[0], self.grid_sizes[0])
+        pos = resample_pos_embed(self.pos_embedding, (grids[0], grids[0]), old, num_prefix=prefix)
+        return replace(self, pos_embedding=pos, image_size=size, grid_sizes=grids)
+
+    def reset_head(self, num_classes: int, *, key: PRNGKeyArray | None = None) -> "PiT":
+        """This model with a new classifier (and distillation head, if it has a
+        distillation token) of `num_classes` outputs, or none for `0` (see
+        [`reset_head`][eqx_vision.reset_head])."""
+        dim = self.head_norm.weight.shape[0]
+        head = dist = None
+        if num_classes > 0:
+            assert key is not None
+            head_key, dist_key = jr.split(key)
+            head = Linear(dim, num_classes, key=head_key)
+            if self.dist_token is not None:
+                dist = Linear(dim, num_classes, key=dist_key)
+        return eqx.tree_at(
+            lambda m: (m.mlp_head, m.dist_head), self, (head, dist), is_leaf=lambda n: n is None
+        )
+
     def __call__(
         self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " num_classes"]:
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
         """**Arguments:**
 
         - `x`: one image, `(channels, image_size, image_size)`.
         - `key`: a `jax.random.key`, needed only for dropout in training mode.
 
         **Returns:** the logits, `(num_classes,)` (with `num_classes=0`, the normalised
-        class token, or the mean of the normalised class and distillation tokens).
+        class token, or the mean of the normalised class and distillation tokens):
+        `forward_head(forward_features(x, key=key))`.
         """
-        check_image(x, (self.channels, self.image_size, self.image_size), type(self).__name__)
-        check_key(self, key)
-        emb_key, *stage_keys = split_key(key, 1 + len(self.stages))
-        patches = self.to_patch_embedding(unfold(x, self.patch_size, self.stride))
-        prefix = self._prefix(patches.dtype)
-        pos = self.pos_embedding.astype(patches.dtype)
-        if self.pos_embed_prefix:
-            tokens = self.dropout(jnp.concatenate([prefix, patches], axis=0) + pos, key=emb_key)
-        else:
-            tokens = jnp.concatenate([prefix, self.dropout(patches + pos, key=emb_key)], axis=0)
-        num_prefix = prefix.shape[0]
-        for i, stage in enumerate(self.stages):
-            tokens = stage(tokens, key=stage_keys[i])
-            if i < len(self.pools):
-                tokens = self.pools[i](tokens, num_prefix)
-        pooled = self.head_norm(tokens[:num_prefix])
-        if self.mlp_head is None:
-            return pooled.mean(axis=0)
-        logits = self.mlp_head(pooled[0])
-        if self.dist_head is not None:
-            logits = (logits + self.dist_head(pooled[1])) / 2
-        return logits
+        return self.forward_head(self.forward_features(x, key=key))

@@ -5,6 +5,7 @@ eqx-vision train                                  # the default ViT on the embed
 eqx-vision train --model cvt-small --data photos/ --image-size 32 --epochs 30 --out runs/cvt
 eqx-vision train --out runs/cvt --resume          # continue an interrupted run
 eqx-vision train --precision bfloat16             # bfloat16 compute, float32 parameters
+eqx-vision train --init runs/cvt --data other/ --image-size 48 --layer-decay 0.75  # fine-tune
 eqx-vision evaluate --checkpoint runs/cvt
 eqx-vision predict --checkpoint runs/cvt cat.jpg dog.png
 eqx-vision presets                                # the model presets

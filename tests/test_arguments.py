@@ -40,6 +40,8 @@ ZERO_IS_VALID = {
     ("CvT", "num_classes"),
     ("CrossFormer", "depth"),
     ("CrossFormer", "num_classes"),
+    ("T2TViT", "num_classes"),
+    ("RegionViT", "num_classes"),
     ("CrossViT", "num_classes"),
     ("NesT", "block_repeats"),
     ("NesT", "num_classes"),

@@ -144,7 +144,7 @@ def test_supported_sides_description(window_size, local_patch_size, three_conv):
         (dict(window_size=0), "window_size"),
         (dict(local_patch_size=0), "local_patch_size"),
         (dict(window_size=7, local_patch_size=8), "local_patch_size"),
-        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=-1), "num_classes"),
         (dict(channels=0), "channels"),
         (dict(attn_dropout=1.0), "attn_dropout"),
         (dict(ff_dropout=-0.1), "ff_dropout"),

@@ -185,7 +185,7 @@ def test_tokens_grid_round_trip():
     "change, name",
     [
         (dict(image_size=0), "image_size"),
-        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=-1), "num_classes"),
         (dict(dim=0), "dim"),
         (dict(depth=None), "depth"),
         (dict(heads=None, mlp_dim=None), "heads, mlp_dim"),

@@ -4,7 +4,7 @@ Chen, Panda and Fan, 2021, https://arxiv.org/abs/2106.02689.
 """
 
 from collections.abc import Sequence
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import equinox as eqx
 import jax
@@ -29,8 +29,9 @@ from ..layers import (
     window_merge,
     window_partition,
 )
-from ..layers._checks import PerStage, Positive, Rate, checked_arguments
+from ..layers._checks import NonNegative, PerStage, Positive, Rate, checked_arguments
 from ..layers._init import normal
+from ._backbone import FeatureInfo, OutputFmt, check_output_fmt, feature_indices
 
 
 HEADS = 4
@@ -189,6 +190,24 @@ class R2LBlock(eqx.Module):
         joined = joined + self.ff(joined, key=ff_key)
         return joined[:, 0], joined[:, 1:]
 
+    def attention_maps(
+        self,
+        tokens: tuple[Float[Array, "windows dim"], Float[Array, "windows window_seq dim"]],
+        bias: Float[Array, "heads seq seq"],
+    ) -> tuple[
+        tuple[Float[Array, "windows dim"], Float[Array, "windows window_seq dim"]],
+        tuple[Float[Array, "heads windows windows"], Float[Array, "windows heads seq seq"]],
+    ]:
+        """The block's output (in inference mode) and its attention probabilities: the
+        regional attention `(heads, windows, windows)` and each window's local attention
+        `(windows, heads, 1 + window_seq, 1 + window_seq)`, the region token first."""
+        region, local = tokens
+        regional = self.attn.probabilities(region)
+        region = region + self.attn(region)
+        joined = jnp.concatenate([region[:, None], local], axis=1)
+        local_probs = jax.vmap(lambda t: self.attn.probabilities(t, bias=bias))(joined)
+        return self((tokens[0], local), bias), (regional, local_probs)
+
 
 class R2LStage(eqx.Module):
     """A stage: `[Downsample] → [PEG] →` a stack of `R2LBlock`s on local and region maps.
@@ -255,6 +274,42 @@ class R2LStage(eqx.Module):
         bias = self.rel_pos_bias[d_rows + d_cols * (2 * w - 1)]
         return jnp.pad(jnp.moveaxis(bias, -1, 0), ((0, 0), (1, 0), (1, 0)))
 
+    def enter(
+        self,
+        local: Float[Array, "dim_in local_h local_w"],
+        region: Float[Array, "dim_in region_h region_w"],
+    ) -> tuple[
+        tuple[Float[Array, "windows dim"], Float[Array, "windows window_seq dim"]],
+        Float[Array, "heads seq seq"],
+        tuple[int, int],
+        tuple[int, int],
+    ]:
+        """The blocks' input: `((region tokens, windows of local tokens), bias, local map
+        size, window)`, after the downsampling and the PEG."""
+        if self.downsample is not None:
+            local, region = self.downsample(local), self.downsample(region)
+        if self.peg is not None:
+            local = self.peg(local)
+        dim, lh, lw = local.shape
+        _, rh, rw = region.shape
+        window = (lh // rh, lw // rw)
+        bias = self.position_bias(window).astype(local.dtype)
+        windows = window_partition(local.transpose(1, 2, 0), window)
+        regions = region.reshape(dim, rh * rw).T
+        return (regions, windows), bias, (lh, lw), window
+
+    @staticmethod
+    def leave(
+        tokens: tuple[Float[Array, "windows dim"], Float[Array, "windows window_seq dim"]],
+        size: tuple[int, int],
+        window: tuple[int, int],
+    ) -> tuple[Float[Array, "dim lh lw"], Float[Array, "dim rh rw"]]:
+        """The blocks' output tokens back on the `(local, region)` maps."""
+        regions, windows = tokens
+        (lh, lw), (wh, ww) = size, window
+        local = window_merge(windows, size, window).transpose(2, 0, 1)
+        return local, regions.T.reshape(regions.shape[1], lh // wh, lw // ww)
+
     def __call__(
         self,
         local: Float[Array, "dim_in local_h local_w"],
@@ -271,19 +326,8 @@ class R2LStage(eqx.Module):
 
         **Returns:** the updated `(local, region)` maps.
         """
-        if self.downsample is not None:
-            local, region = self.downsample(local), self.downsample(region)
-        if self.peg is not None:
-            local = self.peg(local)
-        dim, lh, lw = local.shape
-        _, rh, rw = region.shape
-        window = (lh // rh, lw // rw)
-        bias = self.position_bias(window).astype(local.dtype)
-        windows = window_partition(local.transpose(1, 2, 0), window)
-        regions = region.reshape(dim, rh * rw).T
-        regions, windows = self.layers((regions, windows), bias, key=key)
-        local = window_merge(windows, (lh, lw), window).transpose(2, 0, 1)
-        return local, regions.T.reshape(dim, rh, rw)
+        tokens, bias, size, window = self.enter(local, region)
+        return self.leave(self.layers(tokens, bias, key=key), size, window)
 
 
 class RegionViT(eqx.Module):
@@ -333,7 +377,7 @@ class RegionViT(eqx.Module):
     region_encoder: Conv2d
     stages: tuple[R2LStage, ...]
     head_norm: LayerNorm
-    mlp_head: Linear
+    mlp_head: Linear | None
     channels: int = eqx.field(static=True)
     window_size: int = eqx.field(static=True)
     local_patch_size: int = eqx.field(static=True)
@@ -348,7 +392,7 @@ class RegionViT(eqx.Module):
         dim: StageInts = (64, 128, 256, 512),
         depth: StageInts = (2, 2, 8, 2),
         window_size: Positive = 7,
-        num_classes: Positive = 1000,
+        num_classes: NonNegative = 1000,
         tokenize_local_3_conv: bool = False,
         local_patch_size: Positive = 4,
         use_peg: bool = False,
@@ -363,7 +407,8 @@ class RegionViT(eqx.Module):
         - `depth`: number of regional-to-local blocks of each stage, an int or a tuple of 4.
         - `window_size`: local tokens per region token along each axis (7 or 14 in the
           paper); the region patch is `local_patch_size * window_size` pixels.
-        - `num_classes`: number of output logits, at least 1.
+        - `num_classes`: number of output logits; `0` for no head (the model returns the
+          pooled features).
         - `tokenize_local_3_conv`: embed the local tokens with three 3x3 convolutions and
           channel LayerNorms (as the paper's smaller models) rather than one 8x8 one.
         - `local_patch_size`: the local patch size that, times `window_size`, gives the
@@ -408,7 +453,7 @@ class RegionViT(eqx.Module):
             for i in range(NUM_STAGES)
         )
         self.head_norm = LayerNorm(dims[-1])
-        self.mlp_head = Linear(dims[-1], num_classes, key=head_key)
+        self.mlp_head = Linear(dims[-1], num_classes, key=head_key) if num_classes > 0 else None
         self.channels = channels
         self.window_size = window_size
         self.local_patch_size = local_patch_size
@@ -434,21 +479,10 @@ class RegionViT(eqx.Module):
             parts[0] = "one of " + parts[0]
         return " or ".join(parts)
 
-    def __call__(
-        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " num_classes"]:
-        """**Arguments:**
-
-        - `x`: one image, `(channels, height, width)`, with a height and width the model
-          supports (see the class docstring and `supports`).
-        - `key`: a `jax.random.key`, needed only for dropout in training mode.
-
-        **Returns:** the logits, `(num_classes,)`.
-        """
+    def _check(self, x: Float[Array, "channels height width"]) -> None:
         name = type(self).__name__
         check_image(x, (self.channels, None, None), name)
-        height, width = (int(n) for n in x.shape[1:])
-        if not self.supports(height, width):
+        if not self.supports(int(x.shape[1]), int(x.shape[2])):
             raise ValueError(
                 f"{name}(window_size={self.window_size}, "
                 f"local_patch_size={self.local_patch_size}, "
@@ -456,14 +490,157 @@ class RegionViT(eqx.Module):
                 f"height and width are each {self._sizes_text()} pixels; got shape "
                 f"{tuple(x.shape)}."
             )
-        check_key(self, key)
-        stage_keys = split_key(key, NUM_STAGES)
+
+    @property
+    def region_patch_size(self) -> int:
+        """The side in pixels of the patch of each first-stage region token."""
+        return self.local_patch_size * self.window_size
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The outputs of `forward_intermediates`: each stage's local-token map, of the
+        stage's `dim`, its stride 4 in the first stage and twice the previous one in each
+        next (on sides that are not a multiple of the stride, the stride-2 convolutions
+        round the map up). The region-token map of stage `i` has the stride
+        `local_patch_size * window_size * 2 ** i`."""
+        return tuple(
+            FeatureInfo(
+                i,
+                f"stages[{i}]",
+                int(stage.layers.blocks.attn.norm.weight.shape[-1]),  # pyright: ignore[reportOptionalMemberAccess]
+                (4 * 2**i, 4 * 2**i),
+            )
+            for i, stage in enumerate(self.stages)
+        )
+
+    def _stages(
+        self, x: Float[Array, "channels height width"], key: PRNGKeyArray | None
+    ) -> list[tuple[Float[Array, "dim lh lw"], Float[Array, "dim rh rw"]]]:
+        """Every stage's output `(local map, region map)`, in order."""
         local = self.local_encoder(x)
-        c = self.channels
-        p = self.local_patch_size * self.window_size
-        h, w = height // p, width // p
+        c, p = self.channels, self.region_patch_size
+        h, w = x.shape[1] // p, x.shape[2] // p
         patches = x.reshape(c, h, p, w, p).transpose(0, 2, 4, 1, 3).reshape(c * p * p, h, w)
         region = self.region_encoder(patches)
-        for stage, stage_key in zip(self.stages, stage_keys, strict=True):
+        outputs = []
+        for stage, stage_key in zip(self.stages, split_key(key, NUM_STAGES), strict=True):
             local, region = stage(local, region, key=stage_key)
-        return self.mlp_head(self.head_norm(region.mean(axis=(1, 2))))
+            outputs.append((local, region))
+        return outputs
+
+    def forward_features(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "dim region_h region_w"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`, of a size the model supports.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the last stage's region-token map `(dim, region_h, region_w)`, what
+        the head pools. (The local-token maps come from `forward_intermediates`.)
+        """
+        self._check(x)
+        check_key(self, key)
+        return self._stages(x, key)[-1][1]
+
+    def forward_head(
+        self, x: Float[Array, "dim region_h region_w"], *, pre_logits: bool = False
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
+        """**Arguments:**
+
+        - `x`: the region-token map from `forward_features`.
+        - `pre_logits`: return the pooled features instead of the logits.
+
+        **Returns:** the logits, or with `pre_logits` or without a head the mean region
+        token after the head's LayerNorm, `(dim,)`.
+        """
+        pooled = self.head_norm(x.mean(axis=(1, 2)))
+        if pre_logits or self.mlp_head is None:
+            return pooled
+        return self.mlp_head(pooled)
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFmt = "map",
+        region_tokens: bool = False,
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """The final features and the local-token map of chosen stages.
+
+        **Arguments:**
+
+        - `x`: one image, `(channels, height, width)`.
+        - `indices`: which stages (see `feature_info`): `None` for all four, an int `n` for
+          the last `n`, or a sequence of stage indices (negative from the end).
+        - `norm`: accepted for the common signature; the stages end without a norm (the
+          head's LayerNorm acts on the pooled region token), so it changes nothing.
+        - `output_fmt`: `"map"` for `(dim, h, w)` maps, `"tokens"` for `(h * w, dim)`
+          tokens, row by row.
+        - `region_tokens`: return each output as `(local output, region output)`, the
+          stage's region tokens in the same format.
+        - `intermediates_only`: return the list of outputs only.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** `(forward_features(x), outputs)`, or `outputs` with
+        `intermediates_only`; `outputs` is a list in the order of `indices`. The blocks of
+        each stage run in their scanned stack.
+        """
+        del norm
+        name = type(self).__name__
+        check_output_fmt(output_fmt, name)
+        chosen = feature_indices(indices, NUM_STAGES, name)
+        self._check(x)
+        check_key(self, key)
+        stages = self._stages(x, key)
+
+        def fmt(y: Array) -> Array:
+            return y.reshape(y.shape[0], -1).T if output_fmt == "tokens" else y
+
+        outputs = []
+        for i in chosen:
+            local, region = stages[i]
+            outputs.append((fmt(local), fmt(region)) if region_tokens else fmt(local))
+        return outputs if intermediates_only else (stages[-1][1], outputs)
+
+    def set_image_size(self, image_size: tuple[int, int]) -> "RegionViT":
+        """This model for `(height, width)` images: the model has no parameter that depends
+        on the image size, so it is returned as it is if it supports the size, and a
+        `ValueError` lists the sizes it supports otherwise (see
+        [`set_image_size`][eqx_vision.set_image_size])."""
+        height, width = (int(n) for n in image_size)
+        if not self.supports(height, width):
+            raise ValueError(
+                f"RegionViT(window_size={self.window_size}, "
+                f"local_patch_size={self.local_patch_size}) cannot take images of size "
+                f"{(height, width)}: height and width must each be {self._sizes_text()} "
+                "pixels."
+            )
+        return self
+
+    def reset_head(self, num_classes: int, *, key: PRNGKeyArray | None = None) -> "RegionViT":
+        """This model with a new classifier of `num_classes` outputs, or none for `0` (the
+        head's LayerNorm stays; see [`reset_head`][eqx_vision.reset_head])."""
+        head = None
+        if num_classes > 0:
+            assert key is not None
+            head = Linear(self.head_norm.weight.shape[0], num_classes, key=key)  # pyright: ignore[reportOptionalMemberAccess]
+        return eqx.tree_at(lambda m: m.mlp_head, self, head, is_leaf=lambda n: n is None)
+
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " num_classes"] | Float[Array, " dim"]:
+        """**Arguments:**
+
+        - `x`: one image, `(channels, height, width)`, with a height and width the model
+          supports (see the class docstring and `supports`).
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the logits `(num_classes,)`, or with `num_classes=0` the pooled
+        features `(dim,)`: `forward_head(forward_features(x, key=key))`.
+        """
+        return self.forward_head(self.forward_features(x, key=key))

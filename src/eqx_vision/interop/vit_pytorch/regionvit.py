@@ -12,6 +12,7 @@ from .._state_dict import (
     convert_layernorm,
     convert_linear,
     convert_stack,
+    required,
 )
 
 
@@ -85,6 +86,6 @@ def convert_regionvit(model: RegionViT, sd: StateDict) -> RegionViT:
             convert_conv(model.region_encoder, sd, "region_encoder.1."),
             tuple(_convert_stage(s, sd, f"layers.{i}.") for i, s in enumerate(model.stages)),
             convert_layernorm(model.head_norm, sd, "to_logits.1."),
-            convert_linear(model.mlp_head, sd, "to_logits.2."),
+            convert_linear(required(model.mlp_head, "the classifier"), sd, "to_logits.2."),
         ),
     )

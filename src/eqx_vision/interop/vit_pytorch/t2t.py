@@ -9,6 +9,7 @@ from .._state_dict import (
     StateDict,
     convert_linear,
     convert_transformer,
+    required,
 )
 
 
@@ -45,6 +46,6 @@ def convert_t2t_vit(model: T2TViT, sd: StateDict) -> T2TViT:
                 "pos_embedding", model.pos_embedding, torch_shape=(1, *model.pos_embedding.shape)
             ),
             convert_transformer(model.transformer, sd, "transformer."),
-            convert_linear(model.mlp_head, sd, "mlp_head."),
+            convert_linear(required(model.mlp_head, "the classifier"), sd, "mlp_head."),
         ),
     )

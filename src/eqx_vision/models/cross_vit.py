@@ -439,9 +439,12 @@ class CrossViT(eqx.Module):
                 )
         return tuple(info)
 
-    def _embed(
-        self, x: Float[Array, "channels height width"], key: PRNGKeyArray | None
+    def embed(
+        self, x: Float[Array, "channels height width"], key: PRNGKeyArray | None = None
     ) -> tuple[Float[Array, "sm_seq sm_dim"], Float[Array, "lg_seq lg_dim"]]:
+        """The tokens the multi-scale encoder takes, `(small, large)`: each branch's patch
+        embeddings with its class token and position embeddings, after the embedding
+        dropout (with `key`)."""
         check_image(x, (self.channels, *self.image_size), type(self).__name__)
         check_key(self, key)
         sm_key, lg_key = split_key(key, 2)
@@ -461,7 +464,7 @@ class CrossViT(eqx.Module):
         `forward_head`).
         """
         embed_key, enc_key = split_key(key, 2)
-        return self.multi_scale_encoder(self._embed(x, embed_key), key=enc_key)
+        return self.multi_scale_encoder(self.embed(x, embed_key), key=enc_key)
 
     def forward_head(
         self,
@@ -522,7 +525,7 @@ class CrossViT(eqx.Module):
         chosen = feature_indices(indices, 2 * depth, name)
         embed_key, enc_key = split_key(key, 2)
         final, stacked = self.multi_scale_encoder(
-            self._embed(x, embed_key), key=enc_key, intermediates=True
+            self.embed(x, embed_key), key=enc_key, intermediates=True
         )
         norms = (self.sm_head_norm, self.lg_head_norm)
         outputs = []
@@ -1099,9 +1102,12 @@ class TimmCrossViT(eqx.Module):
                 info.append(FeatureInfo(b * depth + i, f"blocks[{i}][{b}]", dim, reduction))
         return tuple(info)
 
-    def _embed(
-        self, x: Float[Array, "channels height width"], key: PRNGKeyArray | None
+    def embed(
+        self, x: Float[Array, "channels height width"], key: PRNGKeyArray | None = None
     ) -> tuple[Float[Array, "_ _"], ...]:
+        """The tokens the multi-scale blocks take, one `(seq, dim)` array per branch: the
+        branch's image, its patch embeddings with its class token and position embeddings,
+        after the embedding dropout (with `key`)."""
         check_image(x, (self.channels, *self.image_size), type(self).__name__)
         check_key(self, key)
         keys = split_key(key, len(self.embeddings))
@@ -1112,7 +1118,7 @@ class TimmCrossViT(eqx.Module):
 
     def _encode(
         self, tokens: tuple[Float[Array, "_ _"], ...], key: PRNGKeyArray | None
-    ) -> tuple[tuple[Float[Array, "_ _"], ...], list[tuple[Float[Array, "_ _"], ...]]]:
+    ) -> tuple[tuple[Float[Array, "_ _"], ...], list[tuple[Float[Array, "_ _ _"], ...]]]:
         """The tokens after the last block, and those after each block (a list with one
         tuple of stacked `(depth, seq, dim)` outputs for a stack of blocks, or one tuple
         per block)."""
@@ -1141,7 +1147,7 @@ class TimmCrossViT(eqx.Module):
         `(1 + grid_h * grid_w, dim)`, class token first.
         """
         embed_key, block_key = split_key(key, 2)
-        tokens = self._embed(x, embed_key)
+        tokens = self.embed(x, embed_key)
         if isinstance(self.blocks, Stack):
             tokens = self.blocks(tokens, key=block_key)
         else:
@@ -1213,7 +1219,7 @@ class TimmCrossViT(eqx.Module):
         depth = len(self.blocks)
         chosen = feature_indices(indices, len(self.embeddings) * depth, name)
         embed_key, block_key = split_key(key, 2)
-        tokens, parts = self._encode(self._embed(x, embed_key), block_key)
+        tokens, parts = self._encode(self.embed(x, embed_key), block_key)
         stacked = [jnp.concatenate(ys, axis=0) for ys in zip(*parts, strict=True)]
         outputs = []
         for index in chosen:

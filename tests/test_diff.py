@@ -1,6 +1,7 @@
 """`eqx_vision.interop.diff`: a converted model agrees with its torch reference block by
 block, and a weight perturbed in block k makes block k the first divergence."""
 
+import inspect
 from typing import Any
 
 import equinox as eqx
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import eqx_vision as ev
-from eqx_vision.interop import RECIPES, Report, diff
+from eqx_vision.interop import RECIPES, Report, diff, timm as timm_interop
 from eqx_vision.training import is_stateful
 from reference import perturb_, reference
 from timm_reference import import_timm, timm_model
@@ -148,6 +149,15 @@ def test_recipes_name_module_and_class():
 # vit-pytorch module, class, overrides of the tiny preset (at least two blocks or stages)
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "ViT": ("vit", "ViT", dict(depth=2)),
+    "SimpleViT": ("simple_vit", "SimpleViT", dict(depth=2)),
+    "DeepViT": ("deepvit", "DeepViT", dict(depth=2)),
+    "ParallelViT": ("parallel_vit", "ViT", dict(depth=2)),
+    "SmallDatasetViT": ("vit_for_small_dataset", "ViT", dict(depth=2)),
+    "ViTWithPatchMerger": ("vit_with_patch_merger", "ViT", dict(depth=3, patch_merge_layer=2)),
+    "CaiT": ("cait", "CaiT", dict(depth=2)),
+    "NesT": ("nest", "NesT", {}),
+    "TwinsSVT": ("twins_svt", "TwinsSVT", {}),
+    "ScalableViT": ("scalable_vit", "ScalableViT", {}),
     "CvT": ("cvt", "CvT", {}),
     "CrossFormer": ("crossformer", "CrossFormer", {}),
     "CrossViT": ("cross_vit", "CrossViT", dict(depth=2)),
@@ -160,13 +170,21 @@ SMALL_CROSSVIT: dict[str, Any] = dict(
 TIMM_FAMILIES: dict[str, tuple[str, int, dict[str, Any]]] = {
     "vit": ("vit_small_patch16_224", 32, dict(TIMM_TINY, depth=2)),
     "crossvit": ("crossvit_tiny_240", 48, SMALL_CROSSVIT),
-}
+    "cait": ("cait_xxs24_224", 32, dict(TIMM_TINY, depth=2, depth_token_only=1)),
+    "nest": ("nest_tiny", 16, dict(img_size=16, patch_size=2, embed_dims=(8, 16, 32),
+                                   num_heads=(2, 4, 4), depths=(1, 2, 1))),
+    "twins": ("twins_svt_small", 64, dict(img_size=64, embed_dims=[16, 32, 32, 48],
+              num_heads=[2, 2, 4, 3], mlp_ratios=[2, 4, 4, 2], depths=[2, 2, 2, 2],
+              wss=[4, 4, 2, 2], sr_ratios=[4, 2, 2, 1], num_classes=10)),
+}  # fmt: skip
 
 
 def vit_pytorch_family(name):
     module, cls, overrides = FAMILIES[name]
     c = config(name, **overrides)
-    torch_model = getattr(reference(module), cls)(**c.kwargs)
+    torch_cls = getattr(reference(module), cls)
+    accepted = inspect.signature(torch_cls).parameters
+    torch_model = torch_cls(**{k: v for k, v in c.kwargs.items() if k in accepted})
     perturb_(torch_model)
     template, state = c.build(jr.key(0))
     if is_stateful(template):
@@ -180,7 +198,13 @@ def vit_pytorch_family(name):
 def timm_family(name):
     import_timm()
     timm_name, size, overrides = TIMM_FAMILIES[name]
-    torch_model = timm_model(timm_name, **overrides)
+    if name == "nest":  # built from its class, as tests/test_backbone_windowed.py does
+        from timm.models.nest import Nest
+
+        kwargs = timm_interop._table()["models"][timm_name]["kwargs"]
+        torch_model = Nest(**{**kwargs, **overrides})
+    else:
+        torch_model = timm_model(timm_name, **overrides)
     perturb_(torch_model)
     model = ev.from_timm(timm_name, torch_model.state_dict(), **overrides)
     return torch_model, model, None, images(size=size)

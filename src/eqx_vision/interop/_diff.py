@@ -23,7 +23,22 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ..models import CrossFormer, CrossViT, CvT, TimmCrossViT, ViT
+from ..models import (
+    CaiT,
+    CrossFormer,
+    CrossViT,
+    CvT,
+    DeepViT,
+    NesT,
+    ParallelViT,
+    ScalableViT,
+    SimpleViT,
+    SmallDatasetViT,
+    TimmCrossViT,
+    TwinsSVT,
+    ViT,
+    ViTWithPatchMerger,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,8 +206,68 @@ def branch_blocks(layers: str, branch: int | None, branches: int = 2) -> Callabl
     return blocks
 
 
+def _patch_merger_blocks(reference: Any) -> list[Tap]:
+    """vit-pytorch's ViT with a patch merger: the blocks before the merger (ours stop
+    there; the blocks after it see the merged tokens)."""
+    count = reference.transformer.patch_merge_layer_index + 1
+    return residual_blocks("transformer.layers")(reference)[:count]
+
+
+def _unblock(block: int) -> Callable[[Any], Any]:
+    """vit-pytorch NesT's blocked layout `(b b1 b2) c h w` back to `b c (b1 h) (b2 w)`."""
+
+    def transform(t: Any) -> Any:
+        n, (c, h, w) = t.shape[0] // block**2, t.shape[1:]
+        t = t.reshape(n, block, block, c, h, w).permute(0, 3, 1, 4, 2, 5)
+        return t.reshape(n, c, block * h, block * w)
+
+    return transform
+
+
+def _nest_blocks(reference: Any) -> list[Tap]:
+    """vit-pytorch NesT: each level's `Transformer` (on the blocked layout, put back on
+    the map), before its aggregation."""
+    levels = len(reference.layers)
+    return [Tap(f"layers.{i}.0", transform=_unblock(2 ** (levels - 1 - i))) for i in range(levels)]
+
+
+def _twins_stages(reference: Any) -> list[Tap]:
+    """vit-pytorch's TwinsSVT: its `layers` are the stages, then the pooling, a rearrange
+    and the classifier."""
+    return [Tap(f"layers.{i}") for i in range(len(reference.layers) - 3)]
+
+
+def _twins_stage_ends(reference: Any) -> list[Tap]:
+    """timm's Twins: the tokens after the last block of each stage."""
+    return [Tap(f"blocks.{i}.{len(stage) - 1}") for i, stage in enumerate(reference.blocks)]
+
+
+def _channels_first(t: Any) -> Any:
+    return t.permute(0, 3, 1, 2)
+
+
+def _always(_reference: Any) -> bool:
+    return True
+
+
 RECIPES: dict[str, Recipe] = {
+    # vit-pytorch
     "vit_pytorch.vit.ViT": vit_pytorch_transformer(ViT),
+    "vit_pytorch.simple_vit.SimpleViT": vit_pytorch_transformer(SimpleViT, logits=_always),
+    "vit_pytorch.deepvit.DeepViT": vit_pytorch_transformer(DeepViT),
+    "vit_pytorch.parallel_vit.ViT": vit_pytorch_transformer(ParallelViT),
+    "vit_pytorch.vit_for_small_dataset.ViT": vit_pytorch_transformer(SmallDatasetViT),
+    "vit_pytorch.vit_with_patch_merger.ViT": Recipe(
+        models=(ViTWithPatchMerger,),
+        blocks=_patch_merger_blocks,
+        embed=(Tap("transformer", input=True), embed_method),
+        features=Tap("transformer"),
+    ),
+    "vit_pytorch.cait.CaiT": Recipe(
+        models=(CaiT,),
+        blocks=residual_blocks("patch_transformer.layers"),
+        embed=(Tap("patch_transformer", input=True), embed_method),
+    ),
     "vit_pytorch.cvt.CvT": Recipe(
         models=(CvT,), blocks=module_blocks("layers"), intermediates=maps, features=Tap("layers")
     ),
@@ -204,11 +279,31 @@ RECIPES: dict[str, Recipe] = {
     "vit_pytorch.cross_vit.CrossViT": Recipe(
         models=(CrossViT,), blocks=branch_blocks("multi_scale_encoder.layers", 2)
     ),
+    "vit_pytorch.nest.NesT": Recipe(
+        models=(NesT,), blocks=_nest_blocks, intermediates=maps, features=Tap("mlp_head.0")
+    ),
+    "vit_pytorch.twins_svt.TwinsSVT": Recipe(
+        models=(TwinsSVT,), blocks=_twins_stages, intermediates=maps
+    ),
+    "vit_pytorch.scalable_vit.ScalableViT": Recipe(
+        models=(ScalableViT,),
+        blocks=residual_blocks("layers", 0, residual=False),
+        intermediates=maps,
+    ),
+    # timm
     "timm.models.vision_transformer.VisionTransformer": timm_vision_transformer(ViT),
     "timm.models.deit.VisionTransformerDistilled": timm_vision_transformer(ViT),
+    "timm.models.cait.Cait": timm_vision_transformer(CaiT),
     "timm.models.crossvit.CrossVit": Recipe(
         models=(TimmCrossViT,), blocks=branch_blocks("blocks", None)
     ),
+    "timm.models.nest.Nest": Recipe(
+        models=(NesT,),
+        blocks=module_blocks("levels"),
+        intermediates=maps,
+        features=Tap("norm", transform=_channels_first),
+    ),
+    "timm.models.twins.Twins": Recipe(models=(TwinsSVT,), blocks=_twins_stage_ends),
 }
 """The recipe of each supported reference class, by its module and name
 (`"vit_pytorch.vit.ViT"`; vit-pytorch has several classes named `ViT`)."""

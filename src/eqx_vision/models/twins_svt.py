@@ -360,18 +360,18 @@ class TwinsSVT(eqx.Module):
         self.mlp_head = Linear(dim, num_classes, key=stage_keys[4]) if num_classes else None
         self.channels = channels
 
-    def _check_size(self, height: int, width: int) -> None:
+    def _check_size(self, height: int, width: int, got: str) -> None:
         m, low = self.size_multiple, self.min_size
         if any(side % m or side < low for side in (height, width)):
             raise ValueError(
                 f"{type(self).__name__} takes images whose height and width are multiples of "
                 f"{m} and at least {low} (so that every stage's windows tile its map and its "
-                f"key/value convolution fits); got {height}x{width}."
+                f"key/value convolution fits); got {got}."
             )
 
     def _check(self, x: Float[Array, "channels height width"]) -> None:
         check_image(x, (self.channels, None, None), type(self).__name__)
-        self._check_size(x.shape[1], x.shape[2])
+        self._check_size(x.shape[1], x.shape[2], f"shape {tuple(x.shape)}")
 
     def _final_norm(self, x: Float[Array, "dim h w"]) -> Float[Array, "dim h w"]:
         if self.norm is None:
@@ -473,7 +473,8 @@ class TwinsSVT(eqx.Module):
         embeddings; its windows and key/value reductions are fixed in pixels of each stage's
         map), or a `ValueError` for another size (see
         [`set_image_size`][eqx_vision.set_image_size])."""
-        self._check_size(int(image_size[0]), int(image_size[1]))
+        height, width = int(image_size[0]), int(image_size[1])
+        self._check_size(height, width, f"image_size {(height, width)}")
         return self
 
     def reset_head(self, num_classes: int, *, key: PRNGKeyArray | None = None) -> "TwinsSVT":

@@ -46,12 +46,6 @@ def _image(seed: int = 0, size: tuple[int, int] = (32, 32)) -> jax.Array:
 @pytest.mark.parametrize("cls, options", [m[1:] for m in MODELS], ids=[m[0] for m in MODELS])
 def test_contract(cls, options):
     model = cls(**TINY, **options, key=jr.key(0))
-    if cls is ev.DeepViT:
-        # The patch embedding computed eagerly (forward_intermediates) and under jit
-        # (forward_features) differs by one float32 ulp, which DeepViT's unnormalised tokens
-        # (~10) carry past check_backbone's fixed 1e-6 (measured 1.4e-6 to 4e-6, 1e-5
-        # relative to the largest token); the rest of the contract holds.
-        pytest.xfail("check_backbone's 1e-6 is below float32 rounding on DeepViT's tokens")
     check_backbone(model, (32, 32), new_size=(48, 40), bad_size=(30, 32))
 
 

@@ -150,7 +150,7 @@ def test_scalable_without_classes():
 
 def test_nest_intermediates_equal_vit_pytorch():
     """Each level's map after its blocks is vit-pytorch's `Transformer` output (blocks put
-    back on the map). Measured: at most 2.4e-7."""
+    back on the map). Measured: at most 3.6e-7 (the final features 2.6e-7)."""
     torch_model = reference("nest").NesT(**NEST3)
     perturb_(torch_model)
     torch_model.eval()
@@ -180,7 +180,7 @@ def test_nest_intermediates_equal_vit_pytorch():
 
 def test_twins_intermediates_equal_vit_pytorch():
     """Each stage's output is the output of vit-pytorch's stage (its last `Transformer`).
-    Measured: at most 4.2e-7."""
+    Measured: at most 1.4e-6."""
     torch_model = reference("twins_svt").TwinsSVT(**TWINS)
     perturb_(torch_model)
     torch_model.eval()
@@ -189,13 +189,13 @@ def test_twins_intermediates_equal_vit_pytorch():
     expected = torch_outputs(torch_model, [f"layers.{i}" for i in range(4)], x)
     final, outputs = model.forward_intermediates(_x(x))
     for y, e in zip(outputs, expected, strict=True):
-        assert rel_err(y, e[0]) <= 3e-6
-    assert rel_err(final, expected[-1][0]) <= 3e-6
+        assert rel_err(y, e[0]) <= 1e-5
+    assert rel_err(final, expected[-1][0]) <= 1e-5
 
 
 def test_scalable_intermediates_equal_vit_pytorch():
     """Each stage's output is vit-pytorch's stage `Transformer` output (with its channel
-    LayerNorm, before the downsampling). Measured: at most 3.6e-7."""
+    LayerNorm, before the downsampling). Measured: at most 6.4e-7."""
     torch_model = reference("scalable_vit").ScalableViT(**SCALABLE3)
     perturb_(torch_model)
     torch_model.eval()
@@ -207,8 +207,8 @@ def test_scalable_intermediates_equal_vit_pytorch():
     expected = torch_outputs(torch_model, names, x)
     final, outputs = model.forward_intermediates(_x(x), indices=[2, 0, 1])
     for y, e in zip(outputs, [expected[2], expected[0], expected[1]], strict=True):
-        assert rel_err(y, e[0]) <= 3e-6
-    assert rel_err(final, expected[2][0]) <= 3e-6
+        assert rel_err(y, e[0]) <= 5e-6
+    assert rel_err(final, expected[2][0]) <= 5e-6
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def _timm_pair(name: str, **overrides: Any) -> tuple[Any, Any]:
 @pytest.mark.parametrize("name", ["nest_tiny", "nest_tiny_jx"])
 def test_nest_intermediates_equal_timm(name):
     """timm's `forward_intermediates` (its final norm on the last level only). Measured: at
-    most 5.5e-7."""
+    most 4.5e-7."""
     torch_model, model = _timm_pair(name, **TIMM_NEST)
     x = torch.randn(1, 3, 16, 16)
     for norm in (False, True):
@@ -256,25 +256,25 @@ def test_nest_intermediates_equal_timm(name):
 
 def test_twins_intermediates_equal_timm():
     """timm's `forward_intermediates` (final norm on the last stage only; timm's final
-    features are tokens, ours the same values as a map). Measured: at most 6.6e-7."""
+    features are tokens, ours the same values as a map). Measured: at most 7.9e-7."""
     torch_model, model = _timm_pair("twins_svt_small", **TIMM_TWINS)
     x = torch.randn(1, 3, 64, 64)
     for norm in (False, True):
         with torch.no_grad():
             final, inter = torch_model.forward_intermediates(x, indices=[1, 3], norm=norm)
         ours_final, ours = model.forward_intermediates(_x(x), indices=[1, 3], norm=norm)
-        assert rel_err(ours_final, final[0].T.reshape(ours_final.shape).numpy()) <= 3e-6
+        assert rel_err(ours_final, final[0].T.reshape(ours_final.shape).numpy()) <= 5e-6
         for y, e in zip(ours, inter, strict=True):
-            assert rel_err(y, e[0].numpy()) <= 3e-6
+            assert rel_err(y, e[0].numpy()) <= 5e-6
     feats = model.forward_intermediates(_x(x), indices=1, output_fmt="tokens", norm=True)[1][0]
-    assert rel_err(feats, final[0].numpy()) <= 3e-6
+    assert rel_err(feats, final[0].numpy()) <= 5e-6
 
 
 def test_nest_set_image_size_equals_timm():
     """`set_image_size` resizes every level's `(blocks, seq, channels)` position embedding
     as timm's `resize_pos_embed` (which timm applies to a checkpoint loaded into a model of
     another size), and the resized model equals timm's model at that size with the filtered
-    checkpoint. Measured: 1.2e-7 for the embeddings, 6e-7 for the logits."""
+    checkpoint. Measured: 5.3e-7 for the embeddings, 2.3e-7 for the logits."""
     torch_model, model = _timm_pair("nest_tiny", **TIMM_NEST)
     from timm.models.nest import checkpoint_filter_fn, resize_pos_embed
 
@@ -288,7 +288,7 @@ def test_nest_set_image_size_equals_timm():
     for i, level in enumerate(resized.levels):
         expected = big.levels[i].pos_embed
         assert level.pos_embedding.shape == tuple(expected.shape[1:])
-        assert rel_err(level.pos_embedding, expected[0].detach().numpy()) <= 1e-6
+        assert rel_err(level.pos_embedding, expected[0].detach().numpy()) <= 5e-6
     assert resized.levels[0].block == 3 and resized.image_size == 24
     x = torch.randn(1, 3, 24, 24)
     with torch.no_grad():

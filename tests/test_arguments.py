@@ -38,6 +38,7 @@ ZERO_IS_VALID = {
     ("SmallDatasetViT", "num_classes"),
     ("ViTWithPatchMerger", "num_classes"),
     ("CvT", "num_classes"),
+    ("LeViT", "num_classes"),
     ("CrossFormer", "depth"),
     ("CrossFormer", "num_classes"),
     ("T2TViT", "num_classes"),

@@ -309,11 +309,13 @@ def test_levit_attention_maps():
 TIMM_LEVIT = dict(img_size=64, embed_dim=[32, 48], depth=[1, 2], num_heads=[2, 3], key_dim=8)
 
 
-def _timm_levit(name: str, **overrides: Any) -> tuple[Any, ev.TimmLeViT, eqx.nn.State]:
+def _timm_levit(
+    name: str, scale: float = 0.2, **overrides: Any
+) -> tuple[Any, ev.TimmLeViT, eqx.nn.State]:
     import_timm()
     config = {**TIMM_LEVIT, **overrides}
     torch_model = timm_model(name, **config)
-    perturb_(torch_model)
+    perturb_(torch_model, scale=scale)
     torch_model.eval()
     model, state = ev.from_timm(name, torch_model.state_dict(), **config)
     return torch_model, eqx.nn.inference_mode(model), state
@@ -321,7 +323,9 @@ def _timm_levit(name: str, **overrides: Any) -> tuple[Any, ev.TimmLeViT, eqx.nn.
 
 @pytest.mark.parametrize("name", ["levit_128s", "levit_conv_128s", "levit_384_s8"])
 def test_timm_levit_contract(name):
-    _, model, state = _timm_levit(name)
+    # weights near timm's initialisation: strongly perturbed BatchNorms amplify the float32
+    # rounding differences of compiled and eager code past check_backbone's 1e-6
+    _, model, state = _timm_levit(name, scale=0.02)
     check_backbone(model, (64, 64), state=state, new_size=(96, 128), bad_size=(64, 70))
     stride = 8 if name.endswith("s8") else 16
     assert [i.reduction for i in model.feature_info] == [(stride, stride), (2 * stride,) * 2]

@@ -197,7 +197,7 @@ def test_checkpoint_errors():
         (dict(mlp_mult=0), "mlp_mult"),
         (dict(dim_key=0), "dim_key"),
         (dict(dim_value=0), "dim_value"),
-        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=-1), "num_classes"),
         (dict(num_distill_classes=0), "num_distill_classes"),
         (dict(dropout=-0.5), "dropout"),
     ],

@@ -4,7 +4,8 @@ Graham et al., 2021, https://arxiv.org/abs/2104.01136.
 """
 
 import math
-from typing import Annotated, Literal, cast
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, cast
 
 import equinox as eqx
 import jax
@@ -28,6 +29,8 @@ from ..layers import (
     gelu,
     grid_to_tokens,
     merge_heads,
+    replace,
+    resize_bicubic,
     split_heads,
     split_key,
     tokens_to_grid,
@@ -43,6 +46,7 @@ from ..layers._checks import (
     checked_arguments,
 )
 from ..layers._init import full
+from ._backbone import FeatureInfo, OutputFmt, check_output_fmt, feature_indices
 
 
 IN_CHANNELS = 3  # hard-coded in the reference's stem
@@ -182,7 +186,7 @@ class LeViT(eqx.Module):
     conv_embedding: tuple[Conv2d, Conv2d, Conv2d, Conv2d]
     stages: tuple[Stack[LeViTBlock], ...]
     downsamples: tuple[LeViTBlock, ...]
-    mlp_head: Linear
+    mlp_head: Linear | None
     distill_head: Linear | None
     image_size: int = eqx.field(static=True)
 
@@ -191,7 +195,7 @@ class LeViT(eqx.Module):
         self,
         *,
         image_size: Positive,
-        num_classes: Positive,
+        num_classes: NonNegative,
         dim: StageInts,
         depth: StageInts,
         heads: StageInts,
@@ -206,7 +210,8 @@ class LeViT(eqx.Module):
         """**Arguments:**
 
         - `image_size`: height and width of the (square) images; a multiple of 16.
-        - `num_classes`: number of output logits.
+        - `num_classes`: number of output logits; `0` for no heads (the model then returns
+          the pooled features).
         - `dim`: channels of each stage, an int or a tuple (one per stage).
         - `depth`: blocks in each stage, an int or a tuple.
         - `heads`: attention heads in each stage, an int or a tuple.
@@ -272,13 +277,172 @@ class LeViT(eqx.Module):
                 fmap = math.ceil(fmap / 2)
         self.stages = tuple(stage_list)
         self.downsamples = tuple(down_list)
-        self.mlp_head = Linear(dims[-1], num_classes, key=head_key)
+        self.mlp_head = Linear(dims[-1], num_classes, key=head_key) if num_classes else None
         self.distill_head = (
             None
-            if num_distill_classes is None
+            if num_distill_classes is None or not num_classes
             else Linear(dims[-1], num_distill_classes, key=distill_key)
         )
         self.image_size = image_size
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The outputs of `forward_intermediates`: each stage's output map (before the
+        downsampling block that follows it), of reduction `16 * 2 ** i`."""
+        return tuple(
+            FeatureInfo(i, f"stages[{i}]", _levit_width(stage), (16 * 2**i, 16 * 2**i))
+            for i, stage in enumerate(self.stages)
+        )
+
+    def _forward(
+        self,
+        x: Float[Array, "channels height width"],
+        state: eqx.nn.State,
+        key: PRNGKeyArray | None,
+    ) -> tuple[tuple[Float[Array, "dim h w"], list[Array]], eqx.nn.State]:
+        check_key(self, key)
+        check_image(x, (IN_CHANNELS, self.image_size, self.image_size), type(self).__name__)
+        keys = split_key(key, len(self.stages) + len(self.downsamples))
+        stage_keys, down_keys = keys[: len(self.stages)], keys[len(self.stages) :]
+        for conv in self.conv_embedding:
+            x = conv(x)
+        outputs = []
+        for i, stage in enumerate(self.stages):
+            x, state = stage.call_with_state(x, state, key=stage_keys[i])
+            outputs.append(x)
+            if i < len(self.downsamples):
+                x, state = self.downsamples[i](x, state, key=down_keys[i])
+        return (x, outputs), state
+
+    def forward_features(
+        self,
+        x: Float[Array, "channels height width"],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, "dim fmap_height fmap_width"], eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: one image, `(3, image_size, image_size)`.
+        - `state`: the BatchNorm statistics, from `eqx.nn.make_with_state`.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** the last stage's map `(dim[-1], height, width)` and the updated state.
+        """
+        (final, _), state = self._forward(x, state, key)
+        return final, state
+
+    def forward_head(
+        self,
+        x: Float[Array, "dim fmap_height fmap_width"],
+        state: eqx.nn.State,
+        *,
+        pre_logits: bool = False,
+    ) -> tuple[Any, eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: the map from `forward_features`.
+        - `state`: the BatchNorm statistics (returned as they are: the heads have none).
+        - `pre_logits`: return the pooled features instead of the logits.
+
+        **Returns:** the logits (with a distillation head, the pair `(logits,
+        distill_logits)`), or the map's mean `(dim,)` with `pre_logits` or without a head;
+        and the state.
+        """
+        pooled = jnp.mean(x, axis=(1, 2))
+        if pre_logits or self.mlp_head is None:
+            return pooled, state
+        logits = self.mlp_head(pooled)
+        if self.distill_head is None:
+            return logits, state
+        return (logits, self.distill_head(pooled)), state
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        state: eqx.nn.State,
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFmt = "map",
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Any, eqx.nn.State]:
+        """The final features and the output maps of chosen stages.
+
+        **Arguments:**
+
+        - `x`: one image, `(3, image_size, image_size)`.
+        - `state`: the BatchNorm statistics.
+        - `indices`: which stages (see `feature_info`): `None` for all, an int `n` for the
+          last `n`, or a sequence of stage indices (negative from the end).
+        - `norm`: accepted for the common signature; LeViT has no norm after its stages.
+        - `output_fmt`: `"map"` for `(channels, height, width)` maps, `"tokens"` for
+          `(height * width, channels)`.
+        - `intermediates_only`: return the list of outputs only.
+        - `key`: a `jax.random.key`, needed only for dropout in training mode.
+
+        **Returns:** `((forward_features(x), outputs), state)`, or `(outputs, state)` with
+        `intermediates_only`; `outputs` is a list in the order of `indices`.
+        """
+        del norm
+        name = type(self).__name__
+        check_output_fmt(output_fmt, name)
+        chosen = feature_indices(indices, len(self.stages), name)
+        (final, maps), state = self._forward(x, state, key)
+        outputs = [maps[i] if output_fmt == "map" else grid_to_tokens(maps[i]) for i in chosen]
+        return (outputs if intermediates_only else (final, outputs)), state
+
+    def set_image_size(self, image_size: tuple[int, int]) -> "LeViT":
+        """This model for `(size, size)` images, `size` a multiple of 16: every attention
+        bias table (one `(map, map)` table of absolute offsets per head) resized
+        bicubically with antialiasing to the new map, as timm's
+        `resize_rel_pos_bias_table_levit` resizes LeViT-style tables (see
+        [`set_image_size`][eqx_vision.set_image_size])."""
+        if image_size[0] != image_size[1] or image_size[0] % 16:
+            raise ValueError(
+                f"LeViT takes square images whose side is a multiple of 16; got image_size "
+                f"{tuple(image_size)}."
+            )
+        size = int(image_size[0])
+        if size == self.image_size:
+            return self
+        fmap = size // 16
+        stages, downs = [], []
+        for i, stage in enumerate(self.stages):
+            attn = _resized_bias(stage.blocks.attn, fmap, stacked=True)
+            stages.append(replace(stage, blocks=replace(stage.blocks, attn=attn)))
+            if i < len(self.downsamples):
+                down = self.downsamples[i]
+                downs.append(replace(down, attn=_resized_bias(down.attn, fmap, stacked=False)))
+                fmap = math.ceil(fmap / 2)
+        return replace(self, stages=tuple(stages), downsamples=tuple(downs), image_size=size)
+
+    def reset_head(
+        self,
+        num_classes: int,
+        *,
+        key: PRNGKeyArray | None = None,
+        state: eqx.nn.State | None = None,
+    ) -> "LeViT | tuple[LeViT, eqx.nn.State]":
+        """This model with a new linear head (and distillation head, if it has one) of
+        `num_classes` outputs, or none for `0` (see [`reset_head`][eqx_vision.reset_head]).
+        The heads hold no statistics: a `state` given is returned with the model."""
+        dim = _levit_width(self.stages[-1])
+        head = dist = None
+        if num_classes > 0:
+            assert key is not None
+            head_key, dist_key = jr.split(key)
+            head = Linear(dim, num_classes, key=head_key)
+            if self.distill_head is not None:
+                dist = Linear(dim, num_classes, key=dist_key)
+        model = eqx.tree_at(
+            lambda m: (m.mlp_head, m.distill_head),
+            self,
+            (head, dist),
+            is_leaf=lambda n: n is None,
+        )
+        return model if state is None else (model, state)
 
     def __call__(
         self,
@@ -286,11 +450,7 @@ class LeViT(eqx.Module):
         state: eqx.nn.State,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> tuple[
-        Float[Array, " num_classes"]
-        | tuple[Float[Array, " num_classes"], Float[Array, " num_distill_classes"]],
-        eqx.nn.State,
-    ]:
+    ) -> tuple[Any, eqx.nn.State]:
         """**Arguments:**
 
         - `x`: one image, `(3, image_size, image_size)`.
@@ -298,24 +458,44 @@ class LeViT(eqx.Module):
         - `key`: a `jax.random.key`, needed only for dropout in training mode.
 
         **Returns:** the logits `(num_classes,)` — or, with `num_distill_classes`, the pair
-        `(logits, distill_logits)` of shapes `(num_classes,)` and `(num_distill_classes,)` —
-        and the updated state (unchanged in inference mode).
+        `(logits, distill_logits)` of shapes `(num_classes,)` and `(num_distill_classes,)`;
+        with `num_classes=0`, the pooled features `(dim[-1],)` — and the updated state
+        (unchanged in inference mode): `forward_head(*forward_features(x, state))`.
         """
-        check_key(self, key)
-        check_image(x, (IN_CHANNELS, self.image_size, self.image_size), type(self).__name__)
-        keys = split_key(key, len(self.stages) + len(self.downsamples))
-        stage_keys, down_keys = keys[: len(self.stages)], keys[len(self.stages) :]
-        for conv in self.conv_embedding:
-            x = conv(x)
-        for i, stage in enumerate(self.stages):
-            x, state = stage.call_with_state(x, state, key=stage_keys[i])
-            if i < len(self.downsamples):
-                x, state = self.downsamples[i](x, state, key=down_keys[i])
-        pooled = jnp.mean(x, axis=(1, 2))
-        logits = self.mlp_head(pooled)
-        if self.distill_head is None:
-            return logits, state
-        return (logits, self.distill_head(pooled)), state
+        x, state = self.forward_features(x, state, key=key)
+        return self.forward_head(x, state)
+
+
+def _levit_width(stage: Stack[LeViTBlock]) -> int:
+    """The channels of a stage's map (the input channels of its query projections)."""
+    to_q = stage.blocks.attn.to_q
+    assert isinstance(to_q, ConvBN)
+    return to_q.conv.weight.shape[-3]
+
+
+def resize_bias_table(
+    table: Float[Array, "heads height width"], size: tuple[int, int]
+) -> Float[Array, "heads new_height new_width"]:
+    """An attention-bias table of absolute offsets, one `(height, width)` map per head,
+    resized bicubically with antialiasing (in float32) as timm's
+    `resize_rel_pos_bias_table_levit` does; the same size returns it unchanged."""
+    if tuple(table.shape[1:]) == tuple(size):
+        return table
+    return resize_bicubic(table.astype(jnp.float32), size, antialias=True).astype(table.dtype)
+
+
+def _resized_bias(attn: MapAttention, fmap: int, *, stacked: bool) -> MapAttention:
+    """A LeViT attention (of a stack's blocks with `stacked`) whose learned bias is for
+    keys on an `fmap x fmap` map."""
+    assert attn.pos_bias is not None and attn.bias_map_size is not None
+    old = attn.bias_map_size
+
+    def one(bias: Float[Array, "positions heads"]) -> Float[Array, "new_positions heads"]:
+        table = bias.T.reshape(-1, old, old)
+        return resize_bias_table(table, (fmap, fmap)).reshape(-1, fmap * fmap).T
+
+    pos_bias = jax.vmap(one)(attn.pos_bias) if stacked else one(attn.pos_bias)
+    return replace(attn, pos_bias=pos_bias, bias_map_size=fmap)
 
 
 # timm's LeViT: the architecture of the paper's official code, which timm ports.
@@ -456,6 +636,28 @@ class TimmLeViTAttention(eqx.Module):
         **Returns:** the output tokens (of the subsampled map if `stride > 1`) and the
         updated state.
         """
+        q, k, v, state = self._heads(x, state)
+        bias = self.attention_biases[:, grid_bias_indices(self.resolution, self.stride)]
+        out = merge_heads(attend(q, k, v, scale=self.key_dim**-0.5, bias=bias))
+        return self.proj(ACTIVATIONS[self.activation](out), state)
+
+    def probabilities(
+        self, x: Float[Array, "seq dim"], state: eqx.nn.State
+    ) -> Float[Array, "heads q_seq seq"]:
+        """The weights that multiply the values in `self(x, state)`: the softmax of the
+        scaled scores plus the attention biases, `(heads, q_seq, seq)` (queries on the
+        subsampled map with `stride > 1`). The state is read, not updated (use it in
+        inference mode)."""
+        q, k, _, _ = self._heads(x, state)
+        bias = self.attention_biases[:, grid_bias_indices(self.resolution, self.stride)]
+        dots = jnp.einsum("hid,hjd->hij", q, k) * self.key_dim**-0.5 + bias.astype(q.dtype)
+        probs = jax.nn.softmax(dots.astype(jnp.promote_types(dots.dtype, jnp.float32)), axis=-1)
+        return probs.astype(q.dtype)
+
+    def _heads(
+        self, x: Float[Array, "seq dim"], state: eqx.nn.State
+    ) -> tuple[Array, Array, Array, eqx.nn.State]:
+        """Queries, keys and values `(heads, seq, dim)` and the updated state."""
         heads, kd = self.heads, self.key_dim
         if self.qkv is not None:
             qkv, state = self.qkv(x, state)
@@ -471,9 +673,7 @@ class TimmLeViTAttention(eqx.Module):
             sub = x.reshape(height, width, -1)[::s, ::s].reshape(-1, x.shape[-1])
             q, state = self.q(sub, state)
             q = split_heads(q, heads)
-        bias = self.attention_biases[:, grid_bias_indices(self.resolution, self.stride)]
-        out = merge_heads(attend(q, k, v, scale=kd**-0.5, bias=bias))
-        return self.proj(ACTIVATIONS[self.activation](out), state)
+        return q, k, v, state
 
 
 class TimmLeViTMlp(eqx.Module):
@@ -735,6 +935,13 @@ class TimmLeViT(eqx.Module):
         `(dim, height, width)` with `use_conv` (timm's layouts), and the updated state.
         """
         del key
+        (x, maps), state = self._forward(x, state)
+        return (maps[-1] if self.use_conv else x), state
+
+    def _forward(
+        self, x: Float[Array, "channels height width"], state: eqx.nn.State
+    ) -> tuple[tuple[Float[Array, "seq dim"], list[Array]], eqx.nn.State]:
+        """The last stage's tokens and every stage's output map."""
         check_image(x, (self.channels, *self.image_size), type(self).__name__)
         act = ACTIVATIONS[self.activation]
         for i, conv in enumerate(self.stem):
@@ -743,12 +950,14 @@ class TimmLeViT(eqx.Module):
                 x = act(x)
         height, width = x.shape[1:]
         x = grid_to_tokens(x)
+        maps = []
         for i, stage in enumerate(self.stages):
             if i > 0:
                 x, state = self.downsamples[i - 1](x, state)
                 height, width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
             x, state = stage.call_with_state(x, state)
-        return (tokens_to_grid(x, height) if self.use_conv else x), state
+            maps.append(tokens_to_grid(x, height))
+        return (x, maps), state
 
     def forward_head(
         self,
@@ -777,6 +986,125 @@ class TimmLeViT(eqx.Module):
             return logits, state
         dist, state = self.head_dist(pooled, state, key=dist_key)
         return (logits + dist) / 2, state
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The outputs of `forward_intermediates`: each stage's output map (after its
+        downsampling block and its blocks, as timm's stages), of reduction
+        `stem_stride * 2 ** i`."""
+        stride = 2 ** len(self.stem)
+        return tuple(
+            FeatureInfo(
+                i,
+                f"stages[{i}]",
+                stage.blocks.mlp.ln2.linear.weight.shape[-2],
+                (stride * 2**i, stride * 2**i),
+            )
+            for i, stage in enumerate(self.stages)
+        )
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        state: eqx.nn.State,
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFmt = "map",
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Any, eqx.nn.State]:
+        """The final features and the output maps of chosen stages, as timm's
+        `forward_intermediates`.
+
+        **Arguments:**
+
+        - `x`: one image, `(channels, *image_size)`.
+        - `state`: the BatchNorm statistics.
+        - `indices`: which stages (see `feature_info`): `None` for all, an int `n` for the
+          last `n`, or a sequence of stage indices (negative from the end).
+        - `norm`: accepted for the common signature; LeViT has no norm after its stages.
+        - `output_fmt`: `"map"` for `(channels, height, width)` maps, `"tokens"` for
+          `(height * width, channels)`.
+        - `intermediates_only`: return the list of outputs only.
+        - `key`: unused (there is no dropout before the head).
+
+        **Returns:** `((forward_features(x), outputs), state)`, or `(outputs, state)` with
+        `intermediates_only`; `outputs` is a list in the order of `indices`.
+        """
+        del norm
+        name = type(self).__name__
+        check_output_fmt(output_fmt, name)
+        chosen = feature_indices(indices, len(self.stages), name)
+        (final, maps), state = self._forward(x, state)
+        final = maps[-1] if self.use_conv else final
+        outputs = [maps[i] if output_fmt == "map" else grid_to_tokens(maps[i]) for i in chosen]
+        return (outputs if intermediates_only else (final, outputs)), state
+
+    def set_image_size(self, image_size: tuple[int, int]) -> "TimmLeViT":
+        """This model for `(height, width)` images, multiples of `stem_stride`: every
+        attention's bias table (one `(height, width)` map of absolute offsets per head)
+        resized bicubically with antialiasing to the new map, as timm's
+        `resize_rel_pos_bias_table_levit` (see
+        [`set_image_size`][eqx_vision.set_image_size])."""
+        hw = (int(image_size[0]), int(image_size[1]))
+        if hw == self.image_size:
+            return self
+        stride = 2 ** len(self.stem)
+        if hw[0] % stride or hw[1] % stride:
+            raise ValueError(
+                f"TimmLeViT: image_size must be a multiple of stem_stride={stride} on both "
+                f"sides; got {hw}."
+            )
+        res = (hw[0] // stride, hw[1] // stride)
+        stages, downs = [], []
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                down = self.downsamples[i - 1]
+                downs.append(replace(down, attn=_timm_resized(down.attn, res, stacked=False)))
+                res = ((res[0] - 1) // 2 + 1, (res[1] - 1) // 2 + 1)
+            attn = _timm_resized(stage.blocks.attn, res, stacked=True)
+            stages.append(replace(stage, blocks=replace(stage.blocks, attn=attn)))
+        return replace(self, stages=tuple(stages), downsamples=tuple(downs), image_size=hw)
+
+    def reset_head(
+        self,
+        num_classes: int,
+        *,
+        key: PRNGKeyArray | None = None,
+        state: eqx.nn.State | None = None,
+    ) -> "TimmLeViT | tuple[TimmLeViT, eqx.nn.State]":
+        """This model with a new head (both heads if distilled) of `num_classes` outputs,
+        BatchNorm → Linear initialised as the constructor does, or none for `0` (timm's
+        `reset_classifier`; see [`reset_head`][eqx_vision.reset_head]). The new heads'
+        BatchNorm statistics are added to `state` (the body's kept); without `state`, only
+        the model is returned (then build the state anew, `eqx.nn.State(model)`)."""
+        dim = self.stages[-1].blocks.mlp.ln2.linear.weight.shape[-2]
+        dropout = 0.0
+        for old in (self.head, self.head_dist):
+            if old is not None:
+                dropout = old.dropout.p
+        head = dist = None
+        if num_classes > 0:
+            assert key is not None
+            head_key, dist_key = jr.split(key)
+            head = NormLinear(dim, num_classes, dropout=dropout, key=head_key)
+            if self.head_dist is not None:
+                dist = NormLinear(dim, num_classes, dropout=dropout, key=dist_key)
+            if self.head is not None and self.head.dropout.inference:
+                head, dist = eqx.nn.inference_mode((head, dist))
+        head_state = None if head is None else eqx.nn.State((head, dist))
+        head, dist = eqx.nn.delete_init_state((head, dist))
+        model = eqx.tree_at(
+            lambda m: (m.head, m.head_dist), self, (head, dist), is_leaf=lambda n: n is None
+        )
+        if state is None:
+            return model
+        values, keys = state.substate((self.stem, self.downsamples, self.stages)).tree_flatten()
+        if head_state is not None:
+            head_values, head_keys = head_state.tree_flatten()
+            values, keys = values + head_values, keys + head_keys
+        return model, eqx.nn.State.tree_unflatten(keys, values)
 
     def __call__(
         self,
@@ -843,3 +1171,18 @@ def _timm_stem(channels: int, dim: int, stride: int, key: PRNGKeyArray) -> tuple
     return tuple(
         ConvBN(widths[i], widths[i + 1], 3, stride=2, padding=1, key=k) for i, k in enumerate(keys)
     )
+
+
+def _timm_resized(
+    attn: TimmLeViTAttention, resolution: tuple[int, int], *, stacked: bool
+) -> TimmLeViTAttention:
+    """A timm LeViT attention (of a stack's blocks with `stacked`) for a `resolution`
+    input map, its bias table resized."""
+    old = attn.resolution
+
+    def one(bias: Float[Array, "heads positions"]) -> Float[Array, "heads new_positions"]:
+        table = resize_bias_table(bias.reshape(-1, *old), resolution)
+        return table.reshape(table.shape[0], -1)
+
+    biases = jax.vmap(one)(attn.attention_biases) if stacked else one(attn.attention_biases)
+    return replace(attn, attention_biases=biases, resolution=resolution)

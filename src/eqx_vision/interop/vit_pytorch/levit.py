@@ -92,7 +92,7 @@ def convert_levit(model: LeViT, sd: StateDict, state: eqx.nn.State) -> tuple[LeV
             convs,
             tuple(stages),
             tuple(downsamples),
-            convert_linear(model.mlp_head, sd, "mlp_head."),
+            None if model.mlp_head is None else convert_linear(model.mlp_head, sd, "mlp_head."),
             distill,
         ),
         is_leaf=lambda x: x is None,

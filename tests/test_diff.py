@@ -158,6 +158,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "NesT": ("nest", "NesT", {}),
     "TwinsSVT": ("twins_svt", "TwinsSVT", {}),
     "ScalableViT": ("scalable_vit", "ScalableViT", {}),
+    "T2TViT": ("t2t", "T2TViT", {}),
+    "PiT": ("pit", "PiT", {}),
+    "RegionViT": ("regionvit", "RegionViT", {}),
     "CvT": ("cvt", "CvT", {}),
     "CrossFormer": ("crossformer", "CrossFormer", {}),
     "CrossViT": ("cross_vit", "CrossViT", dict(depth=2)),
@@ -170,6 +173,8 @@ SMALL_CROSSVIT: dict[str, Any] = dict(
 TIMM_FAMILIES: dict[str, tuple[str, int, dict[str, Any]]] = {
     "vit": ("vit_small_patch16_224", 32, dict(TIMM_TINY, depth=2)),
     "crossvit": ("crossvit_tiny_240", 48, SMALL_CROSSVIT),
+    "pit": ("pit_ti_224", 32, dict(img_size=32, base_dims=[8, 8, 8], depth=[1, 2, 1],
+                                   heads=[1, 2, 4])),
     "cait": ("cait_xxs24_224", 32, dict(TIMM_TINY, depth=2, depth_token_only=1)),
     "nest": ("nest_tiny", 16, dict(img_size=16, patch_size=2, embed_dims=(8, 16, 32),
                                    num_heads=(2, 4, 4), depths=(1, 2, 1))),

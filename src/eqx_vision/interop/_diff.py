@@ -31,9 +31,12 @@ from ..models import (
     DeepViT,
     NesT,
     ParallelViT,
+    PiT,
+    RegionViT,
     ScalableViT,
     SimpleViT,
     SmallDatasetViT,
+    T2TViT,
     TimmCrossViT,
     TwinsSVT,
     ViT,
@@ -242,6 +245,44 @@ def _twins_stage_ends(reference: Any) -> list[Tap]:
     return [Tap(f"blocks.{i}.{len(stage) - 1}") for i, stage in enumerate(reference.blocks)]
 
 
+def _pit_stages(reference: Any) -> list[Tap]:
+    """vit-pytorch's PiT: its `layers` alternate the stages' transformers and the poolings."""
+    return [Tap(f"layers.{i}") for i in range(0, len(reference.layers), 2)]
+
+
+def _timm_pit_tokens(out: Any) -> Any:
+    """timm PiT's stage output `(map, class tokens)` as tokens, class tokens first."""
+    x, cls_tokens = out
+    import torch
+
+    return torch.cat([cls_tokens, x.flatten(2).transpose(1, 2)], dim=1)
+
+
+def _timm_pit_stages(reference: Any) -> list[Tap]:
+    """timm's PiT: each of its `transformers` (a stage, with the pooling before it)."""
+    return [
+        Tap(f"transformers.{i}", transform=_timm_pit_tokens)
+        for i in range(len(reference.transformers))
+    ]
+
+
+def _t2t_blocks(reference: Any) -> list[Tap]:
+    """vit-pytorch's T2TViT: the tokens-to-token transformers in `to_patch_embedding`, then
+    the residual stream after each block of the main transformer."""
+    soft = [
+        Tap(f"to_patch_embedding.{i}")
+        for i, module in enumerate(reference.to_patch_embedding)
+        if type(module).__name__ == "Transformer"
+    ]
+    return soft + residual_blocks("transformer.layers")(reference)
+
+
+def _regionvit_stages(reference: Any) -> list[Tap]:
+    """vit-pytorch's RegionViT: the local tokens' map out of each stage's R2L transformer
+    (the third module of each stage; it returns `(local, region)`)."""
+    return [Tap(f"layers.{i}.2", item=0) for i in range(len(reference.layers))]
+
+
 def _channels_first(t: Any) -> Any:
     return t.permute(0, 3, 1, 2)
 
@@ -267,6 +308,13 @@ RECIPES: dict[str, Recipe] = {
         models=(CaiT,),
         blocks=residual_blocks("patch_transformer.layers"),
         embed=(Tap("patch_transformer", input=True), embed_method),
+    ),
+    "vit_pytorch.t2t.T2TViT": Recipe(
+        models=(T2TViT,), blocks=_t2t_blocks, features=Tap("transformer")
+    ),
+    "vit_pytorch.pit.PiT": Recipe(models=(PiT,), blocks=_pit_stages, features=Tap("layers")),
+    "vit_pytorch.regionvit.RegionViT": Recipe(
+        models=(RegionViT,), blocks=_regionvit_stages, intermediates=maps
     ),
     "vit_pytorch.cvt.CvT": Recipe(
         models=(CvT,), blocks=module_blocks("layers"), intermediates=maps, features=Tap("layers")
@@ -297,6 +345,7 @@ RECIPES: dict[str, Recipe] = {
     "timm.models.crossvit.CrossVit": Recipe(
         models=(TimmCrossViT,), blocks=branch_blocks("blocks", None)
     ),
+    "timm.models.pit.PoolingVisionTransformer": Recipe(models=(PiT,), blocks=_timm_pit_stages),
     "timm.models.nest.Nest": Recipe(
         models=(NesT,),
         blocks=module_blocks("levels"),

@@ -161,6 +161,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "T2TViT": ("t2t", "T2TViT", {}),
     "PiT": ("pit", "PiT", {}),
     "RegionViT": ("regionvit", "RegionViT", {}),
+    "LeViT": ("levit", "LeViT", {}),
     "CvT": ("cvt", "CvT", {}),
     "CrossFormer": ("crossformer", "CrossFormer", {}),
     "CrossViT": ("cross_vit", "CrossViT", dict(depth=2)),
@@ -169,12 +170,17 @@ SMALL_CROSSVIT: dict[str, Any] = dict(
     img_size=48, img_scale=[1.0, 2 / 3], patch_size=[12, 16], embed_dim=[16, 32],
     num_heads=[2, 2], mlp_ratio=[2, 2], depth=[[1, 1, 0], [1, 1, 0]],
 )  # fmt: skip
+TIMM_LEVIT: dict[str, Any] = dict(
+    img_size=64, embed_dim=[32, 48], depth=[1, 2], num_heads=[2, 3], key_dim=8
+)
 # timm name, size, overrides
 TIMM_FAMILIES: dict[str, tuple[str, int, dict[str, Any]]] = {
     "vit": ("vit_small_patch16_224", 32, dict(TIMM_TINY, depth=2)),
     "crossvit": ("crossvit_tiny_240", 48, SMALL_CROSSVIT),
     "pit": ("pit_ti_224", 32, dict(img_size=32, base_dims=[8, 8, 8], depth=[1, 2, 1],
                                    heads=[1, 2, 4])),
+    "levit": ("levit_128s", 64, TIMM_LEVIT),
+    "levit_conv": ("levit_conv_128s", 64, TIMM_LEVIT),
     "cait": ("cait_xxs24_224", 32, dict(TIMM_TINY, depth=2, depth_token_only=1)),
     "nest": ("nest_tiny", 16, dict(img_size=16, patch_size=2, embed_dims=(8, 16, 32),
                                    num_heads=(2, 4, 4), depths=(1, 2, 1))),
@@ -212,7 +218,8 @@ def timm_family(name):
         torch_model = timm_model(timm_name, **overrides)
     perturb_(torch_model)
     model = ev.from_timm(timm_name, torch_model.state_dict(), **overrides)
-    return torch_model, model, None, images(size=size)
+    model, state = model if isinstance(model, tuple) else (model, None)  # TimmLeViT
+    return torch_model, model, state, images(size=size)
 
 
 def check_family(torch_model, model, state, x):

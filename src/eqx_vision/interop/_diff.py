@@ -29,6 +29,7 @@ from ..models import (
     CrossViT,
     CvT,
     DeepViT,
+    LeViT,
     NesT,
     ParallelViT,
     PiT,
@@ -38,6 +39,7 @@ from ..models import (
     SmallDatasetViT,
     T2TViT,
     TimmCrossViT,
+    TimmLeViT,
     TwinsSVT,
     ViT,
     ViTWithPatchMerger,
@@ -283,6 +285,22 @@ def _regionvit_stages(reference: Any) -> list[Tap]:
     return [Tap(f"layers.{i}.2", item=0) for i in range(len(reference.layers))]
 
 
+def _levit_stages(reference: Any) -> list[Tap]:
+    """vit-pytorch's LeViT: its `backbone` alternates the stages and the downsamplings."""
+    return [Tap(f"backbone.{i}") for i in range(0, len(reference.backbone), 2)]
+
+
+def _as_tokens(t: Any) -> Any:
+    """A `(batch, channels, h, w)` map as tokens `(batch, h * w, channels)`; tokens as
+    they are."""
+    return t.flatten(2).transpose(1, 2) if t.ndim == 4 else t
+
+
+def _timm_levit_stages(reference: Any) -> list[Tap]:
+    """timm's LeViT: each of its `stages` (tokens, or maps with `use_conv`)."""
+    return [Tap(f"stages.{i}", transform=_as_tokens) for i in range(len(reference.stages))]
+
+
 def _channels_first(t: Any) -> Any:
     return t.permute(0, 3, 1, 2)
 
@@ -316,6 +334,9 @@ RECIPES: dict[str, Recipe] = {
     "vit_pytorch.regionvit.RegionViT": Recipe(
         models=(RegionViT,), blocks=_regionvit_stages, intermediates=maps
     ),
+    "vit_pytorch.levit.LeViT": Recipe(
+        models=(LeViT,), blocks=_levit_stages, intermediates=maps, features=Tap("backbone")
+    ),
     "vit_pytorch.cvt.CvT": Recipe(
         models=(CvT,), blocks=module_blocks("layers"), intermediates=maps, features=Tap("layers")
     ),
@@ -346,6 +367,8 @@ RECIPES: dict[str, Recipe] = {
         models=(TimmCrossViT,), blocks=branch_blocks("blocks", None)
     ),
     "timm.models.pit.PoolingVisionTransformer": Recipe(models=(PiT,), blocks=_timm_pit_stages),
+    "timm.models.levit.Levit": Recipe(models=(TimmLeViT,), blocks=_timm_levit_stages),
+    "timm.models.levit.LevitDistilled": Recipe(models=(TimmLeViT,), blocks=_timm_levit_stages),
     "timm.models.nest.Nest": Recipe(
         models=(NesT,),
         blocks=module_blocks("levels"),

@@ -67,7 +67,7 @@ def test_cvt_contract():
 
 def test_cvt_intermediates_equal_vit_pytorch():
     """Each stage's output map is the output of vit-pytorch's `layers[i]` (forward hooks).
-    Measured: at most 6e-7."""
+    Measured: at most 4.9e-7."""
     torch_model = reference("cvt").CvT(**CVT)
     perturb_(torch_model)
     torch_model.eval()
@@ -141,7 +141,7 @@ def test_pit_contract():
 
 def test_pit_intermediates_equal_vit_pytorch():
     """Each stage's tokens are the output of vit-pytorch's `layers[2 * i]` (forward hooks).
-    Measured: at most 5e-7."""
+    Measured: at most 5.2e-7."""
     config = {k: v for k, v in PIT.items() if k != "dim_head"}
     torch_model = reference("pit").PiT(**config)
     perturb_(torch_model)
@@ -166,7 +166,7 @@ def test_pit_intermediates_equal_vit_pytorch():
 def test_pit_intermediates_equal_timm(name, config):
     """timm's `forward_intermediates` (NCHW maps after each stage, the final normalised
     prefix tokens are our head's; the final tokens' prefix part through the head's norm).
-    Measured: at most 1e-6."""
+    Measured: at most 1.2e-6."""
     import_timm()
     torch_model = timm_model(name, **config)
     perturb_(torch_model)
@@ -250,19 +250,19 @@ def test_levit_contract():
 
 def test_levit_intermediates_equal_vit_pytorch():
     """Each stage's output map is the output of vit-pytorch's `backbone[2 * i]` (forward
-    hooks). Measured: at most 4e-7."""
+    hooks). Measured: at most 2.5e-6."""
     torch_model, model, state = _perturbed_levit()
     x, jx = _image((3, 64, 64))
     expected = torch_outputs(torch_model, ["backbone.0", "backbone.2", "backbone.4"], x)
     (final, outputs), _ = model.forward_intermediates(jx, state)
     for y, e in zip(outputs, expected, strict=True):
-        assert rel_err(y, e[0]) <= 5e-6
-    assert rel_err(final, expected[-1][0]) <= 5e-6
+        assert rel_err(y, e[0]) <= 2e-5
+    assert rel_err(final, expected[-1][0]) <= 2e-5
 
 
 def test_levit_set_image_size_resizes_the_biases():
     """Every attention-bias table is timm's `resize_rel_pos_bias_table_levit` of the old one
-    (bicubic, antialiased), queries and keys on the new maps. Measured: 4e-7."""
+    (bicubic, antialiased), queries and keys on the new maps. Measured: 1.1e-7."""
     timm = import_timm()
     _, model, state = _perturbed_levit()
     for size, maps in ((128, (8, 4)), (32, (2, 1))):
@@ -339,21 +339,21 @@ def test_timm_levit_contract(name):
 @pytest.mark.parametrize("name", ["levit_128s", "levit_conv_128s", "levit_384_s8"])
 def test_timm_levit_intermediates_equal_timm(name):
     """timm's `forward_intermediates` (NCHW maps after each stage). Measured: at most
-    1e-6."""
+    3.0e-6 (levit_384_s8; at most 8.3e-7 for the others)."""
     torch_model, model, state = _timm_levit(name)
     x, jx = _image((3, 64, 64))
     with torch.no_grad():
         final, inter = torch_model.forward_intermediates(x)
     (ours_final, ours), _ = model.forward_intermediates(jx, state)
     for y, e in zip(ours, inter, strict=True):
-        assert rel_err(y, e[0].numpy()) <= 1e-5
-    assert rel_err(ours_final, final[0].numpy()) <= 1e-5
+        assert rel_err(y, e[0].numpy()) <= 2e-5
+    assert rel_err(ours_final, final[0].numpy()) <= 2e-5
 
 
 def test_timm_levit_set_image_size_resizes_the_biases():
     """The bias tables resized as timm's `resize_rel_pos_bias_table_levit`; timm's model
-    with those tables on the new size gives the same outputs. Measured: 4e-7 (tables),
-    1e-6 (logits)."""
+    with those tables on the new size gives the same outputs. Measured: 3.4e-7 (tables),
+    4.5e-7 (logits)."""
     timm = import_timm()
     torch_model, model, state = _timm_levit("levit_128s")
     resized = ev.set_image_size(model, 96)

@@ -144,6 +144,12 @@ def test_recipes_name_module_and_class():
         RECIPES
     )
     assert all(name.startswith(("vit_pytorch.", "timm.models.")) for name in RECIPES)
+    # every model class that loads a vit-pytorch checkpoint can be compared with it
+    from eqx_vision.interop.vit_pytorch import CONVERTERS
+
+    layers = {ev.LSA, ev.SPT, ev.PatchMerger}
+    covered = {cls for recipe in RECIPES.values() for cls in recipe.models}
+    assert set(CONVERTERS) - layers <= covered
 
 
 # vit-pytorch module, class, overrides of the tiny preset (at least two blocks or stages)

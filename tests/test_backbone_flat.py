@@ -3,6 +3,8 @@ SmallDatasetViT, ViTWithPatchMerger, CaiT): the contract, the intermediate outpu
 vit-pytorch's residual stream after each block (forward hooks) and, for CaiT, to timm's
 `forward_intermediates`; and their attention maps in image coordinates."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -129,8 +131,9 @@ def test_patch_merger_intermediates_equal_vit_pytorch():
     assert rel_err(final, tokens[0].numpy()) <= 5e-6
 
 
-CAIT_TIMM_SMALL = dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=4,
-                       depth_token_only=2)  # fmt: skip
+CAIT_TIMM_SMALL: dict[str, Any] = dict(
+    img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=4, depth_token_only=2
+)
 
 
 def test_cait_intermediates_equal_timm():
@@ -176,8 +179,8 @@ def test_set_image_size_resamples_like_timm(cls, options, prefix):
     resized = ev.set_image_size(model, (48, 24))
     expected = resample_abs_pos_embed(
         torch.tensor(np.array(model.pos_embedding))[None],
-        new_size=(6, 3),
-        old_size=(4, 4),
+        new_size=[6, 3],
+        old_size=[4, 4],
         num_prefix_tokens=prefix,
     )[0].numpy()
     assert rel_err(resized.pos_embedding, expected) <= 1e-6
@@ -288,7 +291,7 @@ def test_parallel_branches_are_their_own_maps():
     """Each branch's map is that branch's attention: with the second branch's query
     projection zeroed, its scores are all equal and its map is uniform."""
     model = ev.ParallelViT(**TINY, key=jr.key(0))
-    blocks = model.transformer.layers.blocks
+    blocks: Any = model.transformer.layers.blocks
     q = blocks.attn.branches.to_qkv.weight
     dim_inner = q.shape[-2] // 3
     zeroed = q.at[:, 1, :dim_inner].set(0.0)

@@ -1,6 +1,8 @@
 """The backbone API of ViT: its contract, and its intermediate outputs equal to
 vit-pytorch's residual stream after each block and to timm's `forward_intermediates`."""
 
+from typing import Any
+
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
@@ -68,7 +70,9 @@ def test_intermediates_equal_timm(name, overrides):
     """timm's `forward_intermediates` (maps without the prefix tokens, then the prefix
     tokens, with and without the final norm). Measured: at most 1e-6."""
     import_timm()
-    small = dict(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2, **overrides)
+    small: dict[str, Any] = dict(
+        img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2, **overrides
+    )
     torch_model = timm_model(name, **small)
     perturb_(torch_model)
     torch_model.eval()
@@ -98,8 +102,9 @@ def test_set_image_size_equals_timm(old, new, prefix):
     the embeddings, 1e-6 for the logits."""
     import_timm()
     name = "vit_small_patch16_224" if prefix else "vit_medium_patch16_reg4_gap_256"
-    small = dict(img_size=(old[0] * 8, old[1] * 8), patch_size=8, embed_dim=64, depth=2,
-                 num_heads=2)  # fmt: skip
+    small: dict[str, Any] = dict(
+        img_size=(old[0] * 8, old[1] * 8), patch_size=8, embed_dim=64, depth=2, num_heads=2
+    )
     torch_model = timm_model(name, **small)
     perturb_(torch_model)
     torch_model.eval()

@@ -100,6 +100,7 @@ def build_model(case: str, key: jax.Array) -> Any:
 def _head(model, tokens):
     """The logits from the encoder output, as each model's `__call__` computes them."""
     if isinstance(model, ev.SimpleViT):
+        assert model.linear_head is not None
         return model.linear_head(tokens.mean(axis=0))
     pooled = tokens.mean(axis=0) if model.pool == "mean" else tokens[0]
     head_norm = getattr(model, "head_norm", None)

@@ -180,6 +180,11 @@ def convert_linear(m: Linear, sd: StateDict, prefix: str) -> Linear:
     return replace(m, sd, **fields)
 
 
+def convert_head(m: Linear | None, sd: StateDict, prefix: str) -> Linear | None:
+    """A classifier, or `None` for a model built without one (`num_classes=0`)."""
+    return None if m is None else convert_linear(m, sd, prefix)
+
+
 def convert_layernorm(m: LayerNorm, sd: StateDict, prefix: str) -> LayerNorm:
     return replace(m, sd, weight=prefix + "weight", bias=prefix + "bias")
 

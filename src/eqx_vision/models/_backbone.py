@@ -127,7 +127,7 @@ def set_image_size(model: Model, image_size: int | tuple[int, int]) -> Model:
 
 
 def reset_head(
-    model: Model,
+    model: Any,
     num_classes: int,
     *,
     key: PRNGKeyArray | None = None,

@@ -18,6 +18,7 @@ from .._state_dict import (
     convert_attention,
     convert_block,
     convert_feedforward,
+    convert_head,
     convert_layernorm,
     convert_linear,
     convert_parallel,
@@ -68,7 +69,7 @@ def convert_simple_vit(model: SimpleViT, sd: StateDict) -> SimpleViT:
         (
             convert_patch_embedding(model.to_patch_embedding, sd, "to_patch_embedding."),
             convert_transformer(model.transformer, sd, "transformer.", block=_simple_vit_block),
-            convert_linear(model.linear_head, sd, "linear_head."),
+            convert_head(model.linear_head, sd, "linear_head."),
         ),
     )
 
@@ -93,7 +94,7 @@ def convert_deepvit(model: DeepViT, sd: StateDict) -> DeepViT:
             ),
             convert_transformer(model.transformer, sd, "transformer."),
             convert_layernorm(model.head_norm, sd, "mlp_head.0."),
-            convert_linear(model.mlp_head, sd, "mlp_head.1."),
+            convert_head(model.mlp_head, sd, "mlp_head.1."),
         ),
     )
 
@@ -140,7 +141,7 @@ def convert_parallel_vit(model: ParallelViT, sd: StateDict) -> ParallelViT:
             ),
             convert_transformer(model.transformer, sd, "transformer.", block=_parallel_block),
             convert_layernorm(model.head_norm, sd, "mlp_head.0."),
-            convert_linear(model.mlp_head, sd, "mlp_head.1."),
+            convert_head(model.mlp_head, sd, "mlp_head.1."),
         ),
     )
 
@@ -185,7 +186,7 @@ def convert_small_dataset_vit(model: SmallDatasetViT, sd: StateDict) -> SmallDat
             sd.take("pos_embedding", model.pos_embedding, torch_shape=(1, seq, dim)),
             convert_transformer(model.transformer, sd, "transformer."),
             convert_layernorm(model.head_norm, sd, "mlp_head.0."),
-            convert_linear(model.mlp_head, sd, "mlp_head.1."),
+            convert_head(model.mlp_head, sd, "mlp_head.1."),
         ),
     )
 
@@ -245,7 +246,7 @@ def convert_vit_with_patch_merger(model: ViTWithPatchMerger, sd: StateDict) -> V
             _patch_merger(model.patch_merger, sd, "transformer.patch_merger."),
             after,
             convert_layernorm(model.norm, sd, "transformer.norm."),
-            convert_linear(model.mlp_head, sd, "mlp_head.1."),
+            convert_head(model.mlp_head, sd, "mlp_head.1."),
         ),
         is_leaf=lambda x: x is None,
     )

@@ -343,7 +343,8 @@ def _bad_cases(tmp_path, trained: str, small_npz: str) -> dict[str, tuple[list[s
     broken = tmp_path / "broken"
     for c in ("a", "b"):
         (broken / c).mkdir(parents=True)
-        (broken / c / "x.png").write_bytes(b"not a png")
+        for name in ("x.png", "y.png"):  # two a class: the folder has a test split
+            (broken / c / name).write_bytes(b"not a png")
     bad_png = tmp_path / "bad.png"
     bad_png.write_bytes(b"\x89PNG garbage")
     fresh = str(tmp_path / "fresh")

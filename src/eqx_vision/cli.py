@@ -74,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
     "init": None,
     "layer_decay": None,
     "freeze": 0,
+    "loader": "auto",
 }
 SETTINGS = tuple(DEFAULTS)
 # Settings a run saved by an earlier version may lack, with the value it was trained with.
@@ -83,7 +84,9 @@ LATER_SETTINGS: dict[str, Any] = {
     "init": None,
     "layer_decay": None,
     "freeze": 0,
+    "loader": "memory",
 }
+LOADERS = ("auto", "memory", "stream")
 # The prefix of `--init` for a pretrained timm model.
 TIMM_PREFIX = "timm/"
 # The seeds `jax.random.key` tells apart (it keeps a seed's low 32 bits), as
@@ -193,8 +196,24 @@ def _add_train_parser(sub: Any) -> None:
     )
     train.add_argument(
         "--data",
-        help="'digits' (embedded handwritten digits), a folder of class sub-folders of "
-        "images, or an .npz with images and labels (default: digits)",
+        help="'digits' (embedded handwritten digits), a folder of images (class sub-folders, "
+        "or train/ and val/ of class sub-folders, or train/ and a flat val/ with "
+        "val_labels.txt), or an .npz with images and labels (default: digits)",
+    )
+    train.add_argument(
+        "--loader",
+        choices=LOADERS,
+        help="how the data is read: 'memory' decodes every image before the first step "
+        "(squashed to size, no augmentation); 'stream' lists the files and decodes, crops "
+        "and flips each batch in worker processes; 'auto' streams folders and reads .npz "
+        "files and the digits into memory (default: auto)",
+    )
+    train.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        metavar="N",
+        help="data worker processes of a streamed folder (0: decode in this process; "
+        "default: the CPU count, at most 8)",
     )
     train.add_argument(
         "--image-size", type=_image_size, metavar="N|HxW", help="input size (default: the preset's)"
@@ -318,6 +337,19 @@ def _add_evaluate_parser(sub: Any) -> None:
     )
     evaluate.add_argument("--data", help="data to evaluate on (default: the training data)")
     _add_keep_empty_classes(evaluate)
+    evaluate.add_argument(
+        "--loader",
+        choices=LOADERS,
+        help="how the data is read (see train --loader; default: as the checkpoint was "
+        "trained; a streamed folder is evaluated by resizing the shorter side and cropping "
+        "the centre)",
+    )
+    evaluate.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        metavar="N",
+        help="as for train (default: the CPU count, at most 8)",
+    )
     evaluate.add_argument("--batch-size", type=_positive_int, default=256)
     evaluate.add_argument("--devices", type=_positive_int, metavar="N")
 
@@ -433,17 +465,28 @@ def _model_config(obj: Any, where: str):
     return config
 
 
-def _load_data(spec: str, keep_empty_classes: bool = False) -> Any:
-    """The data set `spec`; with `keep_empty_classes`, classes without training images are
-    kept and named in one warning line on stderr."""
+def _streams(spec: str, loader: str) -> bool:
+    """Whether the data `spec` is streamed: always with `stream`, folders with `auto`."""
+    return loader == "stream" or (loader == "auto" and os.path.isdir(spec))
+
+
+def _load_data(spec: str, keep_empty_classes: bool = False, loader: str = "memory") -> Any:
+    """The data set `spec`: in memory (a `RawDataset`), or, when `_streams`, the file lists
+    of a folder (an `ImageFolder`); with `keep_empty_classes`, classes without training
+    images are kept and named in one warning line on stderr."""
     import warnings
 
     from . import data as data_mod
 
+    if _streams(spec, loader) and not os.path.isdir(spec):
+        raise UsageError(f"--loader stream reads a folder of images; {_printable(spec)} is not one")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            raw = data_mod.load_dataset(spec, keep_empty_classes=keep_empty_classes)
+            if _streams(spec, loader):
+                raw = data_mod.scan_folder(spec, keep_empty_classes=keep_empty_classes)
+            else:
+                raw = data_mod.load_dataset(spec, keep_empty_classes=keep_empty_classes)
     except ValueError as e:  # a DataError, or a path the operating system refuses
         message = str(e).replace("keep_empty_classes=True", "--keep-empty-classes")
         raise UsageError(_printable(message)) from None
@@ -464,6 +507,33 @@ def _data_facts(raw: Any) -> dict[str, Any]:
         "num_train": len(raw.train_labels),
         "num_test": len(raw.test_labels),
     }
+
+
+def _workers(args: argparse.Namespace) -> int:
+    workers = getattr(args, "workers", None)
+    return min(8, os.cpu_count() or 1) if workers is None else workers
+
+
+def _model_data(raw: Any, config: Any, workers: int) -> Any:
+    """What `fit` and `evaluate` read: the in-memory data prepared for the model, or a
+    stream of the folder's files (decoded in `workers` processes), whose first batch is
+    decoded here, so that a folder of unreadable images is refused before anything is
+    written."""
+    import dataclasses
+
+    from . import data as data_mod
+
+    if not isinstance(raw, data_mod.ImageFolder):
+        return data_mod.prepare(raw, channels=config.channels, image_size=config.image_size)
+    stream = data_mod.StreamingData(
+        raw, image_size=tuple(config.image_size), channels=config.channels, workers=workers
+    )
+    try:
+        check = dataclasses.replace(stream, workers=0)
+        next(iter(check.train_batches(0, min(8, raw.num_train), seed=0)))
+    except data_mod.DataError as e:
+        raise UsageError(_printable(str(e))) from None
+    return stream
 
 
 def _parallel(devices: int | None):
@@ -529,6 +599,8 @@ def _setting_problem(name: str, value: Any) -> str | None:
         return None if ok else "must be null or a number in (0, 1]"
     if name == "freeze":
         return None if _is_int(value) and value >= 0 else "must be a non-negative integer"
+    if name == "loader":
+        return None if value in LOADERS else f"must be {', '.join(LOADERS)}"
     raise AssertionError(name)  # pragma: no cover
 
 
@@ -641,7 +713,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import presets, training
 
     # ---- check everything before writing anything ---------------------------------------
-    raw = _load_data(settings["data"], args.keep_empty_classes)
+    raw = _load_data(settings["data"], args.keep_empty_classes, settings["loader"])
     data_info = _data_facts(raw)
     out = args.out or _default_out(settings["model"])
     config_path, ckpt_path = os.path.join(out, CONFIG), os.path.join(out, CHECKPOINT)
@@ -771,7 +843,7 @@ def _train(
 
     from . import checkpoint, data as data_mod, training
 
-    ds = data_mod.prepare(raw, channels=config.channels, image_size=config.image_size)
+    ds = _model_data(raw, config, _workers(args))
     if from_checkpoint:  # the structure only: the checkpoint fills it
         model, state = config.build_like()
     elif initial is not None:
@@ -781,8 +853,9 @@ def _train(
     name = config.preset or config.model
     shape = "x".join(map(str, (config.channels, *config.image_size)))
     data_line = (
-        f"data     {_printable(settings['data'])}: {len(ds.train_labels)} train / "
-        f"{len(ds.test_labels)} test images, {raw.num_classes} classes, input {shape}"
+        f"data     {_printable(settings['data'])}: {ds.num_train} train / "
+        f"{ds.num_test} test images, {raw.num_classes} classes, input {shape}"
+        + (", streamed" if isinstance(ds, data_mod.StreamingData) else "")
     )
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     report = _reporter(f"{name} ({config.model}", data_line, progress, args.stop_after_steps)
@@ -804,6 +877,8 @@ def _train(
         )
     except checkpoint.CheckpointFormatError as e:
         raise UsageError(str(e)) from None
+    except data_mod.DataError as e:  # an unreadable image met while streaming
+        raise UsageError(f"{_printable(str(e))}; the run stopped at its last checkpoint") from None
     finally:
         report.close()
     if result.stopped:
@@ -1092,7 +1167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.pretrained:
         return _evaluate_pretrained(args)
     _require("evaluate", ["optax", "safetensors"])
-    from . import data as data_mod, training
+    from . import training
 
     ckpt_path, header, config, data_meta = _open_checkpoint(args.checkpoint)
     training_meta = header["training"]
@@ -1103,7 +1178,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"{ckpt_path} does not record its data: give --data")
     if spec != "digits":
         _require("evaluate", ["PIL"])
-    raw = _load_data(spec, args.keep_empty_classes)
+    saved_settings = training_meta.get("settings")
+    saved_loader = saved_settings.get("loader") if isinstance(saved_settings, dict) else None
+    loader = args.loader or (saved_loader if saved_loader in LOADERS else "memory")
+    raw = _load_data(spec, args.keep_empty_classes, loader)
     shown = _printable(spec)
     if raw.num_classes != config.num_classes:
         raise UsageError(
@@ -1125,23 +1203,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     parallel = _parallel(args.devices)
     ckpt = _load_checkpoint(ckpt_path, config)
-    ds = data_mod.prepare(raw, channels=config.channels, image_size=config.image_size)
+    ds = _model_data(raw, config, _workers(args))
     model, state = parallel.replicate((ckpt.model, ckpt.state))
-    loss, accuracy = training.evaluate(
+    batch_size = max(parallel.num_devices, args.batch_size - args.batch_size % parallel.num_devices)
+    loss, accuracy = training.evaluate_batches(
         model,
         state,
-        ds.test_images,
-        ds.test_labels,
-        batch_size=args.batch_size,
+        ds.test_batches(batch_size),
         parallel=parallel,
         precision=precision,
+        normalization=getattr(ds, "normalization", None),
     )
     _echo(
         f"checkpoint {ckpt_path}: {config.preset or config.model} ({config.model}), "
         f"epoch {training_meta.get('epoch', '?')}, step {training_meta.get('step', '?')}"
     )
     _echo(
-        f"data       {shown}: {len(ds.test_labels)} test images, {raw.num_classes} classes, "
+        f"data       {shown}: {ds.num_test} test images, {raw.num_classes} classes, "
         f"{precision.compute_dtype}"
     )
     _echo(f"test loss: {loss:.4f}")

@@ -87,7 +87,7 @@ import numbers
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -96,9 +96,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped, UInt8
 
-from .data import Dataset
+from .data import TrainingData, epoch_order, padded_batches
 from .finetune import (
     DECAY_LABELS as DECAY_LABELS,
     LABELS as LABELS,
@@ -401,18 +401,51 @@ class DataParallel:
         return eqx.filter_shard(tree, self.replicated)
 
 
+Batch = Float[Array, "batch channels height width"] | UInt8[Array, "batch channels height width"]
+"""A batch of model-ready float images, or of uint8 pixels normalised inside the step."""
+
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+"""Per-channel `(mean, std)` of the 0..1 pixels (one value, or one per channel)."""
+
+DEFAULT_NORMALIZATION: Normalization = ((0.5,), (0.5,))
+"""To -1..1, as the in-memory data is prepared (`eqx_vision.data.prepare`)."""
+
+
+def normalize_images(
+    images: Shaped[Array, "batch channels height width"],
+    normalization: Normalization | None = None,
+) -> Float[Array, "batch channels height width"]:
+    """Integer images (uint8, 0..255) to float32 model input: `(x / 255 - mean) / std`
+    per channel. Floating-point images, already model input (the in-memory data), are
+    returned unchanged.
+
+    **Arguments:**
+
+    - `images`: a batch, channels first.
+    - `normalization`: `(mean, std)`; `DEFAULT_NORMALIZATION` (to -1..1) when `None`.
+    """
+    if jnp.issubdtype(images.dtype, jnp.floating):
+        return images
+    mean, std = DEFAULT_NORMALIZATION if normalization is None else normalization
+    x = images.astype(jnp.float32) / 255.0
+    mean_ = jnp.asarray(mean, jnp.float32).reshape(-1, 1, 1)
+    std_ = jnp.asarray(std, jnp.float32).reshape(-1, 1, 1)
+    return (x - mean_) / std_
+
+
 @eqx.filter_jit
 def train_step(
     model: PyTree,
     state: eqx.nn.State,
     opt_state: optax.OptState,
-    images: Float[Array, "batch channels height width"],
+    images: Batch,
     labels: Int[Array, " batch"],
     key: PRNGKeyArray,
     *,
     optimizer: optax.GradientTransformation,
     parallel: DataParallel | None = None,
     precision: Precision | str = "float32",
+    normalization: Normalization | None = None,
 ) -> tuple[PyTree, eqx.nn.State, optax.OptState, Float[Array, ""]]:
     """One training step: forward, backward and optimizer update.
 
@@ -420,7 +453,9 @@ def train_step(
 
     - `model`, `state`: the model and its `eqx.nn.State` (empty for stateless models).
     - `opt_state`: from [`init_optimizer`][eqx_vision.training.init_optimizer].
-    - `images`, `labels`: one batch (channels first; integer labels).
+    - `images`, `labels`: one batch (channels first; integer labels). uint8 images
+      (from a streaming pipeline) are normalised here, by `normalization` (see
+      [`normalize_images`][eqx_vision.training.normalize_images]).
     - `key`: a `jax.random.key` for this step; each example gets its own dropout key.
       Derive it from the step number (`jr.fold_in(key, step)`) to make a run reproducible.
     - `optimizer`: the `optax.GradientTransformation` (e.g. from
@@ -436,6 +471,7 @@ def train_step(
     if parallel is not None:
         model, state, opt_state = parallel.replicate((model, state, opt_state))
         images, labels = parallel.shard_batch((images, labels))
+    images = normalize_images(images, normalization)
     grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
     (loss, state), grads = grad_fn(model, state, images, labels, key, precision=precision)
     params = eqx.filter(model, eqx.is_inexact_array)
@@ -450,19 +486,21 @@ def train_step(
 def eval_step(
     model: PyTree,
     state: eqx.nn.State,
-    images: Float[Array, "batch channels height width"],
+    images: Batch,
     labels: Int[Array, " batch"],
     mask: Bool[Array, " batch"] | None = None,
     *,
     parallel: DataParallel | None = None,
     precision: Precision | str = "float32",
+    normalization: Normalization | None = None,
 ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, "batch num_classes"]]:
     """Evaluate a batch in inference mode (no dropout, BatchNorm running statistics).
 
     **Arguments:**
 
     - `model`, `state`: the model and its state; `eqx.nn.inference_mode` is applied here.
-    - `images`, `labels`: one batch.
+    - `images`, `labels`: one batch (uint8 images normalised by `normalization`, as in
+      [`train_step`][eqx_vision.training.train_step]).
     - `mask`: which examples count (`False` for padding, e.g. to fill the last batch up
       to a fixed size); all by default.
     - `parallel`: a [`DataParallel`][eqx_vision.training.DataParallel] to shard the batch
@@ -479,6 +517,7 @@ def eval_step(
         if mask is not None:
             mask = parallel.shard_batch(mask)
     model = eqx.nn.inference_mode(model)
+    images = normalize_images(images, normalization)
     logits, _ = apply_model(model, state, images, precision=precision)
     logits = logits.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -503,7 +542,7 @@ def batches(
     The order depends on nothing else, so a resumed run sees the same batches as an
     uninterrupted one. With `drop_last`, a final incomplete batch is left out.
     """
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    order = epoch_order(num_examples, seed=seed, epoch=epoch)
     stop = num_examples - num_examples % batch_size if drop_last else num_examples
     return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
 
@@ -543,27 +582,43 @@ def evaluate(
     """
     num_devices = 1 if parallel is None else parallel.num_devices
     batch_size = max(num_devices, batch_size - batch_size % num_devices)
-    n = len(labels)
+    return evaluate_batches(
+        model, state, padded_batches(images, labels, batch_size), parallel=parallel,
+        precision=precision,
+    )  # fmt: skip
+
+
+def evaluate_batches(
+    model: PyTree,
+    state: eqx.nn.State,
+    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    parallel: DataParallel | None = None,
+    precision: Precision | str = "float32",
+    normalization: Normalization | None = None,
+) -> tuple[float, float]:
+    """Mean loss and accuracy over batches `(images, labels, mask)` of one size (the last
+    padded, `mask` marking the real rows), as a data set's `test_batches` gives them, in
+    inference mode. Arguments as [`evaluate`][eqx_vision.training.evaluate];
+    `normalization` for uint8 images as in [`eval_step`][eqx_vision.training.eval_step].
+    """
     total_loss = total_correct = 0.0
-    for start in range(0, n, batch_size):
-        x = np.asarray(images[start : start + batch_size])
-        y = np.asarray(labels[start : start + batch_size])
-        count = len(y)
-        mask = np.zeros(batch_size, bool)
-        mask[:count] = True
-        if count < batch_size:
-            pad = batch_size - count
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            y = np.concatenate([y, np.zeros(pad, y.dtype)])
+    n = 0
+    for x, y, mask in batches:
+        count = int(np.sum(mask))
+        if not count:
+            continue
         if parallel is None:
             x, y, mask = jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)
         else:
             x, y, mask = parallel.shard_batch((x, y, mask))
         loss, accuracy, _ = eval_step(
-            model, state, x, y, mask, parallel=parallel, precision=precision
-        )
+            model, state, x, y, mask, parallel=parallel, precision=precision,
+            normalization=normalization,
+        )  # fmt: skip
         total_loss += float(np.asarray(loss)) * count
         total_correct += float(np.asarray(accuracy)) * count
+        n += count
     return total_loss / max(n, 1), total_correct / max(n, 1)
 
 
@@ -578,13 +633,15 @@ MAX_SEED = 2**32 - 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _fit_step(model, state, opt_state, images, labels, key, *, optimizer, parallel, precision):
+def _fit_step(model, state, opt_state, images, labels, key, *, optimizer, parallel, precision,
+              normalization=None):  # fmt: skip
     """`train_step`, and whether its update was made of finite numbers: the gradients'
     (checked by `optax.apply_if_finite`, whose skipped steps also keep the old model state)
     or, without it, the loss's."""
     new_model, new_state, opt_state, loss = train_step(
         model, state, opt_state, images, labels, key,
         optimizer=optimizer, parallel=parallel, precision=precision,
+        normalization=normalization,
     )  # fmt: skip
     if isinstance(opt_state, optax.ApplyIfFiniteState):
         finite = opt_state.last_finite
@@ -902,7 +959,7 @@ class _Run:
     """The mutable bookkeeping of one `fit` call (the arrays are passed around apart)."""
 
     config: TrainConfig
-    data: Dataset
+    data: TrainingData
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     parallel: DataParallel | None
@@ -912,6 +969,7 @@ class _Run:
     model_config: dict[str, Any]
     train_key: PRNGKeyArray
     steps_per_epoch: int
+    normalization: Normalization | None = None
     step: int = 0
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     stop: bool = False
@@ -1127,20 +1185,19 @@ def _train_epoch(run: _Run, epoch: int, model, state, opt_state):
     and its seconds (the compilation of the first step left out), or `losses=None` if a
     callback stopped."""
     ds, batch_size, parallel = run.data, run.config.batch_size, run.parallel
-    order = batches(len(ds.train_labels), batch_size, seed=run.config.seed, epoch=epoch)
     epoch_start = time.perf_counter()
     losses: list[float] = []
     run.epoch_skipped = 0
     pending = None
-    for idx in order:
+    for batch in ds.train_batches(epoch, batch_size, seed=run.config.seed):
         if run.stop:
             return model, state, opt_state, None, 0.0
         step_start = time.perf_counter()
-        batch = (ds.train_images[idx], ds.train_labels[idx])
         x, y = jax.tree.map(jnp.asarray, batch) if parallel is None else parallel.shard_batch(batch)
         model, state, opt_state, loss, finite = _donating_fit_step(
             model, state, opt_state, x, y, jr.fold_in(run.train_key, run.step),
             optimizer=run.optimizer, parallel=parallel, precision=run.config.precision,
+            normalization=run.normalization,
         )  # fmt: skip
         run.step += 1
         compiled = None
@@ -1166,18 +1223,14 @@ def _end_epoch(run: _Run, epoch: int, model, state, opt_state, losses, seconds) 
     save the checkpoint and curves."""
     from . import checkpoint
 
-    config, ds = run.config, run.data
+    config = run.config
     bad = _first_non_finite(model, state, opt_state)
     if bad is not None:  # e.g. a last step whose loss was finite but its update was not
         raise FloatingPointError(
             f"{bad} holds a NaN or an infinity after step {run.step} (epoch {epoch}): "
             f"{_stopped(run, epoch)} (try a lower learning rate)"
         )
-    test_loss, test_acc = evaluate(
-        model, state, ds.test_images, ds.test_labels,
-        batch_size=max(config.batch_size, _EVAL_BATCH_SIZE), parallel=run.parallel,
-        precision=config.precision,
-    )  # fmt: skip
+    test_loss, test_acc = _evaluate_run(run, model, state)
     images = len(losses) * config.batch_size
     run.train_seconds += seconds
     run.images_seen += images
@@ -1209,6 +1262,17 @@ def _end_epoch(run: _Run, epoch: int, model, state, opt_state, losses, seconds) 
     run.stop = bool(run.callback.on_epoch_end(dict(record))) or run.stop
 
 
+def _evaluate_run(run: _Run, model: PyTree, state: eqx.nn.State) -> tuple[float, float]:
+    """The loss and accuracy on the test split of the run's data."""
+    num_devices = 1 if run.parallel is None else run.parallel.num_devices
+    batch_size = max(run.config.batch_size, _EVAL_BATCH_SIZE)
+    batch_size = max(num_devices, batch_size - batch_size % num_devices)
+    return evaluate_batches(
+        model, state, run.data.test_batches(batch_size), parallel=run.parallel,
+        precision=run.config.precision, normalization=run.normalization,
+    )  # fmt: skip
+
+
 def _is_abstract(tree: PyTree) -> bool:
     return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
 
@@ -1216,7 +1280,7 @@ def _is_abstract(tree: PyTree) -> bool:
 def fit(
     model: PyTree,
     state: eqx.nn.State | None,
-    data: Dataset,
+    data: TrainingData,
     config: TrainConfig | None = None,
     *,
     out: str | os.PathLike | None = None,
@@ -1244,8 +1308,11 @@ def fit(
       `ModelConfig.build_like()`).
     - `state`: its `eqx.nn.State`, from `eqx.nn.make_with_state`; `None` for a stateless
       model.
-    - `data`: an [`eqx_vision.data.Dataset`][eqx_vision.data.Dataset]: model-ready train
-      and test images (float32, channels first) and integer labels.
+    - `data`: an [`eqx_vision.data.Dataset`][eqx_vision.data.Dataset] (model-ready train
+      and test images in memory, float32, channels first, and integer labels) or an
+      [`eqx_vision.data.StreamingData`][eqx_vision.data.StreamingData] (batches of uint8
+      images decoded and augmented by data workers, normalised on the device by its
+      `normalization`): any [`TrainingData`][eqx_vision.data.TrainingData].
     - `config`: a [`TrainConfig`][eqx_vision.training.TrainConfig]; its defaults when
       `None`.
     - `out`: a folder to write the run into (none by default): `config.json` (the
@@ -1283,7 +1350,7 @@ def fit(
     """
     config = TrainConfig() if config is None else config
     state = eqx.nn.State(model) if state is None else state
-    num_train, num_test = len(data.train_labels), len(data.test_labels)
+    num_train, num_test = data.num_train, data.num_test
     num_devices = 1 if parallel is None else parallel.num_devices
     if config.batch_size % num_devices or config.batch_size > num_train:
         raise ValueError(
@@ -1326,6 +1393,7 @@ def fit(
         model_config=dict(model_config or {}),
         train_key=jr.fold_in(jr.key(config.seed), 1),  # the model's key is the caller's
         steps_per_epoch=steps_per_epoch,
+        normalization=getattr(data, "normalization", None),
     )
     run_json = {"model_config": run.model_config, **meta}
     lock = None
@@ -1397,12 +1465,7 @@ def _result(run: _Run, model, state, opt_state, epoch: int, stopped: bool) -> Fi
         test_loss = test_acc = best_acc = math.nan
         best_epoch = 0
     else:  # a resumed run that had already finished, without its metrics
-        ds = run.data
-        test_loss, test_acc = evaluate(
-            model, state, ds.test_images, ds.test_labels,
-            batch_size=max(run.config.batch_size, _EVAL_BATCH_SIZE), parallel=run.parallel,
-            precision=run.config.precision,
-        )  # fmt: skip
+        test_loss, test_acc = _evaluate_run(run, model, state)
         best_acc, best_epoch = test_acc, epoch
     return FitResult(
         model, state, opt_state, list(run.records), epoch, run.step, test_loss, test_acc,

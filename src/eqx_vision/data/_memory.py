@@ -72,9 +72,9 @@ import struct
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +89,10 @@ __all__ = [
     "MAX_CLASSES",
     "DataError",
     "Dataset",
+    "ImageFolder",
+    "TrainingData",
+    "epoch_order",
+    "padded_batches",
     "RawDataset",
     "load_dataset",
     "load_digits",
@@ -97,6 +101,7 @@ __all__ = [
     "load_npz",
     "prepare",
     "prepare_images",
+    "scan_folder",
 ]
 
 DIGITS = "digits"
@@ -180,10 +185,16 @@ class RawDataset:
         return len(self.class_names)
 
 
+def epoch_order(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The order of the examples in `epoch`: a permutation drawn from `(seed, epoch)`
+    alone, so that a resumed run sees the same batches as an uninterrupted one."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Model-ready data: float32 `(N, channels, height, width)` normalised images and int32
-    labels."""
+    """Model-ready data held in memory: float32 `(N, channels, height, width)` normalised
+    images and int32 labels."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -195,6 +206,69 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test_labels)
+
+    def train_batches(
+        self, epoch: int, batch_size: int, *, seed: int, start: int = 0
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The batches `(images, labels)` of `epoch` from its step `start` on, in the order
+        of `epoch_order`; the last incomplete batch is dropped."""
+        order = epoch_order(self.num_train, seed=seed, epoch=epoch)
+        for step in range(start, self.num_train // batch_size):
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            yield self.train_images[idx], self.train_labels[idx]
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The test split in order, in batches `(images, labels, mask)` of `batch_size`
+        (see `padded_batches`)."""
+        return padded_batches(self.test_images, self.test_labels, batch_size)
+
+
+def padded_batches(
+    images: Any, labels: Any, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`images` and `labels` in order, in batches `(images, labels, mask)` of
+    `batch_size`, the last one padded with zeros (`mask` marks the real rows), so that one
+    compiled program serves every batch."""
+    for begin in range(0, len(labels), batch_size):
+        x = np.asarray(images[begin : begin + batch_size])
+        y = np.asarray(labels[begin : begin + batch_size])
+        count = len(y)
+        mask = np.arange(batch_size) < count
+        if count < batch_size:
+            pad = batch_size - count
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+            y = np.concatenate([y, np.zeros(pad, y.dtype)])
+        yield x, y, mask
+
+
+@runtime_checkable
+class TrainingData(Protocol):
+    """What [`training.fit`][eqx_vision.training.fit] reads of a data set: the in-memory
+    [`Dataset`][eqx_vision.data.Dataset] and the streaming
+    [`StreamingData`][eqx_vision.data.StreamingData] both are one."""
+
+    @property
+    def class_names(self) -> tuple[str, ...]: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def num_train(self) -> int: ...
+    @property
+    def num_test(self) -> int: ...
+    def train_batches(
+        self, epoch: int, batch_size: int, *, seed: int, start: int = 0
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+    def test_batches(
+        self, batch_size: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]: ...
 
 
 def stratified_split(
@@ -309,19 +383,25 @@ def _read_pixels(path: str, *, grey: bool = False) -> np.ndarray:
     return _with_image(path, lambda img: _pixels(img, path, grey))
 
 
-def _with_image(path: str, use: Callable[[Any], T]) -> T:
-    """`use(image)` on the Pillow image of a file, loaded with the decompression-bomb limit
-    enforced; a file Pillow cannot read is a `DataError`."""
+def _with_image(path: str, use: Callable[[Any], T], *, load: bool = True) -> T:
+    """`use(image)` on the Pillow image of a file, loaded (only opened, its header read,
+    without `load`) with the decompression-bomb limit enforced; a file Pillow cannot read
+    is a `DataError`."""
     if not os.path.isfile(path):  # a named pipe would block, a broken link not open
         raise DataError(f"expected an image file; {path} is not a regular file")
     image_mod = _pillow()
     bombs = (image_mod.DecompressionBombError, image_mod.DecompressionBombWarning)
+    # The size is checked here, not by turning Pillow's warning into an error with
+    # `warnings.catch_warnings`, which is not thread-safe: the streaming pipeline reads
+    # images in threads, and that would clobber the warning filters of the main thread.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", image_mod.DecompressionBombWarning)
-            with image_mod.open(path) as img:
+        with image_mod.open(path) as img:
+            limit = image_mod.MAX_IMAGE_PIXELS
+            if limit is not None and img.width * img.height > limit:
+                raise image_mod.DecompressionBombError(f"({img.width * img.height} pixels)")
+            if load:
                 img.load()
-                return use(img)
+            return use(img)
     except DataError:
         raise
     except bombs as e:
@@ -451,16 +531,135 @@ def _labels(files: Sequence[Sequence[str]]) -> np.ndarray:
     return np.repeat(np.arange(len(files), dtype=np.int32), [len(f) for f in files])
 
 
-def load_folder(root: str, *, keep_empty_classes: bool = False) -> RawDataset:
-    """A folder of images in class sub-folders (or with `train/` and `test/` or `val/`
-    sub-folders of class sub-folders). Grey-scale data stays one channel; anything else is
-    read as RGB. See the module docstring for what is read and what is refused.
+@dataclasses.dataclass(frozen=True)
+class ImageFolder:
+    """The file lists of a folder of images, before anything is read: what
+    [`scan_folder`][eqx_vision.data.scan_folder] finds.
 
-    **Arguments:**
+    `train_paths` / `test_paths` are the image files of each split, `train_labels` /
+    `test_labels` their class indices (int32), `class_names` the class folders' names,
+    `root` the folder, `held_out` whether the test split was held out of the training
+    images (a folder without `test/` or `val/`), `channels` 1 if the first image of every
+    class is grey-scale, else 3 (only these images' headers are read).
+    """
 
-    - `root`: the folder.
-    - `keep_empty_classes`: keep class folders without any training image (with a
-        warning naming them) instead of refusing them.
+    train_paths: tuple[str, ...]
+    train_labels: np.ndarray
+    test_paths: tuple[str, ...]
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+    root: str
+    held_out: bool
+    channels: int = 3
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def source(self) -> str:
+        return self.root
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_paths)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test_paths)
+
+
+def _peek_channels(paths: Sequence[str], labels: np.ndarray) -> int:
+    """1 if the first image of every class is grey-scale (by its header), else 3."""
+    firsts = [paths[int(i)] for i in np.unique(labels, return_index=True)[1]]
+
+    def grey(img: Any) -> bool:
+        return img.mode in GREY_MODES
+
+    return 1 if all(_with_image(path, grey, load=False) for path in firsts) else 3
+
+
+def _image_files(folder: str) -> list[str]:
+    """The image files directly in `folder` (not in its sub-folders), sorted."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as e:
+        _raise(e)
+    return [
+        os.path.join(folder, f)
+        for f in names
+        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+        and os.path.isfile(os.path.join(folder, f))
+    ]  # fmt: skip
+
+
+def _read_labels_file(
+    path: str, test_root: str, files: Sequence[str], class_names: Sequence[str]
+) -> tuple[list[str], np.ndarray]:
+    """The labels of the images of a flat test folder from a labels file: one line
+    `<file> <class>` per image (see `scan_folder`)."""
+    index = {name: i for i, name in enumerate(class_names)}
+    by_name: dict[str, str] = {}
+    for f in files:
+        relative = os.path.relpath(f, test_root)
+        by_name[relative] = f
+        by_name.setdefault(os.path.splitext(relative)[0], f)
+    try:
+        with open(path, encoding="utf-8") as fp:
+            lines = fp.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the labels file {path}: {e}") from None
+    labels: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        fields = text.split(",", 1) if "," in text else text.split(None, 1)
+        name = fields[0].strip()
+        label = fields[1].split()[0] if len(fields) == 2 and fields[1].split() else None
+        if number == 1 and name not in by_name and label not in index:
+            continue  # a header line (ImageId,PredictionString)
+        if label is None:
+            raise DataError(f"{path}, line {number}: expected '<file> <class>'; got {line!r}")
+        if label not in index:
+            raise DataError(
+                f"{path}, line {number}: class {label!r} is not a class folder of train/ "
+                f"(classes: {_names(class_names)})"
+            )
+        if name not in by_name:
+            raise DataError(f"{path}, line {number}: {name!r} is not an image in {test_root}")
+        file = by_name[name]
+        if file in labels:
+            raise DataError(f"{path}, line {number}: {name!r} is labelled twice")
+        labels[file] = index[label]
+    missing = [os.path.relpath(f, test_root) for f in files if f not in labels]
+    if missing:
+        raise DataError(
+            f"{path} gives no label to {len(missing)} of the {len(files)} images in "
+            f"{test_root}: {_names(missing, 5)}"
+        )
+    return list(files), np.asarray([labels[f] for f in files], np.int32)
+
+
+def scan_folder(
+    root: str, *, keep_empty_classes: bool = False, labels_file: str | None = None
+) -> ImageFolder:
+    """The file lists of a folder of images, without reading any image.
+
+    The layouts read:
+
+    - `root/<class>/...`: the images of each class folder (and its sub-folders); a fixed
+      stratified 20% of each class is held out as the test split;
+    - `root/train/<class>/...` with `root/test/<class>/...` or `root/val/<class>/...`;
+    - `root/train/<class>/...` with a flat `root/val/` (images directly in it, as
+      ImageNet's validation images come) and a labels file: `labels_file`, or
+      `root/val_labels.txt` (`root/test_labels.txt` for `test/`). One line per image:
+      its file name (relative to `val/`, with or without its extension) and its class
+      folder's name, separated by a comma or spaces (`ILSVRC2012_val_00000001.JPEG
+      n01751748`); lines starting with `#`, a header line and further fields (Kaggle's
+      `LOC_val_solution.csv` boxes) are skipped.
+
+    See the module docstring for the files, names and links refused.
 
     Raises `DataError` with a one-line message if the folder cannot be used.
     """
@@ -470,12 +669,15 @@ def load_folder(root: str, *, keep_empty_classes: bool = False) -> RawDataset:
         raise DataError(f"not a folder of images or an .npz file: {root}")
     top = _list_classes(root)
     test_dir = next((d for d in ("test", "val") if d in top), None)
+    flat_test: list[str] | None = None
     if "train" in top and test_dir is not None:
         train_root, test_root = os.path.join(root, "train"), os.path.join(root, test_dir)
         class_names = _list_classes(train_root)
         if not class_names:
             raise DataError(f"no class sub-folders in {train_root}")
         test_names = _list_classes(test_root)
+        if not test_names and _image_files(test_root):
+            flat_test = _image_files(test_root)
         extra = set(test_names) - set(class_names)
         if extra:
             raise DataError(f"{test_root} has classes missing from train/: {sorted(extra)}")
@@ -493,39 +695,83 @@ def load_folder(root: str, *, keep_empty_classes: bool = False) -> RawDataset:
         _check_class_name(name, os.path.join(train_root, name))
     _check_links(folders, root)
     train_files = _scan_folder(train_root, class_names)
-    test_files = _scan_folder(test_root, class_names) if test_root is not None else []
     if not any(train_files):
         raise DataError(f"no images found in the class sub-folders of {root}{_folder_hint(root)}")
     if len(class_names) < 2:
         raise DataError(f"need at least 2 classes; {root} has {len(class_names)}")
     counts = np.array([len(f) for f in train_files])
     _check_empty_classes(counts, class_names, train_root, keep_empty_classes)
-    train_images = _read_files([f for files in train_files for f in files])
+    train_paths = [f for files in train_files for f in files]
     train_labels = _labels(train_files)
-    test_images = _read_files([f for files in test_files for f in files])
-    test_labels = _labels(test_files) if test_files else np.zeros(0, np.int32)
-    channels = max((im.shape[0] for im in train_images + test_images), default=1)
-    if channels == 3:
-        train_images = [_convert_channels(im, 3) for im in train_images]
-        test_images = [_convert_channels(im, 3) for im in test_images]
-    if test_root is None:
+    if flat_test is not None:
+        assert test_root is not None and test_dir is not None
+        labels_path = labels_file or os.path.join(root, f"{test_dir}_labels.txt")
+        if not os.path.isfile(labels_path):
+            raise DataError(
+                f"{test_root} holds images but no class folders: their labels are read from "
+                f"{labels_path}, which is missing (one line '<file> <class>' per image), or "
+                f"lay {test_dir}/ out in class folders as train/ is"
+            )
+        test_paths, test_labels = _read_labels_file(labels_path, test_root, flat_test, class_names)
+    elif test_root is not None:
+        test_files = _scan_folder(test_root, class_names)
+        test_paths = [f for files in test_files for f in files]
+        test_labels = _labels(test_files) if test_files else np.zeros(0, np.int32)
+    else:
         train_idx, test_idx = stratified_split(train_labels)
-        test_images = [train_images[i] for i in test_idx]
+        test_paths = [train_paths[i] for i in test_idx]
         test_labels = train_labels[test_idx]
-        train_images = [train_images[i] for i in train_idx]
+        train_paths = [train_paths[i] for i in train_idx]
         train_labels = train_labels[train_idx]
     if not len(test_labels):
         if test_root is not None:
             raise DataError(f"no test images in the class sub-folders of {test_root}")
         raise DataError(f"no test images in {root}: every class needs at least 2 images")
+    return ImageFolder(
+        tuple(train_paths),
+        train_labels.astype(np.int32),
+        tuple(test_paths),
+        test_labels.astype(np.int32),
+        tuple(class_names),
+        os.path.abspath(root),
+        test_root is None,
+        _peek_channels(train_paths, train_labels),
+    )
+
+
+def load_folder(
+    root: str, *, keep_empty_classes: bool = False, labels_file: str | None = None
+) -> RawDataset:
+    """A folder of images in class sub-folders (or with `train/` and `test/` or `val/`
+    sub-folders of class sub-folders, or a flat `val/` with a labels file: the layouts of
+    [`scan_folder`][eqx_vision.data.scan_folder]), every image read into memory. Grey-scale
+    data stays one channel; anything else is read as RGB. See the module docstring for
+    what is read and what is refused.
+
+    **Arguments:**
+
+    - `root`: the folder.
+    - `keep_empty_classes`: keep class folders without any training image (with a
+        warning naming them) instead of refusing them.
+    - `labels_file`: the labels of a flat `val/` folder (see `scan_folder`).
+
+    Raises `DataError` with a one-line message if the folder cannot be used.
+    """
+    folder = scan_folder(root, keep_empty_classes=keep_empty_classes, labels_file=labels_file)
+    train_images = _read_files(folder.train_paths)
+    test_images = _read_files(folder.test_paths)
+    channels = max((im.shape[0] for im in train_images + test_images), default=1)
+    if channels == 3:
+        train_images = [_convert_channels(im, 3) for im in train_images]
+        test_images = [_convert_channels(im, 3) for im in test_images]
     return RawDataset(
         train_images,
-        train_labels,
+        folder.train_labels,
         test_images,
-        test_labels,
-        tuple(class_names),
+        folder.test_labels,
+        folder.class_names,
         channels,
-        os.path.abspath(root),
+        folder.root,
     )
 
 
@@ -820,6 +1066,28 @@ def prepare(raw: RawDataset, *, channels: int, image_size: tuple[int, int]) -> D
     )
 
 
+def resize_center_crop(
+    img: Any, size: tuple[int, int], crop_pct: float, resample: Any, *, squash: bool = False
+) -> Any:
+    """timm's evaluation transform of a Pillow image: the shorter side resized to
+    `floor(size / crop_pct)` and the longer in proportion (truncated), or both sides to it
+    with `squash` or a non-square `size`, then the centre `size` `(height, width)` cropped
+    (rounded as torchvision's `CenterCrop`)."""
+    height, width = size
+    scaled = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    w, h = img.size
+    if squash or scaled[0] != scaled[1]:
+        new = (scaled[1], scaled[0])
+    else:
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(scaled[0] * long / short)
+        new = (scaled[0], new_long) if w <= h else (new_long, scaled[0])
+    img = img.resize(new, resample=resample)
+    top = int(round((img.size[1] - height) / 2.0))
+    left = int(round((img.size[0] - width) / 2.0))
+    return img.crop((left, top, left + width, top + height))
+
+
 def load_pretrained_image(path: str, config: Any) -> np.ndarray:
     """One image file prepared as a pretrained model's data configuration says (an
     `eqx_vision.DataConfig`), as timm's evaluation transform does: converted to RGB, the
@@ -847,21 +1115,12 @@ def load_pretrained_image(path: str, config: Any) -> np.ndarray:
             "center or squash)"
         )
     _, height, width = config.input_size
-    scaled = (math.floor(height / config.crop_pct), math.floor(width / config.crop_pct))
 
     def prepare(img: Any) -> np.ndarray:
-        img = img.convert("RGB")
-        w, h = img.size
-        if config.crop_mode == "squash" or scaled[0] != scaled[1]:
-            size = (scaled[1], scaled[0])
-        else:  # the shorter side to `scaled`, the longer in proportion (truncated)
-            short, long = (w, h) if w <= h else (h, w)
-            new_long = int(scaled[0] * long / short)
-            size = (scaled[0], new_long) if w <= h else (new_long, scaled[0])
-        img = img.resize(size, resample=resample)
-        top = int(round((img.size[1] - height) / 2.0))
-        left = int(round((img.size[0] - width) / 2.0))
-        img = img.crop((left, top, left + width, top + height))
+        img = resize_center_crop(
+            img.convert("RGB"), (height, width), config.crop_pct, resample,
+            squash=config.crop_mode == "squash",
+        )  # fmt: skip
         pixels = np.asarray(img, dtype=np.float32) / 255.0
         mean = np.asarray(config.mean, np.float32)
         std = np.asarray(config.std, np.float32)

@@ -6,8 +6,10 @@ files), and stack batches of uint8 images; eqx_vision through grain (`StreamingD
 worker processes with `mp_prefetch`, one read thread per worker), torch through
 `torch.utils.data.DataLoader` (the same number of worker processes, started as torch
 starts them by default). They run side by
-side in one process, alternating, `--repeats` times each; the table gives the median
-images/s of each and the ratio, at each number of workers.
+side in one process, alternating, `--repeats` times each, each run `--epochs` epochs of a
+new pipeline (its start included; torch's workers persistent across the epochs, as grain's
+are); the table gives the median images/s of each and the ratio, at each number of
+workers, and for grain each number of read threads per worker (torch's workers have one).
 
 The images: a generated folder of `--images` JPEGs of 500x375 (random smooth colours,
 quality 90) in 10 class folders, created under `--folder` if it is not there.
@@ -53,46 +55,60 @@ def make_jpeg_folder(root: str, images: int, classes: int = 10, seed: int = 0) -
     return root
 
 
-def grain_rate(folder: data.ImageFolder, workers: int, batch: int, epoch: int) -> float:
+def grain_rate(
+    folder: data.ImageFolder, workers: int, threads: int, batch: int, epochs: int
+) -> dict[str, float]:
+    """The timings (`_timed`) of `epochs` epochs of a new pipeline."""
     ds = data.StreamingData(
-        folder, image_size=(224, 224), workers=workers, process_index=0, process_count=1
-    )
+        folder, image_size=(224, 224), workers=workers, threads=threads,
+        process_index=0, process_count=1,
+    )  # fmt: skip
+    return _timed(ds.train_batches(epoch, batch, seed=0) for epoch in range(epochs))
+
+
+def _timed(epochs: Any) -> dict[str, float]:
+    """Seconds to the first batch, images/s after it and images/s over the whole run."""
     start = time.perf_counter()
-    n = 0
-    for images, _ in ds.train_batches(epoch, batch, seed=0):
-        n += len(images)
-    return n / (time.perf_counter() - start)
+    first = None
+    n = n0 = 0
+    for batches in epochs:
+        for images, _ in batches:
+            n += len(images)
+            if first is None:
+                first, n0 = time.perf_counter(), n
+    end = time.perf_counter()
+    assert first is not None
+    return {"first": first - start, "steady": (n - n0) / (end - first), "whole": n / (end - start)}
 
 
 class _TorchFiles:
     # A map-style torch data set by its protocol (`__len__`, `__getitem__`).
     """A torch map-style data set over the same files and transform."""
 
-    def __init__(self, folder: data.ImageFolder, epoch: int):
+    def __init__(self, folder: data.ImageFolder):
         self.folder = folder
-        self.transform = data.TrainTransform((224, 224), 3, data.Augment(), 0, epoch)
+        self.transform = data.TrainTransform((224, 224), 3, data.Augment(), 0)
 
     def __len__(self) -> int:
         return len(self.folder.train_paths)
 
     def __getitem__(self, i: int) -> Any:
-        image, label = self.transform((i, self.folder.train_paths[i], 0))
+        image, label = self.transform((0, i, self.folder.train_paths[i], 0))
         return image, label
 
 
-def torch_rate(folder: data.ImageFolder, workers: int, batch: int, epoch: int) -> float:
+def torch_rate(
+    folder: data.ImageFolder, workers: int, batch: int, epochs: int
+) -> dict[str, float]:
+    """The timings (`_timed`) of `epochs` epochs of a new `DataLoader`."""
     import torch
 
     loader = torch.utils.data.DataLoader(
-        _TorchFiles(folder, epoch),  # pyright: ignore[reportArgumentType]
-        batch_size=batch, shuffle=True, drop_last=True,
-        num_workers=workers,  # started as torch starts them by default (fork on Linux)
+        _TorchFiles(folder),  # pyright: ignore[reportArgumentType]
+        batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+        persistent_workers=workers > 0,
     )  # fmt: skip
-    start = time.perf_counter()
-    n = 0
-    for images, _ in loader:
-        n += len(images)
-    return n / (time.perf_counter() - start)
+    return _timed(loader for _ in range(epochs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2],
+        help="read threads per grain worker: one row each",
+    )  # fmt: skip
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of each timed run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -109,19 +130,40 @@ def main(argv: list[str] | None = None) -> int:
     folder = data.scan_folder(root)
     rows = []
     for workers in args.workers:
-        rates: dict[str, list[float]] = {"grain": [], "torch": []}
-        for repeat in range(args.repeats):
-            rates["grain"].append(grain_rate(folder, workers, args.batch_size, repeat))
-            rates["torch"].append(torch_rate(folder, workers, args.batch_size, repeat))
-        grain, torch_ = statistics.median(rates["grain"]), statistics.median(rates["torch"])
-        rows.append({"workers": workers, "grain": round(grain, 1), "torch": round(torch_, 1),
-                     "ratio": round(grain / torch_, 3), "runs": rates})  # fmt: skip
+        runs: dict[str, list[dict[str, float]]] = {f"grain-{t}": [] for t in args.threads}
+        runs["torch"] = []
+        for _ in range(args.repeats):
+            for threads in args.threads:
+                timing = grain_rate(folder, workers, threads, args.batch_size, args.epochs)
+                runs[f"grain-{threads}"].append(timing)
+            runs["torch"].append(torch_rate(folder, workers, args.batch_size, args.epochs))
+
+        def median(name: str, figure: str, runs=runs) -> float:
+            return statistics.median(r[figure] for r in runs[name])
+
+        for threads in args.threads:
+            name = f"grain-{threads}"
+            row = {"workers": workers, "threads": threads, "runs": {name: runs[name],
+                   "torch": runs["torch"]}}  # fmt: skip
+            for figure in ("first", "steady", "whole"):
+                row[f"grain_{figure}"] = round(median(name, figure), 3)
+                row[f"torch_{figure}"] = round(median("torch", figure), 3)
+            rows.append(row)
     print(f"{args.images} JPEGs of 500x375 -> random resized crop 224, flip; batch "
-          f"{args.batch_size}; median of {args.repeats} epochs, alternating")  # fmt: skip
-    print(f"{'workers':>7}  {'eqx_vision (grain)':>18}  {'torch DataLoader':>16}  {'ratio':>6}")
+          f"{args.batch_size}; {args.epochs} epochs a run; median of {args.repeats} runs, "
+          "alternating; images/s after the first batch (steady) and over the run "
+          "(whole)")  # fmt: skip
+    print(f"{'workers':>7} {'threads':>7} | {'first batch s':>13} {'steady i/s':>15} "
+          f"{'whole i/s':>15} | {'steady':>6} {'whole':>6}")  # fmt: skip
+    print(f"{'':>7} {'(grain)':>7} | {'grain / torch':>13} {'grain / torch':>15} "
+          f"{'grain / torch':>15} | {'ratio':>6} {'ratio':>6}")  # fmt: skip
     for r in rows:
-        print(f"{r['workers']:>7}  {r['grain']:>14.1f} i/s  {r['torch']:>12.1f} i/s  "
-              f"{r['ratio']:>6.2f}")  # fmt: skip
+        print(f"{r['workers']:>7} {r['threads']:>7} | "
+              f"{r['grain_first']:>6.2f}/{r['torch_first']:<6.2f} "
+              f"{r['grain_steady']:>7.0f}/{r['torch_steady']:<7.0f} "
+              f"{r['grain_whole']:>7.0f}/{r['torch_whole']:<7.0f} | "
+              f"{r['grain_steady'] / r['torch_steady']:>6.2f} "
+              f"{r['grain_whole'] / r['torch_whole']:>6.2f}")  # fmt: skip
     if args.json:
         result = {"images": args.images, "batch_size": args.batch_size,
                   "cpu_count": os.cpu_count(), "machine": platform.machine(),

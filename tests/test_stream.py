@@ -125,11 +125,11 @@ def test_flipping_twice_is_the_identity(h, w, seed):
 
 def test_an_augmentation_is_determined_by_seed_epoch_and_position(folder):
     files = data.scan_folder(folder)
-    item = (5, files.train_paths[3], int(files.train_labels[3]))
+    path, label = files.train_paths[3], int(files.train_labels[3])
 
     def run(seed, epoch, position=5):
-        transform = data.TrainTransform((16, 16), 3, data.Augment(), seed, epoch)
-        return transform((position, *item[1:]))[0]
+        transform = data.TrainTransform((16, 16), 3, data.Augment(), seed)
+        return transform((epoch, position, path, label))[0]
 
     first = run(0, 1)
     np.testing.assert_array_equal(first, run(0, 1))
@@ -142,7 +142,7 @@ def test_without_augmentation_the_crop_is_the_whole_image(folder):
     files = data.scan_folder(folder)
     path = files.train_paths[0]
     plain = data.Augment(scale=(1.0, 1.0), ratio=(0.01, 100.0), hflip=0.0)
-    out, _ = data.TrainTransform((16, 16), 3, plain, 0, 0)((0, path, 0))
+    out, _ = data.TrainTransform((16, 16), 3, plain, 0)((0, 0, path, 0))
     bilinear = Image.Resampling.BILINEAR
     expected = np.asarray(Image.open(path).convert("RGB").resize((16, 16), bilinear))
     np.testing.assert_array_equal(out, expected.transpose(2, 0, 1))
@@ -151,7 +151,7 @@ def test_without_augmentation_the_crop_is_the_whole_image(folder):
 def test_evaluation_resizes_the_shorter_side_and_crops_the_centre(folder):
     files = data.scan_folder(folder)
     path = files.test_paths[0]  # 30 x 40 (height x width)
-    out, _ = data.EvalTransform((16, 16), 3, crop_pct=0.8)((0, path, 0))
+    out, _ = data.EvalTransform((16, 16), 3, crop_pct=0.8)((0, 0, path, 0))
     # The shorter side to 20 = 16 / 0.8, the longer in proportion.
     img = Image.open(path).convert("RGB").resize((26, 20), Image.Resampling.BILINEAR)
     expected = np.asarray(img.crop((5, 2, 21, 18))).transpose(2, 0, 1)
@@ -194,16 +194,34 @@ def test_two_processes_read_the_rows_of_one(folder):
 def test_resuming_mid_epoch_gives_the_rest_of_the_epoch(folder):
     ds = stream(folder)
     whole = collect(ds.train_batches(1, 4, seed=0))
-    rest = collect(ds.train_batches(1, 4, seed=0, start=2))
+    rest = collect(stream(folder).train_batches(1, 4, seed=0, start=2))
     assert len(rest) == len(whole) - 2
     for a, b in zip(whole[2:], rest, strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_one_pipeline_serves_consecutive_epochs_as_fresh_ones_would(folder):
+    """Reading epoch 1 in part, the rest of it, then epoch 2 from one data set (one
+    pipeline, its workers kept) gives the batches of separate pipelines."""
+    ds = stream(folder)
+    part = collect(ds.train_batches(1, 4, seed=0), n=2)
+    rest = collect(ds.train_batches(1, 4, seed=0, start=2))
+    second = collect(ds.train_batches(2, 4, seed=0))
+    again = collect(ds.train_batches(1, 4, seed=0))  # not where the pipeline stands
+    fresh = [collect(stream(folder).train_batches(e, 4, seed=0)) for e in (1, 2)]
+    for a, b in zip(part + rest + second, fresh[0] + fresh[1], strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    for a, b in zip(again, fresh[0], strict=True):
         np.testing.assert_array_equal(a[0], b[0])
 
 
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches(folder):
     inline = collect(stream(folder).train_batches(1, 4, seed=0))
-    workers = collect(stream(folder, workers=2).train_batches(1, 4, seed=0))
+    inline += collect(stream(folder).train_batches(2, 4, seed=0))
+    ds = stream(folder, workers=2)
+    workers = collect(ds.train_batches(1, 4, seed=0)) + collect(ds.train_batches(2, 4, seed=0))
     assert len(inline) == len(workers)
     for a, b in zip(inline, workers, strict=True):
         np.testing.assert_array_equal(a[0], b[0])

@@ -25,6 +25,7 @@ from ._memory import (
     _pillow,
     _pixels,
     _with_image,
+    epoch_order,
     resize_center_crop,
     scan_folder,
 )
@@ -151,21 +152,20 @@ class TrainTransform:
     """Decode, random resized crop, flip: one training image as uint8
     `(channels, height, width)`, determined by `(seed, epoch, position)`.
 
-    Called on `(position, path, label)`, returns `(image, label)`. Picklable: it runs in
-    the data workers."""
+    Called on `(epoch, position, path, label)` (`position`: the image's place in the
+    epoch's order), returns `(image, label)`. Picklable: it runs in the data workers."""
 
     image_size: tuple[int, int]
     channels: int
     augment: Augment
     seed: int
-    epoch: int
 
-    def rng(self, position: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, position])
+    def rng(self, epoch: int, position: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, position])
 
-    def __call__(self, item: tuple[int, str, int]) -> tuple[np.ndarray, int]:
-        position, path, label = item
-        rng = self.rng(position)
+    def __call__(self, item: tuple[int, int, str, int]) -> tuple[np.ndarray, int]:
+        epoch, position, path, label = item
+        rng = self.rng(epoch, position)
         resample = _resample(self.augment.interpolation)
 
         def transform(img: Any) -> np.ndarray:
@@ -186,15 +186,16 @@ class EvalTransform:
     """Decode, resize the shorter side to `size / crop_pct`, centre-crop `size` (timm's and
     big_vision's evaluation): one image as uint8 `(channels, height, width)`.
 
-    Called on `(position, path, label)`, returns `(image, label)`."""
+    Called on `(epoch, position, path, label)`, returns `(image, label)` (zeros for the
+    padding of the last batch, whose `path` is `None`)."""
 
     image_size: tuple[int, int]
     channels: int
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
 
-    def __call__(self, item: tuple[int, str | None, int]) -> tuple[np.ndarray, int]:
-        _, path, label = item
+    def __call__(self, item: tuple[int, int, str | None, int]) -> tuple[np.ndarray, int]:
+        _, _, path, label = item
         height, width = self.image_size
         if path is None:
             return np.zeros((self.channels, height, width), np.uint8), label
@@ -208,14 +209,13 @@ class EvalTransform:
         return _with_image(path, transform), label
 
 
-class _Items(Sequence):
-    """`(position, path, label)` of the chosen positions of an epoch's order: what the
-    grain source of one process and epoch serves (a plain, picklable sequence)."""
+class _TestItems(Sequence):
+    """`(0, position, path, label)` of the test files at `positions`, a position past the
+    last file being padding (`path` `None`, label -1): the grain source of one process's
+    evaluation batches."""
 
-    def __init__(self, paths: Sequence[str], labels: np.ndarray, order: np.ndarray,
-                 positions: np.ndarray):  # fmt: skip
-        self.paths, self.labels = paths, labels
-        self.order, self.positions = order, positions
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, positions: np.ndarray):
+        self.paths, self.labels, self.positions = paths, labels, positions
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -224,10 +224,65 @@ class _Items(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         position = int(self.positions[i])
-        if position >= len(self.order):  # padding of the last evaluation batch
-            return position, None, -1
-        example = int(self.order[position])
-        return position, self.paths[example], int(self.labels[example])
+        if position >= len(self.paths):
+            return 0, position, None, -1
+        return 0, position, self.paths[position], int(self.labels[position])
+
+
+# How many epochs one training pipeline serves (its workers live as long as it does).
+_EPOCHS_AHEAD = 10_000
+
+
+class _TrainItems(Sequence):
+    """`(epoch, position, path, label)` of this process's rows of every global batch from
+    step `first_step` of `first_epoch` on, epoch after epoch: the grain source of one
+    training pipeline. Each epoch's order (`epoch_order`) is drawn when first needed."""
+
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, *, seed: int,
+                 batch_size: int, index: int, rows: int, first_epoch: int,
+                 first_step: int):  # fmt: skip
+        self.paths, self.labels, self.seed = paths, labels, seed
+        self.batch_size, self.process, self.rows = batch_size, index, rows
+        self.first_epoch, self.first_step = first_epoch, first_step
+        self.steps = len(paths) // batch_size
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return (_EPOCHS_AHEAD * self.steps - self.first_step) * self.rows
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = epoch_order(len(self.paths), seed=self.seed, epoch=epoch)
+        return self._orders[epoch]
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        step, row = divmod(i, self.rows)
+        epoch, step = divmod(self.first_step + step, self.steps)
+        epoch += self.first_epoch
+        position = step * self.batch_size + self.process * self.rows + row
+        example = int(self._order(epoch)[position])
+        return epoch, position, self.paths[example], int(self.labels[example])
+
+
+class _Running:
+    """A training pipeline in flight and where it stands: the epoch and step of the next
+    batch it yields."""
+
+    def __init__(self, key: tuple[int, int], iterator: Any, epoch: int, step: int):
+        self.key, self.iterator = key, iterator
+        self.epoch, self.step = epoch, step
+
+    def close(self) -> None:
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
 
 
 def _stack(items: Sequence[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -259,7 +314,9 @@ class StreamingData:
       by `normalize`.
     - `workers`: data worker processes (grain's `mp_prefetch`); 0 decodes in this
       process, in `threads` threads.
-    - `threads`: read threads per worker (or in this process).
+    - `threads`: read threads per worker (or in this process; 0: none, each image read
+      in turn). Pillow decodes and resizes outside Python's lock, so 2 threads use two
+      cores.
     - `prefetch`: batches each worker prepares ahead.
     - `process_index`, `process_count`: this process's share of each global batch (its
       rows `[i * B / n, (i + 1) * B / n)`); by default `jax.process_index()` and
@@ -275,10 +332,13 @@ class StreamingData:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     workers: int = 0
-    threads: int = 4
+    threads: int = 2
     prefetch: int = 2
     process_index: int | None = None
     process_count: int | None = None
+    _running: dict[str, _Running] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self):
         if self.channels not in (1, 3):
@@ -296,9 +356,9 @@ class StreamingData:
                 )
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive; got {self.std}")
-        if self.workers < 0 or self.threads < 1 or self.prefetch < 1:
+        if self.workers < 0 or self.threads < 0 or self.prefetch < 1:
             raise ValueError(
-                f"workers >= 0, threads >= 1 and prefetch >= 1; got {self.workers}, "
+                f"workers >= 0, threads >= 0 and prefetch >= 1; got {self.workers}, "
                 f"{self.threads}, {self.prefetch}"
             )
 
@@ -348,7 +408,7 @@ class StreamingData:
 
         ds = grain.MapDataset.source(source).map(transform)
         ds = ds.batch(rows, drop_remainder=False, batch_fn=batch_fn)
-        threads = self.threads if self.workers == 0 else 1
+        threads = self.threads
         it = ds.to_iter_dataset(
             grain.ReadOptions(num_threads=threads, prefetch_buffer_size=self.prefetch * rows)
         )
@@ -366,19 +426,37 @@ class StreamingData:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """This process's part of each global batch of `epoch` from step `start` (of the
         epoch) on: `(images, labels)`, uint8 `(batch_size / processes, channels, height,
-        width)` and int32. The last incomplete global batch is dropped."""
+        width)` and int32. The last incomplete global batch is dropped.
+
+        Asked for the epoch after the one just read (or the rest of an epoch read in
+        part), the pipeline goes on with the same worker processes; otherwise it starts
+        anew there."""
         index, _, rows = self._local_batch(batch_size)
-        n = self.num_train
-        steps = n // batch_size
+        steps = self.num_train // batch_size
         if not 0 <= start <= steps:
             raise ValueError(f"start must lie in 0..{steps} (the steps of an epoch); got {start}")
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        # The positions (in the epoch's order) of this process's rows of batches start...
-        step_ids = np.arange(start, steps)[:, None]
-        positions = (step_ids * batch_size + index * rows + np.arange(rows)[None]).reshape(-1)
-        source = _Items(self.folder.train_paths, self.folder.train_labels, order, positions)
-        transform = TrainTransform(self.image_size, self.channels, self.augment, seed, epoch)
-        return self._iterate(source, transform, _stack, rows)
+        key = (batch_size, seed)
+        running = self._running.get("train")
+        if running is None or running.key != key or (running.epoch, running.step) != (epoch, start):
+            if running is not None:
+                running.close()
+            source = _TrainItems(
+                self.folder.train_paths, self.folder.train_labels, seed=seed,
+                batch_size=batch_size, index=index, rows=rows, first_epoch=epoch,
+                first_step=start,
+            )  # fmt: skip
+            transform = TrainTransform(self.image_size, self.channels, self.augment, seed)
+            running = _Running(key, self._iterate(source, transform, _stack, rows), epoch, start)
+            self._running["train"] = running
+        return self._epoch(running, steps)
+
+    @staticmethod
+    def _epoch(running: _Running, steps: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        while running.step < steps:
+            batch = next(running.iterator)
+            running.step += 1
+            yield batch
+        running.epoch, running.step = running.epoch + 1, 0
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """This process's part of each global evaluation batch, in the files' order:
@@ -389,8 +467,7 @@ class StreamingData:
         positions = (
             np.arange(steps)[:, None] * batch_size + index * rows + np.arange(rows)[None]
         ).reshape(-1)
-        order = np.arange(self.num_test)
-        source = _Items(self.folder.test_paths, self.folder.test_labels, order, positions)
+        source = _TestItems(self.folder.test_paths, self.folder.test_labels, positions)
         transform = EvalTransform(
             self.image_size, self.channels, self.crop_pct, self.eval_interpolation
         )

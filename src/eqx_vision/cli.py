@@ -179,7 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(sub)
     _add_predict_parser(sub)
     sub.add_parser("presets", help="list the model presets", description="List the model presets.")
+    _add_plan_parser(sub)
     return parser
+
+
+def _add_plan_parser(sub: Any) -> None:
+    plan = sub.add_parser(
+        "plan",
+        help="parameters, FLOPs and the training step's memory, before training",
+        description="Print a model's parameters, its FLOPs per image and the memory per "
+        "device of its compiled training step (AdamW) for each checkpointing policy and "
+        "precision, without allocating the model: to choose the largest batch that fits.",
+    )
+    plan.add_argument("--model", required=True, help="a preset, an architecture or a config file")
+    plan.add_argument("--batch-size", type=_positive_int, required=True, help="images per step")
+    plan.add_argument(
+        "--image-size", type=_image_size, metavar="N|HxW", help="default: the preset's"
+    )
+    plan.add_argument("--num-classes", type=_positive_int, default=1000, help="default: 1000")
+    plan.add_argument("--channels", type=int, choices=(1, 3), default=3, help="default: 3")
+    plan.add_argument(
+        "--precision", nargs="+", choices=COMPUTE_DTYPES, help="default: float32 and bfloat16"
+    )
+    plan.add_argument("--remat", nargs="+", choices=tuple(REMAT), help="default: all three")
+    plan.add_argument("--json", metavar="FILE", help="also write the plan to this file")
 
 
 def _add_train_parser(sub: Any) -> None:
@@ -1371,6 +1394,39 @@ def _evaluate_pretrained(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from . import checkpoint, presets
+    from .plan import format_plan, plan_training
+
+    try:
+        config = presets.resolve_model(
+            args.model,
+            num_classes=args.num_classes,
+            data_channels=args.channels,
+            image_size=None if args.image_size is None else tuple(args.image_size),
+        )
+        presets.check_input_size(config)
+    except presets.ConfigError as e:
+        raise UsageError(str(e)) from None
+    result = plan_training(
+        config,
+        args.batch_size,
+        precisions=args.precision or tuple(COMPUTE_DTYPES),
+        remats=args.remat or tuple(REMAT),
+    )
+    _echo(format_plan(result))
+    if args.json:
+        record = dataclasses.asdict(result)
+        record["train_flops"] = result.train_flops
+        for row, m in zip(record["memory"], result.memory, strict=True):
+            row["total"] = m.total
+        with checkpoint.atomic_write(args.json, "w") as f:
+            f.write(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .presets import PRESETS, available_architectures
 
@@ -1387,6 +1443,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "presets": cmd_presets,
+    "plan": cmd_plan,
 }
 
 

@@ -347,19 +347,48 @@ class DataParallel:
     state are replicated (`NamedSharding(mesh, P())`). BatchNorm statistics, computed over
     the vmapped axis `"batch"`, are then taken over the whole global batch, as on one device.
 
+    Across several processes (after `jax.distributed.initialize`), the mesh covers the
+    devices of every process: each process passes its own rows of each global batch to
+    [`shard_batch`][eqx_vision.training.DataParallel.shard_batch], which assembles the
+    global batch with `jax.make_array_from_process_local_data`. A mesh that leaves out a
+    process's devices is an error (the processes' parameters would drift apart).
+
     Create it with [`DataParallel.create`][eqx_vision.training.DataParallel.create].
     """
 
     mesh: jax.sharding.Mesh
+
+    def __post_init__(self):
+        processes = jax.process_count()
+        if processes > 1:
+            covered = {d.process_index for d in self.mesh.devices.flat}
+            if covered != set(range(processes)):
+                raise ValueError(
+                    f"the mesh covers the devices of processes {sorted(covered)} of "
+                    f"{processes}: a run over several processes needs a mesh of every "
+                    "process's devices (DataParallel.create() builds one), else each "
+                    "process would train its own copy of the model"
+                )
 
     @classmethod
     def create(cls, num_devices: int | None = None) -> "DataParallel":
         """**Arguments:**
 
         - `num_devices`: how many of `jax.local_devices()` to use; all of them by default.
+          Across several processes the mesh covers all devices of all processes
+          (`jax.devices()`), and `num_devices` must be `None` or their number.
 
-        **Returns:** a `DataParallel` over the first `num_devices` local devices.
+        **Returns:** a `DataParallel` over the first `num_devices` local devices, or over
+        every device of every process.
         """
+        if jax.process_count() > 1:
+            devices = jax.devices()
+            if num_devices is not None and num_devices != len(devices):
+                raise ValueError(
+                    f"across {jax.process_count()} processes the mesh covers all "
+                    f"{len(devices)} devices; got num_devices={num_devices}."
+                )
+            return cls(jax.sharding.Mesh(np.array(devices), ("data",)))
         devices = jax.local_devices()
         n = len(devices) if num_devices is None else num_devices
         if not 1 <= n <= len(devices):
@@ -386,13 +415,25 @@ class DataParallel:
 
     def shard_batch(self, batch: PyTree) -> PyTree:
         """Place (outside jit) or constrain (inside jit) every array of `batch` split along
-        its first axis, whose size must be a multiple of `num_devices`."""
-        for leaf in jax.tree.leaves(batch):
-            if hasattr(leaf, "shape") and leaf.shape and leaf.shape[0] % self.num_devices:
+        its first axis, whose size must be a multiple of `num_devices`. Across several
+        processes, outside jit, `batch` is this process's rows of the global batch (of
+        the same size in every process; NumPy arrays), from which the global batch is
+        assembled."""
+        leaves = jax.tree.leaves(batch)
+        processes = jax.process_count()
+        local = processes > 1 and all(isinstance(x, np.ndarray | np.generic) for x in leaves)
+        for leaf in leaves:
+            size = leaf.shape[0] * (processes if local else 1) if hasattr(leaf, "shape") else 0
+            if hasattr(leaf, "shape") and leaf.shape and size % self.num_devices:
                 raise ValueError(
-                    f"the batch size ({leaf.shape[0]}) must be a multiple of the number of "
+                    f"the batch size ({size}) must be a multiple of the number of "
                     f"devices ({self.num_devices})."
                 )
+        if local:
+            return jax.tree.map(
+                lambda x: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(x)),
+                batch,
+            )
         return eqx.filter_shard(batch, self.data_sharding)
 
     def replicate(self, tree: PyTree) -> PyTree:
@@ -604,14 +645,16 @@ def evaluate_batches(
     """
     total_loss = total_correct = 0.0
     n = 0
+    processes = jax.process_count()
     for x, y, mask in batches:
-        count = int(np.sum(mask))
-        if not count:
-            continue
         if parallel is None:
             x, y, mask = jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)
         else:
             x, y, mask = parallel.shard_batch((x, y, mask))
+        # Across processes `mask` is this process's rows until it is the global array.
+        count = int(jnp.sum(mask)) if processes > 1 else int(np.sum(mask))
+        if not count:
+            continue
         loss, accuracy, _ = eval_step(
             model, state, x, y, mask, parallel=parallel, precision=precision,
             normalization=normalization,
@@ -970,6 +1013,7 @@ class _Run:
     train_key: PRNGKeyArray
     steps_per_epoch: int
     normalization: Normalization | None = None
+    writer: bool = True  # this process writes the run's files (process 0 of several)
     step: int = 0
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     stop: bool = False
@@ -1247,7 +1291,7 @@ def _end_epoch(run: _Run, epoch: int, model, state, opt_state, losses, seconds) 
         "skipped_steps": run.epoch_skipped,
     }
     run.records.append(record)
-    if run.out is not None:
+    if run.out is not None and run.writer:
         # The metrics line first: a run killed before the checkpoint below is replaced
         # resumes from the previous epoch and drops this line.
         with open(os.path.join(run.out, METRICS), "a", encoding="utf-8") as f:
@@ -1329,7 +1373,10 @@ def fit(
       `remat` and `parallel` may differ); a run that stopped before its first checkpoint
       starts again from the beginning (then `model` must be a real one).
     - `parallel`: a [`DataParallel`][eqx_vision.training.DataParallel] to train over
-      several devices; one device when `None`.
+      several devices; one device when `None`. Across several processes (after
+      `jax.distributed.initialize`) it is required, each process reads its rows of every
+      global batch from `data`, and only process 0 writes into `out` (every process reads
+      it to resume: a folder they all see).
     - `callback`: a [`Callback`][eqx_vision.training.Callback], or a function called after
       each epoch with its metrics (a `dict`); either may return `True` to stop.
     - `model_config`: the model's description as JSON (e.g. `ModelConfig.to_json()`),
@@ -1359,6 +1406,12 @@ def fit(
         )
     if resume and out is None:
         raise ValueError("resume needs `out`, the folder of the run to continue.")
+    if jax.process_count() > 1 and parallel is None:
+        raise ValueError(
+            f"this is one of {jax.process_count()} processes: give `parallel` "
+            "(DataParallel.create(), a mesh of every process's devices), else each process "
+            "would train its own copy of the model."
+        )
     steps_per_epoch = num_train // config.batch_size
     total_steps = config.epochs * steps_per_epoch
     # A warm-up longer than the run is the whole run (and never an overflow).
@@ -1394,6 +1447,7 @@ def fit(
         train_key=jr.fold_in(jr.key(config.seed), 1),  # the model's key is the caller's
         steps_per_epoch=steps_per_epoch,
         normalization=getattr(data, "normalization", None),
+        writer=jax.process_index() == 0,
     )
     run_json = {"model_config": run.model_config, **meta}
     lock = None
@@ -1401,7 +1455,7 @@ def fit(
         resumed = False
         if out is not None:
             # Nothing is written before every check has passed and the start is loaded.
-            if os.path.isdir(out):
+            if os.path.isdir(out) and run.writer:
                 lock = _lock(out)
             resumed = _check_out(out, resume, run_json, config)
             if not resumed and _is_abstract((model, state)):
@@ -1410,7 +1464,7 @@ def fit(
                     "abstract one) to start the run from the beginning."
                 )
         model, state, opt_state, start_epoch = _start(run, model, state, resumed)
-        if out is not None:
+        if out is not None and run.writer:
             os.makedirs(out, exist_ok=True)
             if lock is None:
                 lock = _lock(out)

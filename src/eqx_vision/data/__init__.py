@@ -32,6 +32,7 @@ from ._memory import (
     padded_batches as padded_batches,
     prepare as prepare,
     prepare_images as prepare_images,
+    process_rows as process_rows,
     resize_center_crop as resize_center_crop,
     scan_folder as scan_folder,
     stratified_split as stratified_split,

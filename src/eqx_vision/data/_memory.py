@@ -93,6 +93,7 @@ __all__ = [
     "TrainingData",
     "epoch_order",
     "padded_batches",
+    "process_rows",
     "RawDataset",
     "load_dataset",
     "load_digits",
@@ -185,6 +186,17 @@ class RawDataset:
         return len(self.class_names)
 
 
+def process_rows(batch_size: int) -> tuple[int, int]:
+    """`(first, stop)`: the rows of each global batch of `batch_size` that this process
+    reads (all of them in a single process; `[i * B / n, (i + 1) * B / n)` for process `i`
+    of `n`)."""
+    index, count = jax.process_index(), jax.process_count()
+    if batch_size % count:
+        raise ValueError(f"the batch size {batch_size} must be a multiple of the {count} processes")
+    rows = batch_size // count
+    return index * rows, (index + 1) * rows
+
+
 def epoch_order(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
     """The order of the examples in `epoch`: a permutation drawn from `(seed, epoch)`
     alone, so that a resumed run sees the same batches as an uninterrupted one."""
@@ -219,10 +231,12 @@ class Dataset:
         self, epoch: int, batch_size: int, *, seed: int, start: int = 0
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The batches `(images, labels)` of `epoch` from its step `start` on, in the order
-        of `epoch_order`; the last incomplete batch is dropped."""
+        of `epoch_order`; the last incomplete batch is dropped. Across several processes,
+        this process's rows of each (`process_rows`)."""
+        first, stop = process_rows(batch_size)
         order = epoch_order(self.num_train, seed=seed, epoch=epoch)
         for step in range(start, self.num_train // batch_size):
-            idx = order[step * batch_size : (step + 1) * batch_size]
+            idx = order[step * batch_size : (step + 1) * batch_size][first:stop]
             yield self.train_images[idx], self.train_labels[idx]
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -236,7 +250,16 @@ def padded_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """`images` and `labels` in order, in batches `(images, labels, mask)` of
     `batch_size`, the last one padded with zeros (`mask` marks the real rows), so that one
-    compiled program serves every batch."""
+    compiled program serves every batch. Across several processes, this process's rows of
+    each (`process_rows`)."""
+    first, stop = process_rows(batch_size)
+    for x, y, mask in _padded(images, labels, batch_size):
+        yield x[first:stop], y[first:stop], mask[first:stop]
+
+
+def _padded(
+    images: Any, labels: Any, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     for begin in range(0, len(labels), batch_size):
         x = np.asarray(images[begin : begin + batch_size])
         y = np.asarray(labels[begin : begin + batch_size])

@@ -83,3 +83,46 @@ def test_only_process_0_writes_the_run(runs):
     assert files == ["config.json", "curves.png", "last.safetensors", "metrics.jsonl"]
     with open(os.path.join(two, "run", "metrics.jsonl")) as f:
         assert len(f.read().splitlines()) == 1
+
+
+def test_the_command_over_two_processes(tmp_path):
+    """`eqx-vision train --coordinator ... --num-processes 2 --process-id I`: process 0
+    prints the run and writes it, process 1 prints nothing of it; both end well."""
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    out = str(tmp_path / "run")
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "eqx_vision.cli",
+                "train",
+                "--coordinator",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--epochs",
+                "1",
+                "--out",
+                out,
+                "--no-progress",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    results = [p.communicate(timeout=600) for p in processes]
+    for p, (_, stderr) in zip(processes, results, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    first, second = results[0][0], results[1][0]
+    assert "4 device(s)" in first and first.rstrip().splitlines()[-1].startswith("test accuracy")
+    # (gloo's own connection lines aside, which its C++ library prints)
+    assert [line for line in second.splitlines() if not line.startswith("[Gloo]")] == []
+    assert os.path.isfile(os.path.join(out, "last.safetensors"))

@@ -320,8 +320,10 @@ def _add_train_parser(sub: Any) -> None:
         "--devices",
         type=_positive_int,
         metavar="N",
-        help="data-parallel over N local devices (default: all)",
+        help="data-parallel over N local devices (default: all; over several processes, "
+        "every device of every process)",
     )
+    _add_distributed(train)
     train.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -375,6 +377,7 @@ def _add_evaluate_parser(sub: Any) -> None:
     )
     evaluate.add_argument("--batch-size", type=_positive_int, default=256)
     evaluate.add_argument("--devices", type=_positive_int, metavar="N")
+    _add_distributed(evaluate)
 
 
 def _add_predict_parser(sub: Any) -> None:
@@ -401,8 +404,57 @@ def _add_predict_parser(sub: Any) -> None:
 # Helpers shared by the commands
 
 
+def _is_main_process() -> bool:
+    """Process 0 of a run over several processes (or the only one): the one that prints."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _echo(*args: Any) -> None:
-    print(*args, flush=True)
+    if _is_main_process():
+        print(*args, flush=True)
+
+
+def _add_distributed(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several processes (hosts)")
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="start jax.distributed, finding the cluster as JAX does (SLURM, Open MPI, "
+        "...): every process of the run gives this command; only process 0 prints and "
+        "writes",
+    )
+    group.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="jax.distributed's coordinator address"
+    )
+    group.add_argument("--num-processes", type=_positive_int, metavar="N")
+    group.add_argument("--process-id", type=_non_negative_int, metavar="I")
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
+    """`jax.distributed.initialize` as the flags ask (before any JAX device is used)."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in explicit):
+        return
+    if any(v is None for v in explicit) and any(v is not None for v in explicit):
+        raise UsageError("--coordinator, --num-processes and --process-id go together")
+    if args.process_id is not None and args.process_id >= args.num_processes:
+        raise UsageError(
+            f"--process-id must be below --num-processes ({args.num_processes}); "
+            f"got {args.process_id}"
+        )
+    import jax
+
+    try:
+        if args.coordinator is not None:
+            jax.distributed.initialize(
+                args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+            )
+        else:
+            jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"cannot start jax.distributed: {_printable(str(e))}") from None
 
 
 def _printable(text: str) -> str:
@@ -728,6 +780,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--remat must be {' or '.join(REMAT)}; got {args.remat!r}")
     if args.allow_changed_data and not args.resume:
         raise UsageError("--allow-changed-data goes with --resume")
+    _start_distributed(args)
     settings, saved_json = _resolve_settings(args)
     initial = None
     if settings["data"] != "digits":
@@ -881,6 +934,7 @@ def _train(
         + (", streamed" if isinstance(ds, data_mod.StreamingData) else "")
     )
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    progress = progress and _is_main_process()
     report = _reporter(f"{name} ({config.model}", data_line, progress, args.stop_after_steps)
     if resume and not from_checkpoint:
         _echo(f"{out} stopped before its first checkpoint: starting it again from the beginning")
@@ -1190,6 +1244,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.pretrained:
         return _evaluate_pretrained(args)
     _require("evaluate", ["optax", "safetensors"])
+    _start_distributed(args)
     from . import training
 
     ckpt_path, header, config, data_meta = _open_checkpoint(args.checkpoint)

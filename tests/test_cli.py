@@ -560,7 +560,7 @@ def test_divergence_before_the_first_checkpoint_runs_again(tmp_path, small_npz, 
 def test_non_finite_parameters_are_never_saved(tmp_path, small_npz, capsys, monkeypatch):
     """An update that makes a parameter infinite at the last step of an epoch, whose loss
     (computed before the update) is finite: the epoch is neither recorded nor saved."""
-    from eqx_vision import training
+    from eqx_vision.training import _fit as training
 
     real_step, steps = training._donating_fit_step, []
 

@@ -23,7 +23,8 @@ import jax.random as jr
 from .layers import REMAT, remat
 from .precision import COMPUTE_DTYPES
 from .presets import ModelConfig
-from .training import _fit_step, apply_model, init_optimizer, make_optimizer
+from .training import apply_model, init_optimizer, make_optimizer
+from .training._fit import _fit_step
 
 
 __all__ = ["Plan", "StepMemory", "jaxpr_flops", "plan_training"]

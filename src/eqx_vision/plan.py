@@ -7,7 +7,9 @@ Nothing is computed on arrays: the model is built abstractly (`eqx.filter_eval_s
 the training step (the one `training.fit` runs: AdamW, clipping, the warm-up and cosine
 schedule) is traced and compiled for abstract inputs; FLOPs are counted on the traced
 program (`jaxpr_flops`), memory read from XLA's analysis of the compiled one
-(`memory_analysis`).
+(`memory_analysis`). With `fsdp`, the step is compiled for a mesh of that many devices
+(a `jax.sharding.AbstractMesh`: the devices need not exist) with the parameters and the
+optimizer state sharded over it, and the analysis is that of one device's program.
 """
 
 import dataclasses
@@ -23,7 +25,7 @@ import jax.random as jr
 from .layers import REMAT, remat
 from .precision import COMPUTE_DTYPES
 from .presets import ModelConfig
-from .training import apply_model, init_optimizer, make_optimizer
+from .training import DataParallel, apply_model, init_optimizer, make_optimizer
 from .training._fit import _fit_step
 
 
@@ -39,9 +41,12 @@ class StepMemory:
     - `outputs`: the results (the new parameters, state and optimizer state, the loss).
     - `aliased`: outputs written over donated inputs (counted once in `total`).
     - `temporaries`: everything else alive during the step: activations kept for the
-      backward pass, gradients, workspace.
+      backward pass, gradients, workspace (with `fsdp`, the parameters gathered for a
+      block and the collectives' buffers).
     - `flops`: the step's FLOPs per image (`jaxpr_flops`: forward, backward and the
       recomputation the policy asks for).
+    - `generated_code`: the compiled program's code, where the backend reports it (0 on
+      CPU).
     """
 
     precision: str
@@ -51,6 +56,7 @@ class StepMemory:
     aliased: int
     temporaries: int
     flops: float
+    generated_code: int = 0
 
     @property
     def total(self) -> int:
@@ -66,7 +72,11 @@ class Plan:
     - `state_values`: the values of its `eqx.nn.State` (BatchNorm statistics).
     - `forward_flops`: the FLOPs of one image's forward pass (inference mode; see
       [`jaxpr_flops`][eqx_vision.plan.jaxpr_flops]).
-    - `memory`: one `StepMemory` per precision and checkpointing policy.
+    - `memory`: one `StepMemory` per precision and checkpointing policy, on one device.
+    - `devices`: the devices of the step, each with `batch_size` images.
+    - `fsdp`: whether the parameters and the optimizer state are sharded over them
+      (replicated if not).
+    - `param_bytes`: the bytes of the parameters and the optimizer state on one device.
     """
 
     model: str
@@ -77,6 +87,9 @@ class Plan:
     state_values: int
     forward_flops: float
     memory: tuple[StepMemory, ...]
+    devices: int = 1
+    fsdp: bool = False
+    param_bytes: int = 0
 
     @property
     def train_flops(self) -> float:
@@ -142,8 +155,45 @@ def _flops(fn: Any, *args: Any) -> float:
     return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def _compile(fn: Any, dynamic: Any, *args: Any, donate: bool) -> Any:
-    return jax.jit(fn, donate_argnums=(0,) if donate else ()).lower(dynamic, *args).compile()
+def _compile(fn: Any, dynamic: Any, *args: Any, donate: bool, parallel: Any = None) -> Any:
+    jitted = jax.jit(fn, donate_argnums=(0,) if donate else ())
+    if parallel is None or isinstance(parallel.mesh, jax.sharding.Mesh):
+        return jitted.lower(dynamic, *args).compile()
+    # An abstract mesh: lowered for the default platform and compiled for devices of it.
+    devices = _device_assignment(parallel.num_devices)
+    lowered = jitted.trace(dynamic, *args).lower(lowering_platforms=(devices[0].platform,))
+    return lowered.compile(device_assignment=devices)
+
+
+def _device_assignment(n: int) -> tuple[Any, ...]:
+    """The devices to compile a program of `n` devices for: the first `n`, or, when there
+    are fewer, the first standing for each of them (the program is compiled, never run;
+    XLA partitions it the same way, and its memory analysis is that of one device)."""
+    devices = jax.devices()
+    return tuple(devices[:n]) if len(devices) >= n else (devices[0],) * n
+
+
+def _placed(tree: Any, shardings: Any) -> Any:
+    """The `jax.ShapeDtypeStruct` leaves of `tree` with their `shardings` (a tree of
+    them, or one for every leaf)."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def _bytes_per_device(tree: Any) -> int:
+    """The bytes of the `jax.ShapeDtypeStruct` leaves of `tree` on one device: a leaf whose
+    sharding splits it over the `"data"` axis counts its share."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        size = math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+        sharding = x.sharding
+        if sharding is not None and "data" in tuple(sharding.spec):
+            size //= sharding.mesh.size
+        total += size
+    return total
 
 
 def plan_training(
@@ -152,6 +202,7 @@ def plan_training(
     *,
     precisions: Sequence[str] = tuple(COMPUTE_DTYPES),
     remats: Sequence[str] = tuple(REMAT),
+    fsdp: int | None = None,
 ) -> Plan:
     """Parameters, FLOPs and the training step's memory of the model `config` describes,
     for a batch of `batch_size` images on one device.
@@ -159,10 +210,16 @@ def plan_training(
     **Arguments:**
 
     - `config`: the model (e.g. from `presets.resolve_model`).
-    - `batch_size`: the images of one training step on the device.
+    - `batch_size`: the images of one training step on the device (with `fsdp`, on each
+      device: the step's whole batch is `fsdp * batch_size`).
     - `precisions`: the compute dtypes to plan for (`"float32"`, `"bfloat16"`).
     - `remats`: the checkpointing policies to plan for (`"linear"`, `"inputs"`, `"all"`;
       see [`remat`][eqx_vision.remat]).
+    - `fsdp`: plan the step of `DataParallel.create(fsdp, fsdp=True)` (see
+      [`DataParallel`][eqx_vision.training.DataParallel]): the parameters and optimizer
+      state sharded over `fsdp` devices, each with `batch_size` images. The devices need
+      not exist: the step is compiled for an abstract mesh, so this plans 8 devices from a
+      one-device process. `None` (the default) plans one device.
 
     **Returns:** a [`Plan`][eqx_vision.plan.Plan]. Each (precision, policy) is one
     compilation of the training step: seconds for small models, a minute or more for
@@ -176,12 +233,39 @@ def plan_training(
     for r in remats:
         if r not in REMAT:
             raise ValueError(f"remat must be one of {tuple(REMAT)}; got {r!r}")
+    if fsdp is not None and (isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1):
+        raise ValueError(f"fsdp must be a positive number of devices or None; got {fsdp!r}")
+    parallel = None if fsdp is None else _abstract_parallel(fsdp, fsdp=True)
+    return _plan(config, batch_size, precisions, remats, parallel)
+
+
+def _abstract_parallel(num_devices: int, *, fsdp: bool) -> DataParallel:
+    """A [`DataParallel`][eqx_vision.training.DataParallel] over an abstract mesh of
+    `num_devices` devices, for which a step is compiled (never run) whether or not the
+    devices exist."""
+    return DataParallel(jax.sharding.AbstractMesh((num_devices,), ("data",)), fsdp=fsdp)
+
+
+def _plan(
+    config: ModelConfig,
+    batch_size: int,
+    precisions: Sequence[str],
+    remats: Sequence[str],
+    parallel: DataParallel | None,
+) -> Plan:
+    """`plan_training` for a step over `parallel` (a `DataParallel` over real devices, or
+    over an abstract mesh from `_abstract_parallel`), each device with `batch_size`
+    images; on one device if `None`."""
     model, state = config.build_like()
     optimizer = make_optimizer(1e-3, warmup_steps=1, total_steps=2)
     shape = (config.channels, *config.image_size)
-    images = jax.ShapeDtypeStruct((batch_size, *shape), jnp.float32)
-    labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    num_devices = 1 if parallel is None else parallel.num_devices
+    images = jax.ShapeDtypeStruct((num_devices * batch_size, *shape), jnp.float32)
+    labels = jax.ShapeDtypeStruct((num_devices * batch_size,), jnp.int32)
     key = jax.eval_shape(lambda: jr.key(0))
+    if parallel is not None:
+        images, labels = _placed((images, labels), (parallel.data_sharding,) * 2)
+        key = _placed(key, parallel.replicated)
 
     def forward(dynamic: Any, x: Any) -> Any:
         m, s = eqx.combine(dynamic, static_model)
@@ -192,19 +276,28 @@ def plan_training(
     forward_flops = _flops(forward, dynamic_model, one)
 
     memory = []
+    param_bytes = 0
     for precision in precisions:
         for policy in remats:
             m = remat(model, policy)
             opt_state = eqx.filter_eval_shape(init_optimizer, optimizer, m)
             dynamic, static = eqx.partition((m, state, opt_state), _is_leaf_array)
+            d_model, d_state, d_opt = dynamic
+            if parallel is not None:
+                d_model, d_opt = _placed(
+                    (d_model, d_opt), parallel.param_shardings((d_model, d_opt))
+                )
+                dynamic = (d_model, _placed(d_state, parallel.replicated), d_opt)
+            param_bytes = _bytes_per_device((d_model, d_opt))
 
             def step(dynamic: Any, x: Any, y: Any, k: Any, static=static, precision=precision):
                 m_, s_, o_ = eqx.combine(dynamic, static)
-                out = _fit_step(m_, s_, o_, x, y, k, optimizer=optimizer, parallel=None,
+                out = _fit_step(m_, s_, o_, x, y, k, optimizer=optimizer, parallel=parallel,
                                 precision=precision)  # fmt: skip
                 return eqx.filter(out, eqx.is_array)
 
-            compiled = _compile(step, dynamic, images, labels, key, donate=True)
+            compiled = _compile(step, dynamic, images, labels, key, donate=True,
+                                parallel=parallel)  # fmt: skip
             analysis = compiled.memory_analysis()
             memory.append(
                 StepMemory(
@@ -214,7 +307,8 @@ def plan_training(
                     int(analysis.output_size_in_bytes),
                     int(analysis.alias_size_in_bytes),
                     int(analysis.temp_size_in_bytes),
-                    _flops(step, dynamic, images, labels, key) / batch_size,
+                    _flops(step, dynamic, images, labels, key) / (num_devices * batch_size),
+                    int(analysis.generated_code_size_in_bytes),
                 )
             )
     return Plan(
@@ -226,6 +320,9 @@ def plan_training(
         state_values=_count(state, floating=False),
         forward_flops=forward_flops,
         memory=tuple(memory),
+        devices=num_devices,
+        fsdp=parallel is not None and parallel.fsdp,
+        param_bytes=param_bytes,
     )
 
 
@@ -243,10 +340,15 @@ def format_plan(plan: Plan) -> str:
         + f", input {shape}, {plan.num_classes} classes",
         f"flops    {plan.forward_flops / 1e9:.3g} GFLOPs per image forward, "
         f"{plan.train_flops / 1e9:.3g} GFLOPs per image in a training step",
-        f"memory   of the compiled training step (AdamW), batch {plan.batch_size} on one device:",
+        f"memory   of the compiled training step (AdamW), batch {plan.batch_size} "
+        + ("on one device:" if plan.devices == 1 else f"on each of {plan.devices} devices,"),
         f"  {'precision':<9}  {'remat':<6}  {'inputs':>10}  {'temporaries':>11}  "
         f"{'total':>10}  {'GFLOPs/image':>12}",
     ]
+    if plan.devices > 1:
+        how = "sharded over them (FSDP)" if plan.fsdp else "replicated"
+        lines.insert(-1, f"         parameters and optimizer state {how}: "
+                         f"{format_bytes(plan.param_bytes)} a device")  # fmt: skip
     for m in plan.memory:
         lines.append(
             f"  {m.precision:<9}  {m.remat:<6}  {format_bytes(m.arguments):>10}  "

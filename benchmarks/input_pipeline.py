@@ -11,15 +11,23 @@ new pipeline (its start included; torch's workers persistent across the epochs, 
 are); the table gives the median images/s of each and the ratio, at each number of
 workers, and for grain each number of read threads per worker (torch's workers have one).
 
+`--randaugment SPEC ...` adds RandAugment (`eqx_vision.data.RandAugment.from_spec`, e.g.
+`m9-n2-mstd0.5`; `none` for none) after the crop and flip, one set of rows per spec, to
+measure its cost (also given as CPU milliseconds per image of the transform in one process,
+which a machine loaded by other work changes less than images/s); `--no-torch` times grain
+alone.
+
 The images: a generated folder of `--images` JPEGs of 500x375 (random smooth colours,
 quality 90) in 10 class folders, created under `--folder` if it is not there.
 
     python benchmarks/input_pipeline.py                       # 2,000 images, 1 and 2 workers
     python benchmarks/input_pipeline.py --json out.json
+    python benchmarks/input_pipeline.py --workers 2 --threads 2 --randaugment none m9-n2-mstd0.5
 """
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -55,15 +63,33 @@ def make_jpeg_folder(root: str, images: int, classes: int = 10, seed: int = 0) -
     return root
 
 
+def augment_of(spec: str) -> data.Augment:
+    """Crop and flip, and RandAugment as `spec` says (`none`: none)."""
+    return data.Augment(randaugment=None if spec == "none" else data.RandAugment.from_spec(spec))
+
+
 def grain_rate(
-    folder: data.ImageFolder, workers: int, threads: int, batch: int, epochs: int
-) -> dict[str, float]:
+    folder: data.ImageFolder, workers: int, threads: int, batch: int, epochs: int,
+    augment: data.Augment | None = None,
+) -> dict[str, float]:  # fmt: skip
     """The timings (`_timed`) of `epochs` epochs of a new pipeline."""
     ds = data.StreamingData(
         folder, image_size=(224, 224), workers=workers, threads=threads,
-        process_index=0, process_count=1,
+        process_index=0, process_count=1, augment=augment or data.Augment(),
     )  # fmt: skip
     return _timed(ds.train_batches(epoch, batch, seed=0) for epoch in range(epochs))
+
+
+def transform_cost(folder: data.ImageFolder, augment: data.Augment, images: int) -> float:
+    """CPU milliseconds per image of the training transform (decode, crop, flip and any
+    RandAugment) in this process, over the first `images` files: the work each image
+    costs a worker, which a loaded machine changes less than it changes images/s."""
+    transform = data.TrainTransform((224, 224), 3, augment, 0)
+    paths = folder.train_paths[:images]
+    start = time.process_time()
+    for i, path in enumerate(paths):
+        transform((0, i, path, 0))
+    return (time.process_time() - start) / len(paths) * 1e3
 
 
 def _timed(epochs: Any) -> dict[str, float]:
@@ -85,9 +111,9 @@ class _TorchFiles:
     # A map-style torch data set by its protocol (`__len__`, `__getitem__`).
     """A torch map-style data set over the same files and transform."""
 
-    def __init__(self, folder: data.ImageFolder):
+    def __init__(self, folder: data.ImageFolder, augment: data.Augment):
         self.folder = folder
-        self.transform = data.TrainTransform((224, 224), 3, data.Augment(), 0)
+        self.transform = data.TrainTransform((224, 224), 3, augment, 0)
 
     def __len__(self) -> int:
         return len(self.folder.train_paths)
@@ -98,13 +124,14 @@ class _TorchFiles:
 
 
 def torch_rate(
-    folder: data.ImageFolder, workers: int, batch: int, epochs: int
-) -> dict[str, float]:
+    folder: data.ImageFolder, workers: int, batch: int, epochs: int,
+    augment: data.Augment | None = None,
+) -> dict[str, float]:  # fmt: skip
     """The timings (`_timed`) of `epochs` epochs of a new `DataLoader`."""
     import torch
 
     loader = torch.utils.data.DataLoader(
-        _TorchFiles(folder),  # pyright: ignore[reportArgumentType]
+        _TorchFiles(folder, augment or data.Augment()),  # pyright: ignore[reportArgumentType]
         batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
         persistent_workers=workers > 0,
     )  # fmt: skip
@@ -123,51 +150,86 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each timed run")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--randaugment", nargs="+", default=["none"], metavar="SPEC",
+        help="RandAugment after the crop and flip (e.g. m9-n2-mstd0.5; none): rows for each",
+    )  # fmt: skip
+    parser.add_argument(
+        "--torch", action=argparse.BooleanOptionalAction, default=True,
+        help="also time a torch DataLoader (default: yes)",
+    )  # fmt: skip
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
     root = make_jpeg_folder(os.path.join(args.folder, str(args.images)), args.images)
     folder = data.scan_folder(root)
+    augments = {spec: augment_of(spec) for spec in args.randaugment}
+    costs: dict[str, list[float]] = {spec: [] for spec in augments}
+    for _ in range(args.repeats):
+        for spec, augment in augments.items():
+            costs[spec].append(transform_cost(folder, augment, min(300, len(folder.train_paths))))
+    print("training transform, CPU ms per 224x224 image in one process (median of "
+          f"{args.repeats}, alternating):")  # fmt: skip
+    for spec in augments:
+        print(f"{spec:>24} {statistics.median(costs[spec]):7.2f}")
+    nan = {"first": math.nan, "steady": math.nan, "whole": math.nan}
+    # Timings by (randaugment, workers, "grain-<threads>" or "torch"); every setting is run
+    # once per repeat, in turn, so that a change in the machine's load affects them alike.
+    runs: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+    for _ in range(args.repeats):
+        for spec, augment in augments.items():
+            for workers in args.workers:
+                for threads in args.threads:
+                    timing = grain_rate(
+                        folder, workers, threads, args.batch_size, args.epochs, augment
+                    )
+                    runs.setdefault((spec, workers, f"grain-{threads}"), []).append(timing)
+                runs.setdefault((spec, workers, "torch"), []).append(
+                    torch_rate(folder, workers, args.batch_size, args.epochs, augment)
+                    if args.torch
+                    else nan
+                )
     rows = []
-    for workers in args.workers:
-        runs: dict[str, list[dict[str, float]]] = {f"grain-{t}": [] for t in args.threads}
-        runs["torch"] = []
-        for _ in range(args.repeats):
+    for spec in augments:
+        for workers in args.workers:
+            torch_runs = runs[spec, workers, "torch"]
             for threads in args.threads:
-                timing = grain_rate(folder, workers, threads, args.batch_size, args.epochs)
-                runs[f"grain-{threads}"].append(timing)
-            runs["torch"].append(torch_rate(folder, workers, args.batch_size, args.epochs))
-
-        def median(name: str, figure: str, runs=runs) -> float:
-            return statistics.median(r[figure] for r in runs[name])
-
-        for threads in args.threads:
-            name = f"grain-{threads}"
-            row = {"workers": workers, "threads": threads, "runs": {name: runs[name],
-                   "torch": runs["torch"]}}  # fmt: skip
-            for figure in ("first", "steady", "whole"):
-                row[f"grain_{figure}"] = round(median(name, figure), 3)
-                row[f"torch_{figure}"] = round(median("torch", figure), 3)
-            rows.append(row)
-    print(f"{args.images} JPEGs of 500x375 -> random resized crop 224, flip; batch "
-          f"{args.batch_size}; {args.epochs} epochs a run; median of {args.repeats} runs, "
-          "alternating; images/s after the first batch (steady) and over the run "
-          "(whole)")  # fmt: skip
-    print(f"{'workers':>7} {'threads':>7} | {'first batch s':>13} {'steady i/s':>15} "
-          f"{'whole i/s':>15} | {'steady':>6} {'whole':>6}")  # fmt: skip
-    print(f"{'':>7} {'(grain)':>7} | {'grain / torch':>13} {'grain / torch':>15} "
+                grain_runs = runs[spec, workers, f"grain-{threads}"]
+                row: dict[str, Any] = {
+                    "randaugment": spec,
+                    "workers": workers,
+                    "threads": threads,
+                    "runs": {"grain": grain_runs, "torch": torch_runs},
+                }
+                for figure in ("first", "steady", "whole"):
+                    row[f"grain_{figure}"] = round(
+                        statistics.median(r[figure] for r in grain_runs), 3
+                    )
+                    row[f"torch_{figure}"] = round(
+                        statistics.median(r[figure] for r in torch_runs), 3
+                    )
+                rows.append(row)
+    print(f"{args.images} JPEGs of 500x375 -> random resized crop 224, flip, RandAugment as "
+          f"given; batch {args.batch_size}; {args.epochs} epochs a run; median of "
+          f"{args.repeats} runs, alternating; images/s after the first batch (steady) and "
+          "over the run (whole)")  # fmt: skip
+    print(f"{'randaugment':>24} {'workers':>7} {'threads':>7} | {'first batch s':>13} "
+          f"{'steady i/s':>15} {'whole i/s':>15} | {'steady':>6} {'whole':>6}")  # fmt: skip
+    print(f"{'':>24} {'':>7} {'(grain)':>7} | {'grain / torch':>13} {'grain / torch':>15} "
           f"{'grain / torch':>15} | {'ratio':>6} {'ratio':>6}")  # fmt: skip
     for r in rows:
-        print(f"{r['workers']:>7} {r['threads']:>7} | "
+        print(f"{r['randaugment']:>24} {r['workers']:>7} {r['threads']:>7} | "
               f"{r['grain_first']:>6.2f}/{r['torch_first']:<6.2f} "
               f"{r['grain_steady']:>7.0f}/{r['torch_steady']:<7.0f} "
               f"{r['grain_whole']:>7.0f}/{r['torch_whole']:<7.0f} | "
               f"{r['grain_steady'] / r['torch_steady']:>6.2f} "
               f"{r['grain_whole'] / r['torch_whole']:>6.2f}")  # fmt: skip
     if args.json:
-        result = {"images": args.images, "batch_size": args.batch_size,
+        result = {"images": args.images, "batch_size": args.batch_size, "epochs": args.epochs,
                   "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                  "python": sys.version.split()[0], "rows": rows}  # fmt: skip
+                  "python": sys.version.split()[0], "rows": rows,
+                  "cpu_ms_per_image": {k: statistics.median(v)
+                                       for k, v in costs.items()}}  # fmt: skip
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(result, f, indent=2)

@@ -5,7 +5,8 @@
   [`prepare`][eqx_vision.data.prepare] to a [`Dataset`][eqx_vision.data.Dataset]).
 - **Streaming** (`eqx_vision.data._stream`): image folders of any size, of which only the
   file list is held ([`scan_folder`][eqx_vision.data.scan_folder]); images are decoded,
-  augmented and batched in grain's worker processes
+  augmented (random resized crop, flip, optionally
+  [`RandAugment`][eqx_vision.data.RandAugment]) and batched in grain's worker processes
   ([`StreamingData`][eqx_vision.data.StreamingData]) and cross to the device as uint8.
 
 Both give [`training.fit`][eqx_vision.training.fit] the same thing: `train_batches(epoch,
@@ -38,10 +39,15 @@ from ._memory import (
     stratified_split as stratified_split,
 )
 from ._stream import (
+    RAND_AUGMENT_OPS as RAND_AUGMENT_OPS,
+    RAND_AUGMENT_ORIGINAL_OPS as RAND_AUGMENT_ORIGINAL_OPS,
     Augment as Augment,
     EvalTransform as EvalTransform,
+    RandAugment as RandAugment,
+    RandAugmentDraw as RandAugmentDraw,
     StreamingData as StreamingData,
     TrainTransform as TrainTransform,
     hflip as hflip,
+    rand_augment_op as rand_augment_op,
     random_resized_crop_box as random_resized_crop_box,
 )

@@ -13,6 +13,7 @@ from jaxtyping import PyTree
 
 from ..layers import REMAT
 from ..precision import COMPUTE_DTYPES
+from ._recipe import Mixup
 
 
 # The largest seed: `jax.random.key` keeps the low 32 bits of a seed (without x64).
@@ -33,7 +34,7 @@ class TrainConfig:
     - `weight_decay`: AdamW's decoupled weight decay.
     - `warmup_epochs`: the linear warm-up from 0 before the cosine decay to 0, in epochs
       (see [`make_optimizer`][eqx_vision.training.make_optimizer]; gradients are clipped
-      to norm 1).
+      to norm `clip_norm`, 1 by default).
     - `seed`: the seed of the data order (from the seed and the epoch) and of the dropout
       keys (from the seed and the step). The model's initial weights are the caller's:
       `eqx-vision train` builds them from `jr.fold_in(jr.key(seed), 0)`.
@@ -59,6 +60,29 @@ class TrainConfig:
       [`frozen_mask`][eqx_vision.training.frozen_mask]); `0`, the default, trains every
       parameter. At most the model's number of blocks, checked by `fit`.
 
+    The training recipe of DeiT and big_vision (see
+    [`loss_fn`][eqx_vision.training.loss_fn] and
+    [`make_optimizer`][eqx_vision.training.make_optimizer]), all off by default:
+
+    - `label_smoothing`: smooth the targets as timm does, in `[0, 1)` (DeiT: 0.1).
+    - `mixup`, `cutmix`: the `alpha` of mixup's and cutmix's `Beta(alpha, alpha)`; `0`
+      for none (DeiT: 0.8 and 1.0). See [`Mixup`][eqx_vision.training.Mixup].
+    - `mix_prob`: the probability that a batch is mixed at all (timm's default 1.0).
+    - `switch_prob`: with both mixup and cutmix on, the probability of cutmix for a batch
+      (timm's default 0.5).
+    - `accumulate`: average the gradients of this many batches into one optimizer
+      update (`optax.MultiSteps`): the effective batch is `accumulate * batch_size`, the
+      learning-rate schedule counts updates (`steps // accumulate`), and `warmup_epochs`
+      stay epochs. BatchNorm's statistics are still those of each batch.
+    - `clip_norm`: clip the gradients to this global norm; `None` or `0` for none
+      (default 1.0).
+    - `ema_decay`: keep an exponential moving average of the weights with this decay in
+      the optimizer state (saved and resumed with it; see
+      [`ema_model`][eqx_vision.training.ema_model]); `None` for none.
+    - `eval_ema`: evaluate the moving average after each epoch instead of the trained
+      weights (needs `ema_decay`): `test_loss`, `test_accuracy` and `test_top5` are then
+      the average's, and `raw_test_*` the trained weights'.
+
     A warm-up longer than the run is a warm-up over the whole run. Every number is checked
     at construction: `seed` must be in `0 .. 2**32 - 1` (what `jax.random.key` keeps of a
     seed), the learning rate and weight decay at most float32's largest value.
@@ -76,10 +100,19 @@ class TrainConfig:
     selective_decay: bool = False
     layer_decay: float | None = None
     freeze: int = 0
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    accumulate: int = 1
+    clip_norm: float | None = 1.0
+    ema_decay: float | None = None
+    eval_ema: bool = False
 
     def __post_init__(self):
         for name, low in (("epochs", 1), ("batch_size", 1), ("seed", 0), ("skip_non_finite", 0),
-                          ("freeze", 0)):  # fmt: skip
+                          ("freeze", 0), ("accumulate", 1)):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}; got {value!r}.")
@@ -111,6 +144,42 @@ class TrainConfig:
             or not 0 < decay <= 1  # NaN fails too
         ):
             raise ValueError(f"layer_decay must be None or a number in (0, 1]; got {decay!r}.")
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        def number(value: Any) -> bool:
+            return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+        for name, low, high, closed in (("label_smoothing", 0, 1, False), ("mix_prob", 0, 1, True),
+                                        ("switch_prob", 0, 1, True)):  # fmt: skip
+            value = getattr(self, name)
+            if not number(value) or not (low <= value <= high if closed else low <= value < high):
+                interval = f"[{low}, {high}]" if closed else f"[{low}, {high})"
+                raise ValueError(f"{name} must be a number in {interval}; got {value!r}.")
+        for name in ("mixup", "cutmix"):
+            value = getattr(self, name)
+            if not number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"{name} must be a non-negative number (Beta's alpha; 0 for none); got "
+                    f"{value!r}."
+                )
+        clip = self.clip_norm
+        if clip is not None and (not number(clip) or not math.isfinite(clip) or clip < 0):
+            raise ValueError(f"clip_norm must be None or a non-negative number; got {clip!r}.")
+        decay = self.ema_decay
+        if decay is not None and (not number(decay) or not 0 <= decay < 1):
+            raise ValueError(f"ema_decay must be None or a number in [0, 1); got {decay!r}.")
+        if not isinstance(self.eval_ema, bool):
+            raise ValueError(f"eval_ema must be a bool; got {self.eval_ema!r}.")
+        if self.eval_ema and decay is None:
+            raise ValueError("eval_ema evaluates the moving average of the weights: set ema_decay.")
+
+    def mixing(self) -> Mixup | None:
+        """The [`Mixup`][eqx_vision.training.Mixup] of these settings, or `None` if they
+        mix nothing."""
+        mixup = Mixup(float(self.mixup), float(self.cutmix), float(self.mix_prob),
+                      float(self.switch_prob))  # fmt: skip
+        return mixup if mixup.enabled else None
 
     def to_json(self) -> dict[str, Any]:
         """The settings as a JSON object (as saved in `config.json`)."""
@@ -202,7 +271,10 @@ class FitResult:
     - `model`, `state`, `opt_state`: after the last step.
     - `metrics`: one dict per epoch of the whole run (the earlier ones of a resumed run
       included): `epoch`, `step`, `train_loss`, `test_loss`, `test_accuracy`,
-      `learning_rate`, `epoch_seconds`, `images_per_second`, `skipped_steps`.
+      `test_top5`, `learning_rate`, `epoch_seconds`, `images_per_second`,
+      `skipped_steps`; with `TrainConfig.ema_decay`, `eval_weights` (`"ema"` or
+      `"model"`: which weights the test metrics are of) and, with `eval_ema`,
+      `raw_test_loss`, `raw_test_accuracy`, `raw_test_top5` (the trained weights').
     - `epoch`, `step`: the epochs and steps done.
     - `test_loss`, `test_accuracy`: after the last epoch (`nan` if a stopped run has
       finished none).

@@ -1,5 +1,7 @@
 """The training and evaluation steps, the optimizer, and evaluation over a split."""
 
+import dataclasses
+import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -21,6 +23,16 @@ from ..finetune import (
 from ..layers import is_stateful
 from ..precision import Precision
 from ._parallel import DataParallel
+from ._recipe import (
+    Mixup,
+    confusion_matrix,
+    ema_params,
+    mix_targets,
+    per_class_accuracy,
+    smooth_labels,
+    soft_cross_entropy,
+    top_k_correct,
+)
 
 
 def _first(out: Any) -> Array:
@@ -77,19 +89,42 @@ def loss_fn(
     key: PRNGKeyArray | None = None,
     *,
     precision: Precision | str = "float32",
+    label_smoothing: float = 0.0,
+    mixup: Mixup | None = None,
 ) -> tuple[Float[Array, ""], eqx.nn.State]:
     """Mean softmax cross-entropy of a batch, for stateless and stateful models alike.
 
     **Arguments:** as [`apply_model`][eqx_vision.training.apply_model], plus the integer
     class `labels`. The cross-entropy is computed in float32 whatever the `precision`.
 
+    - `label_smoothing`: smooth the targets as timm does (see
+      [`smooth_labels`][eqx_vision.training.smooth_labels]), a Python float in `[0, 1)`.
+    - `mixup`: a [`Mixup`][eqx_vision.training.Mixup] to mix the batch's images and
+      targets with; it needs `key`, split into the mixing key and the dropout key.
+
+    With both off (the defaults) the loss is the integer-label cross-entropy, exactly as
+    without these options; otherwise the
+    [`soft_cross_entropy`][eqx_vision.training.soft_cross_entropy] of the smoothed, mixed
+    targets.
+
     **Returns:** the mean loss (a float32 scalar) and the updated state, in the form
     `eqx.filter_value_and_grad(loss_fn, has_aux=True)` expects.
     """
+    lam = None
+    if mixup is not None and mixup.enabled:
+        if key is None:
+            raise ValueError("mixup needs a key: pass loss_fn(..., key) (jax.random.key).")
+        key, mix_key = jr.split(key)
+        images, lam = mixup.mix_images(mix_key, images)
     logits, state = apply_model(model, state, images, key=key, precision=precision)
     logits = logits.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, state
+    if lam is None and not label_smoothing:
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, state
+    targets = smooth_labels(labels, logits.shape[-1], label_smoothing)
+    if lam is not None:
+        targets = mix_targets(targets, lam)
+    return soft_cross_entropy(logits, targets).mean(), state
 
 
 def make_optimizer(
@@ -106,6 +141,8 @@ def make_optimizer(
     weight_decay_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
     layer_scales: PyTree | Callable[[PyTree], PyTree] | None = None,
     frozen: PyTree | Callable[[PyTree], PyTree] | None = None,
+    accumulate: int = 1,
+    ema_decay: float | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with a linear warm-up from 0 and a cosine decay (optax).
 
@@ -115,15 +152,29 @@ def make_optimizer(
     - `weight_decay`: the decoupled weight decay of AdamW.
     - `warmup_steps`: steps of linear warm-up.
     - `total_steps`: the length of the whole schedule (warm-up included); the rate
-      decays to `end_learning_rate` along a half cosine in the remaining steps.
+      decays to `end_learning_rate` along a half cosine in the remaining steps. With
+      `accumulate`, both count optimizer updates (one per `accumulate` batches).
     - `end_learning_rate`: the final rate.
     - `b1`, `b2`: Adam's moment decay rates.
-    - `clip_norm`: clip the gradients to this global norm first; `None` for no clipping.
+    - `clip_norm`: clip the gradients to this global norm first; `None` or `0` for no
+      clipping.
     - `skip_non_finite`: if positive, the whole optimizer is wrapped in
       `optax.apply_if_finite(..., max_consecutive_errors=skip_non_finite)`: an update whose
       gradients hold a NaN or an infinity is skipped (parameters and optimizer state kept),
       up to this many in a row. Its state is then an `optax.ApplyIfFiniteState` around the
-      state of the default, `0` (no wrapping).
+      state of the default, `0` (no wrapping). With `accumulate`, it wraps the
+      accumulation: a batch of non-finite gradients is left out of the sum, which then
+      waits for `accumulate` finite ones.
+    - `accumulate`: gradient accumulation, an int >= 1: the whole optimizer is wrapped in
+      `optax.MultiSteps(..., every_k_schedule=accumulate)`, which averages the gradients
+      of `accumulate` calls and updates once (the other calls give zero updates), so
+      `accumulate` batches of `B` images make one update on `accumulate * B` images (but
+      for BatchNorm's batch statistics, taken over each batch of `B`). `1`, the default,
+      wraps nothing.
+    - `ema_decay`: keep an exponential moving average of the parameters in the optimizer
+      state, updated after each optimizer update
+      ([`ema_params`][eqx_vision.training.ema_params]; read it with
+      [`ema_model`][eqx_vision.training.ema_model]); `None`, the default, keeps none.
 
     For fine-tuning (see the [fine-tuning guide](../finetuning.md)), each a tree of the
     structure of the parameters or a function from the parameters to one:
@@ -140,7 +191,9 @@ def make_optimizer(
 
     The chain is `freeze_updates(frozen)`, `clip_by_global_norm`,
     `adamw(mask=weight_decay_mask)`, `scale_updates(layer_scales)`,
-    `freeze_updates(frozen)`, each only when given.
+    `freeze_updates(frozen)`, `ema_params(ema_decay)`, each only when given, inside
+    `optax.MultiSteps` (with `accumulate`) inside `optax.apply_if_finite` (with
+    `skip_non_finite`).
 
     **Returns:** an `optax.GradientTransformation`.
     """
@@ -160,15 +213,30 @@ def make_optimizer(
         raise ValueError(f"skip_non_finite must be an int; got {skip_non_finite!r}.")
     if skip_non_finite < 0:
         raise ValueError(f"skip_non_finite must be >= 0; got {skip_non_finite}.")
+    if (
+        isinstance(accumulate, bool)
+        or not isinstance(accumulate, numbers.Integral)
+        or accumulate < 1
+    ):
+        raise ValueError(f"accumulate must be an int >= 1; got {accumulate!r}.")
+    if clip_norm is not None and (
+        isinstance(clip_norm, bool) or not isinstance(clip_norm, numbers.Real) or not clip_norm >= 0
+    ):
+        raise ValueError(f"clip_norm must be None or a non-negative number; got {clip_norm!r}.")
     # A mask tree of a model's structure is an Equinox module, which optax would call.
     mask = None if weight_decay_mask is None else as_function(weight_decay_mask)
     optimizer = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask)
-    if clip_norm is not None:
+    if clip_norm:  # None or 0: no clipping
         optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
     if layer_scales is not None:
         optimizer = optax.chain(optimizer, scale_updates(layer_scales))
     if frozen is not None:
         optimizer = optax.chain(freeze_updates(frozen), optimizer, freeze_updates(frozen))
+    if ema_decay is not None:
+        optimizer = optax.chain(optimizer, ema_params(ema_decay))
+    if accumulate > 1:
+        optimizer = optax.MultiSteps(optimizer, every_k_schedule=int(accumulate))
+        optimizer = optimizer.gradient_transformation()
     if skip_non_finite:
         optimizer = optax.apply_if_finite(optimizer, skip_non_finite)
     return optimizer
@@ -258,6 +326,8 @@ def train_step(
     parallel: DataParallel | None = None,
     precision: Precision | str = "float32",
     normalization: Normalization | None = None,
+    label_smoothing: float = 0.0,
+    mixup: Mixup | None = None,
 ) -> tuple[PyTree, eqx.nn.State, optax.OptState, Float[Array, ""]]:
     """One training step: forward, backward and optimizer update.
 
@@ -277,20 +347,30 @@ def train_step(
     - `precision`: a [`Precision`][eqx_vision.precision.Precision], or `"float32"` (the
       default) or `"bfloat16"`: the dtype of the forward and backward pass. Parameters,
       gradients and optimizer state are float32 in both.
+    - `label_smoothing`, `mixup`: the training recipe, as in
+      [`loss_fn`][eqx_vision.training.loss_fn]: mixup and cutmix (a
+      [`Mixup`][eqx_vision.training.Mixup]) draw from a key split off `key`, after the
+      normalisation. Both off by default (the loss is then exactly as without them).
 
-    **Returns:** the updated `(model, state, opt_state)` and the batch's mean loss.
+    **Returns:** the updated `(model, state, opt_state)` and the batch's mean loss (for
+    mixed or smoothed targets, the loss against them).
     """
     if parallel is not None:
-        model, state, opt_state = parallel.replicate((model, state, opt_state))
+        model, opt_state = parallel.shard_params((model, opt_state))
+        state = parallel.replicate(state)
         images, labels = parallel.shard_batch((images, labels))
     images = normalize_images(images, normalization)
     grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
-    (loss, state), grads = grad_fn(model, state, images, labels, key, precision=precision)
+    (loss, state), grads = grad_fn(
+        model, state, images, labels, key, precision=precision,
+        label_smoothing=label_smoothing, mixup=mixup,
+    )  # fmt: skip
     params = eqx.filter(model, eqx.is_inexact_array)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     model = eqx.apply_updates(model, updates)
     if parallel is not None:
-        model, state, opt_state = parallel.replicate((model, state, opt_state))
+        model, opt_state = parallel.shard_params((model, opt_state))
+        state = parallel.replicate(state)
     return model, state, opt_state, loss
 
 
@@ -324,7 +404,7 @@ def eval_step(
     float32 logits of the whole batch.
     """
     if parallel is not None:
-        model, state = parallel.replicate((model, state))
+        model, state = parallel.shard_params(model), parallel.replicate(state)
         images, labels = parallel.shard_batch((images, labels))
         if mask is not None:
             mask = parallel.shard_batch(mask)
@@ -413,9 +493,94 @@ def evaluate_batches(
     padded, `mask` marking the real rows), as a data set's `test_batches` gives them, in
     inference mode. Arguments as [`evaluate`][eqx_vision.training.evaluate];
     `normalization` for uint8 images as in [`eval_step`][eqx_vision.training.eval_step].
+    [`evaluate_details`][eqx_vision.training.evaluate_details] gives the same loss and
+    accuracy, with the top-k accuracy and the confusion matrix.
+    """
+    result = evaluate_details(
+        model, state, batches, parallel=parallel, precision=precision,
+        normalization=normalization, top_k=None, confusion=False,
+    )  # fmt: skip
+    return result.loss, result.accuracy
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What [`evaluate_details`][eqx_vision.training.evaluate_details] returns.
+
+    - `loss`, `accuracy`: the mean cross-entropy and the (top-1) accuracy, as
+      [`evaluate_batches`][eqx_vision.training.evaluate_batches] gives them.
+    - `top_k`, `top_k_accuracy`: `k` and the fraction of examples whose label is among
+      their `k` largest logits (`nan` when not computed).
+    - `count`: the examples counted.
+    - `confusion`: the `(num_classes, num_classes)` counts of (true class, predicted
+      class) ([`confusion_matrix`][eqx_vision.training.confusion_matrix]), or `None`.
+    """
+
+    loss: float
+    accuracy: float
+    top_k: int | None
+    top_k_accuracy: float
+    count: int
+    confusion: np.ndarray | None = None
+
+    @property
+    def per_class_accuracy(self) -> np.ndarray:
+        """The accuracy of each class from `confusion` (NaN for a class without examples;
+        see [`per_class_accuracy`][eqx_vision.training.per_class_accuracy])."""
+        if self.confusion is None:
+            raise ValueError("no confusion matrix: evaluate with confusion=True.")
+        return per_class_accuracy(self.confusion)
+
+
+@eqx.filter_jit
+def _batch_counts(
+    logits: Float[Array, "batch num_classes"],
+    labels: Int[Array, " batch"],
+    mask: Bool[Array, " batch"],
+    *,
+    top_k: int | None,
+    confusion: bool,
+    parallel: DataParallel | None,
+) -> tuple[Int[Array, ""] | None, Int[Array, "num_classes num_classes"] | None]:
+    """A batch's count of top-k hits and its confusion matrix (each if asked for)."""
+    mask = mask.astype(bool)
+    hits = None
+    if top_k is not None:
+        hits = jnp.sum(top_k_correct(logits, labels, top_k) & mask, dtype=jnp.int32)
+    matrix = None
+    if confusion:
+        predictions = jnp.argmax(logits, axis=-1)
+        matrix = confusion_matrix(predictions, labels, logits.shape[-1], mask)
+    if parallel is not None:
+        hits, matrix = parallel.replicate((hits, matrix))
+    return hits, matrix
+
+
+def evaluate_details(
+    model: PyTree,
+    state: eqx.nn.State,
+    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    parallel: DataParallel | None = None,
+    precision: Precision | str = "float32",
+    normalization: Normalization | None = None,
+    top_k: int | None = 5,
+    confusion: bool = True,
+) -> Evaluation:
+    """The loss, accuracy, top-k accuracy and confusion matrix over batches
+    `(images, labels, mask)`, in inference mode.
+
+    **Arguments:** as [`evaluate_batches`][eqx_vision.training.evaluate_batches], and
+
+    - `top_k`: the `k` of the top-k accuracy (`5` by default; all classes when there are
+      fewer); `None` to leave it out.
+    - `confusion`: whether to count the confusion matrix (`num_classes ** 2` integers).
+
+    **Returns:** an [`Evaluation`][eqx_vision.training.Evaluation].
     """
     total_loss = total_correct = 0.0
-    n = 0
+    n = hits = 0
+    matrix = None
     processes = jax.process_count()
     for x, y, mask in batches:
         if parallel is None:
@@ -426,11 +591,27 @@ def evaluate_batches(
         count = int(jnp.sum(mask)) if processes > 1 else int(np.sum(mask))
         if not count:
             continue
-        loss, accuracy, _ = eval_step(
+        loss, accuracy, logits = eval_step(
             model, state, x, y, mask, parallel=parallel, precision=precision,
             normalization=normalization,
         )  # fmt: skip
         total_loss += float(np.asarray(loss)) * count
         total_correct += float(np.asarray(accuracy)) * count
         n += count
-    return total_loss / max(n, 1), total_correct / max(n, 1)
+        if top_k is not None or confusion:
+            batch_hits, batch_matrix = _batch_counts(
+                logits, y, mask, top_k=top_k, confusion=confusion, parallel=parallel
+            )
+            if batch_hits is not None:
+                hits += int(np.asarray(batch_hits))
+            if batch_matrix is not None:
+                batch_matrix = np.asarray(batch_matrix, np.int64)
+                matrix = batch_matrix if matrix is None else matrix + batch_matrix
+    return Evaluation(
+        loss=total_loss / max(n, 1),
+        accuracy=total_correct / max(n, 1),
+        top_k=top_k,
+        top_k_accuracy=hits / max(n, 1) if top_k is not None else math.nan,
+        count=n,
+        confusion=matrix,
+    )

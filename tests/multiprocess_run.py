@@ -1,10 +1,12 @@
 """One process of a training run on the embedded digits, for tests/test_multiprocess.py.
 
-    python multiprocess_run.py OUT PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS
+    python multiprocess_run.py OUT PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS [fsdp]
 
 Trains the default ViT for one epoch with `DataParallel.create()` (after
-`jax.distributed.initialize` when there are several processes) and writes, from every
-process, `OUT/process<i>.npz`: the loss of every step and the final parameters.
+`jax.distributed.initialize` when there are several processes), stopped after step 10
+and resumed from its training checkpoint of step 10, and writes, from every process,
+`OUT/process<i>.npz`: the losses read and the final parameters. With `fsdp`, the
+parameters and optimizer state are sharded over all devices.
 """
 
 import os
@@ -33,15 +35,25 @@ def main() -> None:
     losses: list[float] = []
 
     class Record(training.Callback):
-        def on_step(self, info: training.StepInfo) -> None:
+        def __init__(self, stop: int | None = None):
+            self.stop = stop
+
+        def on_step(self, info: training.StepInfo) -> bool:
             if info.loss is not None:
                 losses.append(info.loss)
+            return self.stop is not None and info.step >= self.stop
 
-    parallel = training.DataParallel.create()
-    result = training.fit(
-        model, state, ds, training.TrainConfig(epochs=1, batch_size=64), parallel=parallel,
-        callback=Record(), out=os.path.join(out, "run"),
-    )  # fmt: skip
+    fsdp = sys.argv[6:] == ["fsdp"]
+    # The tiny model's arrays are all small: shard any array FSDP can.
+    parallel = training.DataParallel.create(fsdp=fsdp, min_shard_bytes=0 if fsdp else 2**20)
+    settings = training.TrainConfig(epochs=1, batch_size=64)
+    run = os.path.join(out, "run")
+    stopped = training.fit(model, state, ds, settings, parallel=parallel, callback=Record(10),
+                           out=run, checkpoint_every=5)  # fmt: skip
+    assert stopped.stopped and training.checkpoint_steps(run)[-1] == 10
+    like_model, like_state = config.build_like()
+    result = training.fit(like_model, like_state, ds, settings, parallel=parallel,
+                          callback=Record(), out=run, resume=True)  # fmt: skip
     refused = []  # the set-ups that would let the processes drift apart
     if nproc > 1:
         local = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
@@ -53,7 +65,13 @@ def main() -> None:
                 attempt()
             except ValueError as e:
                 refused.append(str(e))
-    params = [np.asarray(x) for x in jax.tree.leaves(eqx.filter(result.model, eqx.is_array))]
+    params = jax.tree.leaves(eqx.filter(result.model, eqx.is_array))
+    if fsdp:  # sharded over both processes' devices: gather them whole
+        from jax.experimental import multihost_utils
+
+        assert not all(p.is_fully_addressable for p in params)
+        params = multihost_utils.process_allgather(params, tiled=True)
+    params = [np.asarray(x) for x in params]
     arrays: dict[str, np.ndarray] = {f"p{i}": p for i, p in enumerate(params)}
     arrays.update(
         losses=np.asarray(losses),

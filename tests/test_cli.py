@@ -105,7 +105,7 @@ def test_train_writes_its_outputs(trained, small_npz, capsys):
     assert config["settings"]["epochs"] == 8
     assert config["data"] == {"source": os.path.abspath(small_npz), "channels": 1,
                               "class_names": list("0123456789"), "num_train": 96,
-                              "num_test": 40}  # fmt: skip
+                              "num_test": 40, "mean": [0.5], "std": [0.5]}  # fmt: skip
 
 
 def test_train_last_line_is_test_accuracy(tmp_path, small_npz, capsys):
@@ -535,8 +535,8 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, small_npz, capsys):
     ckpt = os.path.join(out, "last.safetensors")
     assert_one_line_error(err, f"(epoch 2): training stopped; {ckpt} keeps epoch 1")
     assert [r["epoch"] for r in metrics(out)] == [1]
-    assert sorted(os.listdir(out)) == ["config.json", "curves.png", "last.safetensors",
-                                       "metrics.jsonl"]  # fmt: skip
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "curves.png",
+                                       "last.safetensors", "metrics.jsonl"]  # fmt: skip
     assert checkpoint.read_header(ckpt)["training"]["epoch"] == 1
     for name, value in tensors(out).items():
         assert np.isfinite(value).all() if value.dtype.kind == "f" else True, name
@@ -675,7 +675,7 @@ def test_run_stopped_before_its_first_checkpoint(tmp_path, small_npz, capsys):
     code, stdout, err = run(capsys, *argv, "--out", first)  # the same command again
     assert code == 0, err
     assert sorted(os.listdir(first)) == sorted(
-        ["config.json", "curves.png", "last.safetensors", "metrics.jsonl", *users]
+        ["checkpoints", "config.json", "curves.png", "last.safetensors", "metrics.jsonl", *users]
     )
     code, stdout, err = run(capsys, "train", "--out", second, "--resume", "--no-progress")
     assert code == 0, err

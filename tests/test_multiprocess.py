@@ -19,12 +19,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: str, nproc: int, devices: int) -> list[subprocess.Popen]:
+def launch(out: str, nproc: int, devices: int, *extra: str) -> list[subprocess.Popen]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return [
         subprocess.Popen(
-            [sys.executable, SCRIPT, out, str(i), str(nproc), str(port), str(devices)],
+            [sys.executable, SCRIPT, out, str(i), str(nproc), str(port), str(devices), *extra],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -48,6 +48,13 @@ def runs(tmp_path_factory):
     return one, two
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("fsdp"))
+    wait(launch(out, 2, 2, "fsdp"))
+    return out
+
+
 def load(folder: str, pid: int) -> dict[str, np.ndarray]:
     with np.load(os.path.join(folder, f"process{pid}.npz")) as f:
         return dict(f)
@@ -68,6 +75,20 @@ def test_two_processes_train_as_one_process_of_as_many_devices(runs):
             np.testing.assert_allclose(multi[k], single[k], rtol=0, atol=1e-5)
 
 
+def test_fsdp_over_two_processes_trains_as_one_process(runs, fsdp_run):
+    """Parameters and optimizer state sharded over both processes' devices: the same
+    losses and parameters, each process saving its shards of the training checkpoint
+    (restored within the epoch) and gathering the export for process 0."""
+    single = load(runs[0], 0)
+    params = sorted(k for k in single if k.startswith("p"))
+    for pid in (0, 1):
+        multi = load(fsdp_run, pid)
+        np.testing.assert_allclose(multi["losses"], single["losses"], rtol=0, atol=1e-5)
+        for k in params:
+            np.testing.assert_allclose(multi[k], single[k], rtol=0, atol=1e-5)
+    assert os.path.isfile(os.path.join(fsdp_run, "run", "last.safetensors"))
+
+
 def test_a_mesh_of_local_devices_only_is_an_error(runs):
     _, two = runs
     for pid in (0, 1):
@@ -80,7 +101,8 @@ def test_a_mesh_of_local_devices_only_is_an_error(runs):
 def test_only_process_0_writes_the_run(runs):
     _, two = runs
     files = sorted(os.listdir(os.path.join(two, "run")))
-    assert files == ["config.json", "curves.png", "last.safetensors", "metrics.jsonl"]
+    assert files == ["checkpoints", "config.json", "curves.png", "last.safetensors",
+                     "metrics.jsonl"]  # fmt: skip
     with open(os.path.join(two, "run", "metrics.jsonl")) as f:
         assert len(f.read().splitlines()) == 1
 

@@ -74,19 +74,59 @@ DEFAULTS: dict[str, Any] = {
     "init": None,
     "layer_decay": None,
     "freeze": 0,
+    "label_smoothing": 0.0,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "mix_prob": 1.0,
+    "switch_prob": 0.5,
+    "accumulate": 1,
+    "clip_norm": 1.0,
+    "ema": None,
+    "eval_ema": False,
     "loader": "auto",
+    "randaugment": "none",
+    # None: the --init model's data configuration's, else INPUT_DEFAULTS'
+    "mean": None,
+    "std": None,
+    "crop_pct": None,
+    "interpolation": None,
 }
 SETTINGS = tuple(DEFAULTS)
-# Settings a run saved by an earlier version may lack, with the value it was trained with.
-LATER_SETTINGS: dict[str, Any] = {
-    "precision": "float32",
-    "skip_non_finite": 0,
-    "init": None,
-    "layer_decay": None,
-    "freeze": 0,
-    "loader": "memory",
-}
+# Settings a run saved by an earlier version may lack, with the value it was trained with:
+# their defaults, but for the loader (earlier runs read their data into memory).
+_LATER = (
+    "precision",
+    "skip_non_finite",
+    "init",
+    "layer_decay",
+    "freeze",
+    "label_smoothing",
+    "mixup",
+    "cutmix",
+    "mix_prob",
+    "switch_prob",
+    "accumulate",
+    "clip_norm",
+    "ema",
+    "eval_ema",
+    "randaugment",
+    "mean",
+    "std",
+    "crop_pct",
+    "interpolation",
+)
+LATER_SETTINGS: dict[str, Any] = {**{k: DEFAULTS[k] for k in _LATER}, "loader": "memory"}
 LOADERS = ("auto", "memory", "stream")
+# How the images of a run are prepared, recorded in its data facts ("data" in config.json
+# and the checkpoint; crop_pct and interpolation for streamed folders only), with the values
+# of a run that records none.
+INPUT_DEFAULTS: dict[str, Any] = {
+    "mean": [0.5],
+    "std": [0.5],
+    "crop_pct": 0.875,
+    "interpolation": "bilinear",
+}
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # The prefix of `--init` for a pretrained timm model.
 TIMM_PREFIX = "timm/"
 # The seeds `jax.random.key` tells apart (it keeps a seed's low 32 bits), as
@@ -110,7 +150,7 @@ class _Parser(argparse.ArgumentParser):
 def _require(command: str, modules: Sequence[str]) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        names = {"PIL": "pillow"}
+        names = {"PIL": "pillow", "orbax": "orbax-checkpoint"}
         shown = ", ".join(names.get(m, m) for m in missing)
         raise UsageError(f"{PROG} {command} needs {shown}, which is not installed: {INSTALL}")
 
@@ -157,6 +197,25 @@ def _layer_decay(text: str) -> float:
     return value
 
 
+def _unit_number(text: str, closed: bool) -> float:
+    interval = "[0, 1]" if closed else "[0, 1)"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in {interval}; got {text!r}") from None
+    if not (0 <= value <= 1 if closed else 0 <= value < 1):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in {interval}; got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    return _unit_number(text, closed=True)
+
+
+def _below_one(text: str) -> float:
+    return _unit_number(text, closed=False)
+
+
 def _image_size(text: str) -> list[int]:
     parts = text.lower().replace(",", "x").split("x")
     try:
@@ -166,6 +225,53 @@ def _image_size(text: str) -> list[int]:
     if len(values) not in (1, 2) or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected N or HxW with positive sizes; got {text!r}")
     return values * (3 - len(values))
+
+
+def _channel_values(text: str, positive: bool) -> list[float]:
+    try:
+        values = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected one number, or three comma-separated (R,G,B); got {text!r}"
+        ) from None
+    if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected one number, or three comma-separated (R,G,B); got {text!r}"
+        )
+    if positive and min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers; got {text!r}")
+    return values
+
+
+def _mean(text: str) -> list[float]:
+    return _channel_values(text, positive=False)
+
+
+def _std(text: str) -> list[float]:
+    return _channel_values(text, positive=True)
+
+
+def _crop_pct(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1]; got {text!r}") from None
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1]; got {text!r}")
+    return value
+
+
+def _randaugment(text: str) -> str:
+    """A RandAugment spec as `data.RandAugment.from_spec` reads it, written out in full
+    (`rand-m9-n2-mstd0.5-inc1`), or `none`."""
+    if text.strip().lower() == "none":
+        return "none"
+    from .data import RandAugment
+
+    try:
+        return RandAugment.from_spec(text).spec
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +308,13 @@ def _add_plan_parser(sub: Any) -> None:
         "--precision", nargs="+", choices=COMPUTE_DTYPES, help="default: float32 and bfloat16"
     )
     plan.add_argument("--remat", nargs="+", choices=tuple(REMAT), help="default: all three")
+    plan.add_argument(
+        "--fsdp",
+        type=_positive_int,
+        metavar="N",
+        help="plan N devices of --batch-size images each, the parameters and optimizer state "
+        "sharded over them (the devices need not exist; default: one device)",
+    )
     plan.add_argument("--json", metavar="FILE", help="also write the plan to this file")
 
 
@@ -237,6 +350,43 @@ def _add_train_parser(sub: Any) -> None:
         metavar="N",
         help="data worker processes of a streamed folder (0: decode in this process; "
         "default: the CPU count, at most 8)",
+    )
+    train.add_argument(
+        "--randaugment",
+        type=_randaugment,
+        metavar="SPEC|none",
+        help="RandAugment on the streamed training images after the crop and flip, as "
+        "timm's configuration string: m<magnitude>, n<ops per image>, mstd<magnitude "
+        "deviation>, p<probability of each op>, inc<0|1> joined by '-'; a section left out "
+        "takes DeiT's value (m9-n2-mstd0.5 is DeiT's rand-m9-mstd0.5-inc1); saved with the "
+        "run (default: none)",
+    )
+    train.add_argument(
+        "--mean",
+        type=_mean,
+        metavar="R,G,B|V",
+        help="the per-channel mean that the 0..1 pixels are normalised by (one value for "
+        "every channel); saved with the run (default: the --init model's, else 0.5)",
+    )
+    train.add_argument(
+        "--std",
+        type=_std,
+        metavar="R,G,B|V",
+        help="the per-channel standard deviation, as --mean (default: the --init model's, "
+        "else 0.5)",
+    )
+    train.add_argument(
+        "--crop-pct",
+        type=_crop_pct,
+        metavar="F",
+        help="evaluation of a streamed folder: resize the shorter side to size / F, then "
+        "crop the centre (default: the --init model's, else 0.875)",
+    )
+    train.add_argument(
+        "--interpolation",
+        choices=INTERPOLATIONS,
+        help="how a streamed folder's images are resized (training crops and evaluation) "
+        "(default: the --init model's, else bilinear)",
     )
     train.add_argument(
         "--image-size", type=_image_size, metavar="N|HxW", help="input size (default: the preset's)"
@@ -300,6 +450,7 @@ def _add_train_parser(sub: Any) -> None:
         metavar="N",
         help="keep the embeddings and the first N blocks fixed (default: 0, train everything)",
     )
+    _add_recipe(train)
     train.add_argument(
         "--out", metavar="DIR", help="output folder (default: runs/<model>-<date>-<time>)"
     )
@@ -308,6 +459,34 @@ def _add_train_parser(sub: Any) -> None:
         action="store_true",
         help="continue the run in --out from its last checkpoint, with its saved settings "
         "(a run stopped before its first checkpoint starts again from the beginning)",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        metavar="STEPS",
+        help="also save the training state every STEPS steps within an epoch (into "
+        "--out/checkpoints, in the background; besides the one at every epoch's end), so "
+        "a killed run loses at most STEPS steps",
+    )
+    train.add_argument(
+        "--keep-checkpoints",
+        type=_positive_int,
+        default=2,
+        metavar="K",
+        help="keep the last K training checkpoints, and the best epoch's (default: 2)",
+    )
+    train.add_argument(
+        "--log-every",
+        type=_positive_int,
+        metavar="STEPS",
+        help="also record the training loss, learning rate and images/s every STEPS steps "
+        "in metrics.jsonl (besides each epoch's record)",
+    )
+    train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the metrics as a TensorBoard log into --out/tensorboard (needs "
+        "the tensorboardX package)",
     )
     _add_keep_empty_classes(train)
     train.add_argument(
@@ -323,6 +502,12 @@ def _add_train_parser(sub: Any) -> None:
         help="data-parallel over N local devices (default: all; over several processes, "
         "every device of every process)",
     )
+    train.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the parameters and optimizer state over the devices instead of "
+        "replicating them (fully sharded data parallelism)",
+    )
     _add_distributed(train)
     train.add_argument(
         "--progress",
@@ -332,6 +517,72 @@ def _add_train_parser(sub: Any) -> None:
     )
     # Stops after this many steps in total, as if the process were killed (for tests).
     train.add_argument("--stop-after-steps", type=_positive_int, help=argparse.SUPPRESS)
+
+
+def _add_recipe(parser: argparse.ArgumentParser) -> None:
+    """The training recipe's flags of `train` (DeiT's: --mixup 0.8 --cutmix 1.0
+    --label-smoothing 0.1), each saved with the run."""
+    group = parser.add_argument_group("training recipe (saved with the run)")
+    group.add_argument(
+        "--label-smoothing",
+        type=_below_one,
+        metavar="S",
+        help="smooth the targets as timm does: S/classes for every class, 1-S more for the "
+        "labelled one; S in [0, 1) (default: 0)",
+    )
+    group.add_argument(
+        "--mixup",
+        type=_non_negative_float,
+        metavar="ALPHA",
+        help="mixup: blend each batch with itself flipped, with a weight drawn from "
+        "Beta(ALPHA, ALPHA) per batch (default: 0, none)",
+    )
+    group.add_argument(
+        "--cutmix",
+        type=_non_negative_float,
+        metavar="ALPHA",
+        help="cutmix: paste a box of the flipped batch, its area drawn from Beta(ALPHA, "
+        "ALPHA) per batch (default: 0, none)",
+    )
+    group.add_argument(
+        "--mix-prob",
+        type=_probability,
+        metavar="P",
+        help="the probability that a batch is mixed at all (default: 1)",
+    )
+    group.add_argument(
+        "--switch-prob",
+        type=_probability,
+        metavar="P",
+        help="with both --mixup and --cutmix, the probability of cutmix for a batch (default: 0.5)",
+    )
+    group.add_argument(
+        "--accumulate",
+        type=_positive_int,
+        metavar="K",
+        help="average the gradients of K batches into one optimizer update (an effective "
+        "batch of K x --batch-size; the schedule counts updates) (default: 1)",
+    )
+    group.add_argument(
+        "--clip-norm",
+        type=_non_negative_float,
+        metavar="NORM",
+        help="clip the gradients to this global norm; 0 for no clipping (default: 1)",
+    )
+    group.add_argument(
+        "--ema",
+        type=_below_one,
+        metavar="DECAY",
+        help="keep a moving average of the weights, ema = DECAY * ema + (1 - DECAY) * "
+        "weights after each update, in the optimizer state (e.g. 0.9999; default: none)",
+    )
+    group.add_argument(
+        "--eval-ema",
+        action="store_true",
+        default=None,
+        help="evaluate the moving average of --ema after each epoch (the trained weights' "
+        "metrics are recorded too)",
+    )
 
 
 def _add_keep_empty_classes(parser: argparse.ArgumentParser) -> None:
@@ -375,12 +626,54 @@ def _add_evaluate_parser(sub: Any) -> None:
         metavar="N",
         help="as for train (default: the CPU count, at most 8)",
     )
+    evaluate.add_argument(
+        "--crop-pct",
+        type=_crop_pct,
+        metavar="F",
+        help="a streamed folder: resize the shorter side to size / F, then crop the centre "
+        "(default: as the checkpoint was trained, else 0.875)",
+    )
+    evaluate.add_argument(
+        "--interpolation",
+        choices=INTERPOLATIONS,
+        help="how a streamed folder's images are resized (default: as the checkpoint was "
+        "trained, else bilinear)",
+    )
     evaluate.add_argument("--batch-size", type=_positive_int, default=256)
     evaluate.add_argument("--devices", type=_positive_int, metavar="N")
+    evaluate.add_argument(
+        "--confusion",
+        metavar="PATH.png",
+        help="write the confusion matrix as a picture (rows: true class, columns: predicted "
+        "class) and its counts beside it, as PATH.csv and PATH.json",
+    )
+    evaluate.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="evaluate the moving average of the weights that a run trained with --ema keeps "
+        "in its checkpoint, or (--no-ema) the trained weights (default: as the run evaluated "
+        "them: the average with --eval-ema)",
+    )
     _add_distributed(evaluate)
 
 
 def _add_predict_parser(sub: Any) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write a training checkpoint as a safetensors file",
+        description="Write the model (and its state) of one of a run's training checkpoints "
+        "(--out/checkpoints) as a .safetensors file, which `evaluate` and `predict` read "
+        "with --checkpoint FILE.",
+    )
+    export.add_argument("--checkpoint", required=True, metavar="DIR", help="a run's --out folder")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--step", type=_positive_int, help="the checkpoint of this step")
+    which.add_argument(
+        "--best", action="store_true", help="the epoch checkpoint of the best test accuracy"
+    )
+    export.add_argument("output", metavar="FILE", help="the .safetensors file to write")
+
     predict = sub.add_parser(
         "predict",
         help="classify image files with a checkpoint",
@@ -589,20 +882,39 @@ def _workers(args: argparse.Namespace) -> int:
     return min(8, os.cpu_count() or 1) if workers is None else workers
 
 
-def _model_data(raw: Any, config: Any, workers: int) -> Any:
+def _model_data(
+    raw: Any,
+    config: Any,
+    workers: int,
+    inputs: dict[str, Any] | None = None,
+    randaugment: str = "none",
+) -> Any:
     """What `fit` and `evaluate` read: the in-memory data prepared for the model, or a
     stream of the folder's files (decoded in `workers` processes), whose first batch is
     decoded here, so that a folder of unreadable images is refused before anything is
-    written."""
+    written. `inputs` (`_input_facts`) gives the normalisation (both) and the evaluation's
+    crop fraction and interpolation (streamed); `randaugment` a spec or `none` (streamed)."""
     import dataclasses
 
     from . import data as data_mod
 
+    inputs = {**INPUT_DEFAULTS, **(inputs or {})}
     if not isinstance(raw, data_mod.ImageFolder):
-        return data_mod.prepare(raw, channels=config.channels, image_size=config.image_size)
-    stream = data_mod.StreamingData(
-        raw, image_size=tuple(config.image_size), channels=config.channels, workers=workers
+        prepared = data_mod.prepare(raw, channels=config.channels, image_size=config.image_size)
+        return dataclasses.replace(
+            prepared,
+            train_images=_renormalized(prepared.train_images, inputs["mean"], inputs["std"]),
+            test_images=_renormalized(prepared.test_images, inputs["mean"], inputs["std"]),
+        )
+    augment = data_mod.Augment(
+        interpolation=inputs["interpolation"],
+        randaugment=None if randaugment == "none" else data_mod.RandAugment.from_spec(randaugment),
     )
+    stream = data_mod.StreamingData(
+        raw, image_size=tuple(config.image_size), channels=config.channels, workers=workers,
+        augment=augment, crop_pct=inputs["crop_pct"], eval_interpolation=inputs["interpolation"],
+        mean=tuple(inputs["mean"]), std=tuple(inputs["std"]),
+    )  # fmt: skip
     try:
         check = dataclasses.replace(stream, workers=0)
         next(iter(check.train_batches(0, min(8, raw.num_train), seed=0)))
@@ -611,11 +923,53 @@ def _model_data(raw: Any, config: Any, workers: int) -> Any:
     return stream
 
 
-def _parallel(devices: int | None):
+def _renormalized(images: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """Images normalised to -1..1 (as the in-memory data and `data.load_image` are),
+    normalised by `mean` and `std` instead."""
+    import numpy as np
+
+    if all(v == 0.5 for v in (*mean, *std)):
+        return images
+    mean_ = np.asarray(mean, np.float32).reshape(-1, 1, 1)
+    std_ = np.asarray(std, np.float32).reshape(-1, 1, 1)
+    return (((images * np.float32(0.5) + np.float32(0.5)) - mean_) / std_).astype(np.float32)
+
+
+def _input_facts(
+    sources: Sequence[tuple[dict[str, Any] | None, Any]], channels: int, streamed: bool = True
+) -> dict[str, Any]:
+    """How the images are prepared: each entry of `INPUT_DEFAULTS` from the first of
+    `sources` (pairs `(values, where)`: the flags, the --init model's, a saved run's) whose
+    values have it (not None), else its default; checked, a bad one named by
+    `where(name)`. `crop_pct` and `interpolation` only for a `streamed` folder."""
+    facts = {}
+    for name, default in INPUT_DEFAULTS.items():
+        if not streamed and name in ("crop_pct", "interpolation"):
+            continue
+        value, where = default, name
+        for values, describe in sources:
+            if values and values.get(name) is not None:
+                value, where = values[name], describe(name)
+                break
+        if isinstance(value, tuple):
+            value = list(value)
+        problem = _setting_problem(name, value)
+        if problem:
+            raise UsageError(f"{where} {problem}; got {_short(value)}")
+        if name in ("mean", "std") and len(value) not in (1, channels):
+            raise UsageError(
+                f"{where} has {len(value)} values for the model's {channels}-channel input: "
+                f"give one value or {channels}"
+            )
+        facts[name] = value
+    return facts
+
+
+def _parallel(devices: int | None, fsdp: bool = False):
     from .training import DataParallel
 
     try:
-        return DataParallel.create(devices)
+        return DataParallel.create(devices, fsdp=fsdp)
     except ValueError as e:
         raise UsageError(f"--devices: {e}") from None
 
@@ -674,8 +1028,44 @@ def _setting_problem(name: str, value: Any) -> str | None:
         return None if ok else "must be null or a number in (0, 1]"
     if name == "freeze":
         return None if _is_int(value) and value >= 0 else "must be a non-negative integer"
+    if name == "label_smoothing":
+        ok = _is_number(value) and 0 <= value < 1
+        return None if ok else "must be a number in [0, 1)"
+    if name == "ema":
+        ok = value is None or (_is_number(value) and 0 <= value < 1)
+        return None if ok else "must be null or a number in [0, 1)"
+    if name in ("mixup", "cutmix", "clip_norm"):
+        ok = _is_number(value) and math.isfinite(value) and value >= 0
+        return None if ok else "must be a non-negative number"
+    if name in ("mix_prob", "switch_prob"):
+        return None if _is_number(value) and 0 <= value <= 1 else "must be a number in [0, 1]"
+    if name == "accumulate":
+        return None if _is_int(value) and value >= 1 else "must be a positive integer"
+    if name == "eval_ema":
+        return None if isinstance(value, bool) else "must be true or false"
     if name == "loader":
         return None if value in LOADERS else f"must be {', '.join(LOADERS)}"
+    if name == "randaugment":
+        try:
+            ok = isinstance(value, str) and _randaugment(value) is not None
+        except argparse.ArgumentTypeError:
+            ok = False
+        return None if ok else "must be none or a RandAugment spec such as m9-n2-mstd0.5"
+    if name in ("mean", "std"):
+        ok = value is None or (
+            isinstance(value, list)
+            and len(value) in (1, 3)
+            and all(_is_number(v) and math.isfinite(v) and (name == "mean" or v > 0)
+                    for v in value)
+        )  # fmt: skip
+        what = "numbers" if name == "mean" else "positive numbers"
+        return None if ok else f"must be null or a list of one or three {what}"
+    if name == "crop_pct":
+        ok = value is None or (_is_number(value) and 0 < value <= 1)
+        return None if ok else "must be null or a number in (0, 1]"
+    if name == "interpolation":
+        ok = value is None or value in INTERPOLATIONS
+        return None if ok else f"must be null or one of {', '.join(INTERPOLATIONS)}"
     raise AssertionError(name)  # pragma: no cover
 
 
@@ -772,6 +1162,65 @@ def _check_same_data(saved: dict[str, Any], now: dict[str, Any], where: str, all
         )
 
 
+def _train_inputs(
+    settings: dict[str, Any],
+    raw: Any,
+    config: Any,
+    init_inputs: dict[str, Any] | None,
+    saved_data: dict[str, Any] | None,
+    where: str,
+) -> dict[str, Any]:
+    """How a run's images are prepared (`_input_facts`): its flags, else the --init model's,
+    else (resuming) the saved run's, else the defaults; the streamed-only settings refused
+    for data read into memory."""
+    from . import data as data_mod
+
+    streamed = isinstance(raw, data_mod.ImageFolder)
+    if not streamed:
+        shown = _printable(settings["data"])
+        if settings["randaugment"] != "none":
+            raise UsageError(
+                f"--randaugment augments streamed folders (--loader stream); {shown} is read "
+                "into memory, without augmentation"
+            )
+        for name in ("crop_pct", "interpolation"):
+            if settings[name] is not None:
+                raise UsageError(
+                    f"{_flag(name)} applies to streamed folders (--loader stream); {shown} is "
+                    "read into memory, squashed to size"
+                )
+    init = _printable(str(settings["init"]))
+    sources = [
+        (settings, _flag),
+        (init_inputs, lambda name: f"--init {init}: its {name}"),
+        (saved_data, lambda name: f"{where}: data.{name}"),
+    ]
+    return _input_facts(sources, config.channels, streamed=streamed)
+
+
+def _recipe_config(settings: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
+    """The `TrainConfig` arguments of the training recipe's settings, checked together."""
+    if settings["eval_ema"] and settings["ema"] is None:
+        raise UsageError("--eval-ema evaluates the moving average of --ema: give --ema DECAY")
+    steps = settings["epochs"] * steps_per_epoch
+    if settings["accumulate"] > steps:
+        raise UsageError(
+            f"--accumulate {settings['accumulate']} is more than the run's {steps} steps "
+            f"({settings['epochs']} epoch(s) of {steps_per_epoch}): no update would be made"
+        )
+    return {
+        "label_smoothing": float(settings["label_smoothing"]),
+        "mixup": float(settings["mixup"]),
+        "cutmix": float(settings["cutmix"]),
+        "mix_prob": float(settings["mix_prob"]),
+        "switch_prob": float(settings["switch_prob"]),
+        "accumulate": settings["accumulate"],
+        "clip_norm": float(settings["clip_norm"]),
+        "ema_decay": None if settings["ema"] is None else float(settings["ema"]),
+        "eval_ema": settings["eval_ema"],
+    }
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     _require("train", ["optax", "safetensors", "tqdm", "matplotlib"])
     if args.precision is not None:
@@ -783,6 +1232,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     _start_distributed(args)
     settings, saved_json = _resolve_settings(args)
     initial = None
+    # How --init's images were prepared, and the data facts of the run resumed (and where).
+    init_inputs = saved_data = None
+    where = ""
     if settings["data"] != "digits":
         _require("train", ["PIL"])
 
@@ -795,8 +1247,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config_path, ckpt_path = os.path.join(out, CONFIG), os.path.join(out, CHECKPOINT)
     # --resume continues from the checkpoint, or, for a run stopped before its first one,
     # starts again from the beginning.
-    from_checkpoint = saved_json is not None and os.path.isfile(ckpt_path)
-    header = _read_checkpoint_header(ckpt_path) if from_checkpoint else None
+    saved_steps = training.checkpoint_steps(out) if os.path.isdir(out) else []
+    from_checkpoint = saved_json is not None and (os.path.isfile(ckpt_path) or bool(saved_steps))
+    has_export = from_checkpoint and os.path.isfile(ckpt_path)
+    header = _read_checkpoint_header(ckpt_path) if has_export else None
     if saved_json is not None:
         config = _model_config(saved_json.get("model_config"), config_path)
         # The data the run last trained on: the checkpoint's, else config.json's.
@@ -805,15 +1259,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             saved_data, where = _entry(saved_json, "data", config_path), config_path
         _check_same_data(saved_data, data_info, where, args.allow_changed_data)
-        if header is None and settings["init"] is not None:
+        if not from_checkpoint and settings["init"] is not None:
             # a fine-tuning run stopped before its first checkpoint starts again from --init
-            config, initial = _initial_model(settings, raw)
+            config, initial, init_inputs = _initial_model(settings, raw)
     elif settings["init"] is not None:
         if args.model is not None:
             raise UsageError(
                 "--init and --model do not go together: the architecture is the initial model's"
             )
-        config, initial = _initial_model(settings, raw)
+        config, initial, init_inputs = _initial_model(settings, raw)
     else:
         try:
             config = presets.resolve_model(
@@ -832,7 +1286,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"the model has {config.num_classes} classes; the data {settings['data']} has "
             f"{raw.num_classes}"
         )
-    parallel = _parallel(args.devices)
+    data_info.update(_train_inputs(settings, raw, config, init_inputs, saved_data, where))
+    parallel = _parallel(args.devices, args.fsdp)
     batch_size = settings["batch_size"]
     if batch_size % parallel.num_devices:
         raise UsageError(
@@ -857,6 +1312,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             selective_decay=settings["init"] is not None,
             layer_decay=settings["layer_decay"],
             freeze=settings["freeze"],
+            **_recipe_config(settings, num_train // batch_size),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -885,8 +1341,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif saved_json is None:
         if os.path.exists(out) and not os.path.isdir(out):
             raise UsageError(f"--out {out} exists and is not a folder")
-        if os.path.isfile(ckpt_path) or (
-            os.path.exists(os.path.join(out, METRICS)) and not os.path.exists(config_path)
+        if (
+            os.path.isfile(ckpt_path)
+            or saved_steps
+            or (os.path.exists(os.path.join(out, METRICS)) and not os.path.exists(config_path))
         ):
             raise UsageError(
                 f"{out} already holds a run: continue it with --resume, or choose another --out"
@@ -919,7 +1377,7 @@ def _train(
 
     from . import checkpoint, data as data_mod, training
 
-    ds = _model_data(raw, config, _workers(args))
+    ds = _model_data(raw, config, _workers(args), data_info, settings["randaugment"])
     if from_checkpoint:  # the structure only: the checkpoint fills it
         model, state = config.build_like()
     elif initial is not None:
@@ -932,6 +1390,7 @@ def _train(
         f"data     {_printable(settings['data'])}: {ds.num_train} train / "
         f"{ds.num_test} test images, {raw.num_classes} classes, input {shape}"
         + (", streamed" if isinstance(ds, data_mod.StreamingData) else "")
+        + ("" if settings["randaugment"] == "none" else f", {settings['randaugment']}")
     )
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     progress = progress and _is_main_process()
@@ -951,6 +1410,10 @@ def _train(
             callback=report,
             model_config=config.to_json(),
             metadata={"settings": settings, "data": data_info},
+            checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints,
+            log_every=args.log_every,
+            tensorboard=args.tensorboard,
         )
     except checkpoint.CheckpointFormatError as e:
         raise UsageError(str(e)) from None
@@ -1028,10 +1491,14 @@ def _same_structure(a: Any, b: Any) -> bool:
     )
 
 
-def _initial_model(settings: dict[str, Any], raw: Any) -> tuple[Any, tuple[Any, Any]]:
-    """`(config, (model, state))` of `--init`: a pretrained timm model or a checkpoint's,
-    with a new head for the data's classes (drawn from the seed), resized to
-    `--image-size`; every failure is a `UsageError` naming `--init`."""
+def _initial_model(
+    settings: dict[str, Any], raw: Any
+) -> tuple[Any, tuple[Any, Any], dict[str, Any]]:
+    """`(config, (model, state), inputs)` of `--init`: a pretrained timm model or a
+    checkpoint's, with a new head for the data's classes (drawn from the seed), resized to
+    `--image-size`, and how its images were prepared (the timm data configuration's or the
+    checkpoint's mean, std, crop_pct and interpolation, those it records); every failure is
+    a `UsageError` naming `--init`."""
     import inspect
 
     import jax.random as jr
@@ -1046,6 +1513,7 @@ def _initial_model(settings: dict[str, Any], raw: Any) -> tuple[Any, tuple[Any, 
         source_size = tuple(data_config.input_size[1:])
         arch = type(model).__name__
         channels = int(data_config.input_size[0])
+        inputs = {name: getattr(data_config, name) for name in INPUT_DEFAULTS}
     else:
         path = _checkpoint_path(spec)
         header = _read_checkpoint_header(path)
@@ -1053,6 +1521,7 @@ def _initial_model(settings: dict[str, Any], raw: Any) -> tuple[Any, tuple[Any, 
         loaded = _load_checkpoint(path, source)
         model, state = loaded.model, loaded.state
         source_size, arch, channels = source.image_size, source.model, source.channels
+        inputs = _entry(header["training"], "data", f"{path}: training")
     size = source_size if settings["image_size"] is None else tuple(settings["image_size"])
     key = jr.fold_in(jr.key(settings["seed"]), 0)
     try:
@@ -1086,7 +1555,7 @@ def _initial_model(settings: dict[str, Any], raw: Any) -> tuple[Any, tuple[Any, 
             f"--init {shown}: the {arch} with a new head at {size[0]}x{size[1]} differs from "
             "the one its configuration builds, so its checkpoints could not be read back"
         )
-    return config, (model, state)
+    return config, (model, state), {name: inputs.get(name) for name in INPUT_DEFAULTS}
 
 
 def _open_init_pretrained(spec: str) -> tuple[Any, Any, Any]:
@@ -1120,6 +1589,7 @@ def _reporter(model: str, data_line: str, progress: bool, stop_after: int | None
             self.epochs = 0
             self.compiled = False
             self.epoch_start = 0.0
+            self.position = 0
             self.epoch_times: list[float] = []
             self.model_line = ""
 
@@ -1134,14 +1604,23 @@ def _reporter(model: str, data_line: str, progress: bool, stop_after: int | None
                 f"{info.batch_size}, {info.num_devices} device(s), {info.compute_dtype}, "
                 f"out {info.out}"
             )
-            if info.resumed:
+            # A run resumed from a checkpoint within an epoch starts at its position.
+            self.position = info.step - info.start_epoch * info.steps_per_epoch
+            if info.resumed and self.position:
+                _echo(
+                    f"resuming at step {info.step} (step {self.position} of epoch "
+                    f"{info.start_epoch + 1})"
+                )
+            elif info.resumed:
                 _echo(f"resuming after epoch {info.start_epoch} (step {info.step})")
 
         def on_epoch_start(self, epoch: int) -> None:
             self.epoch_start = time.perf_counter()
             compiling = "" if self.compiled else " (compiling)"
+            position, self.position = self.position, 0
             self.bar = tqdm(
                 total=self.steps,
+                initial=position,
                 desc=f"epoch {epoch}/{self.epochs}{compiling}",
                 unit="step",
                 disable=not progress,
@@ -1240,7 +1719,35 @@ def _class_names(data_meta: dict[str, Any], ckpt_path: str, num_classes: int) ->
     return names
 
 
+def _evaluation_inputs(
+    args: argparse.Namespace, raw: Any, config: Any, data_meta: dict[str, Any], ckpt_path: str
+) -> dict[str, Any]:
+    """How `evaluate` prepares the images: as the checkpoint's data facts record (the
+    defaults for a checkpoint that records none), the crop fraction and interpolation of a
+    streamed folder as the flags say."""
+    from . import data as data_mod
+
+    streamed = isinstance(raw, data_mod.ImageFolder)
+    flags = {"crop_pct": args.crop_pct, "interpolation": args.interpolation}
+    for name, value in flags.items():
+        if value is not None and not streamed:
+            raise UsageError(
+                f"{_flag(name)} applies to streamed folders (--loader stream); "
+                f"{_printable(raw.source)} is read into memory, squashed to size"
+            )
+    sources = [(flags, _flag), (data_meta, lambda name: f"{ckpt_path}: data.{name}")]
+    return _input_facts(sources, config.channels, streamed=streamed)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.confusion is not None:
+        if args.pretrained:
+            raise UsageError("--confusion goes with --checkpoint, not --pretrained")
+        if not args.confusion.lower().endswith(".png") or args.confusion.lower() == ".png":
+            raise UsageError(f"--confusion expects a .png path; got {_short(args.confusion)}")
+        if os.path.isdir(args.confusion):
+            raise UsageError(f"--confusion {args.confusion} is a folder; expected a .png path")
+        _require("evaluate --confusion", ["matplotlib"])
     if args.pretrained:
         return _evaluate_pretrained(args)
     _require("evaluate", ["optax", "safetensors"])
@@ -1279,12 +1786,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{shown} has {raw.channels}-channel images; {ckpt_path} was trained on "
             f"{channels}-channel images"
         )
+    inputs = _evaluation_inputs(args, raw, config, data_meta, ckpt_path)
     parallel = _parallel(args.devices)
     ckpt = _load_checkpoint(ckpt_path, config)
-    ds = _model_data(raw, config, _workers(args))
-    model, state = parallel.replicate((ckpt.model, ckpt.state))
+    use_ema = args.ema
+    if use_ema is None:
+        use_ema = isinstance(saved_settings, dict) and saved_settings.get("eval_ema") is True
+    weights = _ema_weights(ckpt_path, ckpt.model) if use_ema else ckpt.model
+    ds = _model_data(raw, config, _workers(args), inputs)
+    model, state = parallel.replicate((weights, ckpt.state))
     batch_size = max(parallel.num_devices, args.batch_size - args.batch_size % parallel.num_devices)
-    loss, accuracy = training.evaluate_batches(
+    result = training.evaluate_details(
         model,
         state,
         ds.test_batches(batch_size),
@@ -1300,9 +1812,176 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"data       {shown}: {ds.num_test} test images, {raw.num_classes} classes, "
         f"{precision.compute_dtype}"
     )
-    _echo(f"test loss: {loss:.4f}")
-    _echo(f"test accuracy: {accuracy:.2f}")
+    if use_ema:
+        _echo("weights    the moving average of the weights (--ema)")
+    written = None
+    if args.confusion is not None and result.confusion is not None and _is_main_process():
+        written = _write_confusion(args.confusion, result, class_names)
+    _print_per_class(result, class_names, written)
+    _echo(f"top-5 accuracy: {result.top_k_accuracy:.4f}")
+    _echo(f"test loss: {result.loss:.4f}")
+    _echo(f"test accuracy: {result.accuracy:.2f}")
     return 0
+
+
+def _ema_weights(ckpt_path: str, model: Any) -> Any:
+    """`model` with the moving average of its weights that the optimizer state in the
+    checkpoint holds (`training.ema_params`: its tensors are named
+    `opt_state.<...>.ema.<the model's name of the weight>`)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import safetensors.numpy as st
+
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [jax.tree_util.keystr(path, simple=True, separator=".") for path, _ in leaves]
+    tensors = st.load_file(ckpt_path)
+    ending = ".ema." + names[0]
+    prefixes = {
+        n[: -len(names[0])] for n in tensors if n.startswith("opt_state.") and n.endswith(ending)
+    }
+    if len(prefixes) != 1:
+        raise UsageError(
+            f"{ckpt_path} holds no moving average of the weights (a run trained with --ema "
+            "keeps one): evaluate its weights with --no-ema"
+        )
+    prefix = prefixes.pop()
+    values = []
+    for name, (_, leaf) in zip(names, leaves, strict=True):
+        value = tensors.get(prefix + name)
+        if value is None or value.shape != leaf.shape or value.dtype != leaf.dtype:
+            found = "none" if value is None else f"{value.dtype}{list(value.shape)}"
+            raise UsageError(
+                f"{ckpt_path}: the moving average of {name} is {found}; expected "
+                f"{leaf.dtype}{list(leaf.shape)}"
+            )
+        values.append(jnp.asarray(value))
+    return eqx.combine(jax.tree_util.tree_unflatten(treedef, values), static)
+
+
+# The per-class accuracy `evaluate` prints: every class up to this many, else the worst.
+_ALL_CLASSES_UP_TO = 20
+_WORST_CLASSES = 10
+
+
+def _print_per_class(result: Any, class_names: list[str], written: list[str] | None) -> None:
+    """Print each class's accuracy (correct / test images): all of them for a few
+    classes, else the worst ones."""
+    import numpy as np
+
+    if result.confusion is None:
+        return
+    matrix = result.confusion
+    accuracy = result.per_class_accuracy
+    order = list(range(len(class_names)))
+    title = "per-class accuracy"
+    if len(order) > _ALL_CLASSES_UP_TO:
+        # The lowest first; classes without test images last.
+        ranked = sorted(order, key=lambda i: (np.isnan(accuracy[i]), accuracy[i], i))
+        order = ranked[:_WORST_CLASSES]
+        where = f"; all in {written[0]}" if written else "; all with --confusion PATH.png"
+        title += f" (the {len(order)} lowest of {len(class_names)} classes{where})"
+    _echo(f"{title}:")
+    names = [_clip(_printable(class_names[i]), 30) for i in order]
+    width = max(map(len, names))
+    for name, i in zip(names, order, strict=True):
+        total = int(matrix[i].sum())
+        shown = "     -" if total == 0 else f"{accuracy[i]:.4f}"
+        _echo(f"  {name:<{width}}  {shown}  {int(matrix[i, i])}/{total}")
+    if written:
+        _echo(f"confusion matrix: {', '.join(written)}")
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _write_confusion(path: str, result: Any, class_names: list[str]) -> list[str]:
+    """Write the confusion matrix of `result` as a picture (`path`, a .png) and as
+    numbers beside it (.csv: a header row of the predicted classes, then a row per true
+    class; .json: the class names, the matrix and the per-class accuracy). Returns the
+    paths written."""
+    import csv
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .checkpoint import atomic_write
+
+    matrix = np.asarray(result.confusion)
+    n = len(class_names)
+    stem = path[: -len(".png")]
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    rows = matrix.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(rows > 0, matrix / np.maximum(rows, 1), 0.0)
+    size = min(4 + 0.35 * n, 30)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if n <= 50:
+        labels = [_clip(_printable(c), 20) for c in class_names]
+        ax.set_xticks(range(n), labels, rotation=90)
+        ax.set_yticks(range(n), labels)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    color = "white" if share[i, j] > 0.5 else "black"
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=color,
+                            fontsize=8)  # fmt: skip
+    ax.set(
+        xlabel="predicted class",
+        ylabel="true class",
+        title=f"confusion matrix ({result.count} images, accuracy {result.accuracy:.4f})",
+    )
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *class_names])
+    for name, row in zip(class_names, matrix.tolist(), strict=True):
+        writer.writerow([name, *row])
+    with atomic_write(stem + ".csv", "w") as f:
+        f.write(text.getvalue())
+    accuracy = [None if np.isnan(a) else float(a) for a in result.per_class_accuracy]
+    numbers = {
+        "class_names": list(class_names),
+        "confusion": matrix.tolist(),
+        "rows": "true class",
+        "columns": "predicted class",
+        "per_class_accuracy": accuracy,
+        "count": result.count,
+        "accuracy": result.accuracy,
+        "top5_accuracy": result.top_k_accuracy,
+    }
+    with atomic_write(stem + ".json", "w") as f:
+        f.write(json.dumps(numbers, indent=1) + "\n")
+    return [path, stem + ".csv", stem + ".json"]
+
+
+def _eval_pixels(path: str, config: Any, inputs: dict[str, Any]) -> Any:
+    """One image file as the evaluation of a streamed folder reads it: uint8
+    `(channels, height, width)`, resized and centre-cropped as `inputs` say."""
+    from . import data as data_mod
+
+    if os.path.isdir(path):
+        raise data_mod.DataError(f"expected an image file; {path} is a folder")
+    if not os.path.isfile(path):
+        raise data_mod.DataError(f"image not found: {path}")
+    transform = data_mod.EvalTransform(
+        tuple(config.image_size), config.channels, inputs["crop_pct"], inputs["interpolation"]
+    )
+    return transform((0, 0, path, 0))[0]
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -1320,12 +1999,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     precision = _saved_precision(header["training"], ckpt_path)
     # Names written by an older release may hold a newline or an escape code: shown escaped.
     class_names = [_printable(c) for c in _class_names(data_meta, ckpt_path, config.num_classes)]
+    # As the checkpoint's evaluation prepared its test images: the centre crop of a
+    # streamed folder (whose data facts record the crop fraction), else squashed to size;
+    # normalised by the recorded mean and std.
+    streamed = "crop_pct" in data_meta
+    inputs = _input_facts(
+        [(data_meta, lambda name: f"{ckpt_path}: data.{name}")], config.channels, streamed
+    )
     images = []
     for path in args.images:
         try:
-            images.append(
-                data_mod.load_image(path, channels=config.channels, image_size=config.image_size)
-            )
+            if streamed:
+                images.append(_eval_pixels(path, config, inputs))
+            else:
+                image = data_mod.load_image(
+                    path, channels=config.channels, image_size=config.image_size
+                )
+                images.append(_renormalized(image, inputs["mean"], inputs["std"]))
         except data_mod.DataError as e:
             raise UsageError(_printable(str(e))) from None
     ckpt = _load_checkpoint(ckpt_path, config)
@@ -1334,8 +2024,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     x = jnp.asarray(np.stack(images))
     state = ckpt.state if ckpt.state is not None else eqx.nn.State(ckpt.model)
     _, _, logits = eval_step(
-        ckpt.model, state, x, jnp.zeros(len(x), jnp.int32), precision=precision
-    )
+        ckpt.model, state, x, jnp.zeros(len(x), jnp.int32), precision=precision,
+        normalization=(tuple(inputs["mean"]), tuple(inputs["std"])),
+    )  # fmt: skip
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
     k = min(args.top_k, config.num_classes)
     width = max(len(c) for c in class_names)
@@ -1470,6 +2161,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         args.batch_size,
         precisions=args.precision or tuple(COMPUTE_DTYPES),
         remats=args.remat or tuple(REMAT),
+        fsdp=args.fsdp,
     )
     _echo(format_plan(result))
     if args.json:
@@ -1479,6 +2171,51 @@ def cmd_plan(args: argparse.Namespace) -> int:
             row["total"] = m.total
         with checkpoint.atomic_write(args.json, "w") as f:
             f.write(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the model of a run's training checkpoint as a safetensors checkpoint."""
+    _require("export", ["safetensors", "orbax"])
+    from . import checkpoint, training
+
+    out = args.checkpoint
+    config_path = os.path.join(out, CONFIG)
+    if not os.path.isfile(config_path):
+        raise UsageError(f"{out} is not a run folder: no {CONFIG}")
+    config = _model_config(_read_json(config_path).get("model_config"), config_path)
+    steps = training.checkpoint_steps(out)
+    if not steps:
+        raise UsageError(f"{out} holds no training checkpoint ({training.CHECKPOINTS}/)")
+    saved = training.TrainingCheckpoints(out, read_only=True)
+    try:
+        if args.step is not None and args.step not in steps:
+            raise UsageError(
+                f"{out} holds no checkpoint of step {args.step}; it holds steps "
+                f"{', '.join(map(str, steps))}"
+            )
+        step = args.step or steps[-1]
+        if args.best:
+            accuracies = {s: saved.metadata(s).get("test_accuracy") for s in steps}
+            scored = {s: a for s, a in accuracies.items() if _is_number(a)}
+            if not scored:
+                raise UsageError(f"{out} holds no checkpoint of an epoch's end")
+            step = max(scored, key=lambda s: (scored[s], s))
+        restored = saved.restore(step, config.build_like())
+    finally:
+        saved.close()
+    model, state = restored.tree
+    meta = restored.meta
+    training_meta = {**_entry(meta, "training", f"{out}: step {step}"),
+                     "step": step, "epoch": meta.get("epoch")}  # fmt: skip
+    if "test_accuracy" in meta:
+        training_meta["test_accuracy"] = meta["test_accuracy"]
+    try:
+        checkpoint.save(args.output, model, state, model_config=config.to_json(),
+                        training=training_meta)  # fmt: skip
+    except FloatingPointError as e:
+        raise UsageError(str(e)) from None
+    _echo(f"step {step} (epoch {meta.get('epoch')}) of {out} written to {args.output}")
     return 0
 
 
@@ -1495,6 +2232,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "export": cmd_export,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "presets": cmd_presets,

@@ -31,9 +31,15 @@ stateless or not:
 - [`eval_step`][eqx_vision.training.eval_step] gives loss, accuracy and logits in
   inference mode.
 - [`make_optimizer`][eqx_vision.training.make_optimizer] is AdamW with a linear warm-up
-  and a cosine decay (optax).
+  and a cosine decay (optax), with gradient accumulation and a moving average of the
+  weights ([`ema_model`][eqx_vision.training.ema_model]) as options.
+- [`Mixup`][eqx_vision.training.Mixup] and `label_smoothing`, options of `loss_fn` and
+  `train_step`, are the rest of DeiT's recipe;
+  [`evaluate_details`][eqx_vision.training.evaluate_details] adds the top-5 accuracy and
+  the confusion matrix to an evaluation.
 - [`DataParallel`][eqx_vision.training.DataParallel] shards each batch over a "data" axis
-  of a `jax.sharding.Mesh` and replicates the model, its state and the optimizer state.
+  of a `jax.sharding.Mesh` and replicates the model, its state and the optimizer state
+  (or, with `fsdp=True`, shards the parameters and optimizer state over the same axis).
 
 `apply_model`, `loss_fn`, `train_step` and `eval_step` take a keyword `precision`, a
 [`Precision`][eqx_vision.precision.Precision] or its compute dtype's name (`"float32"`, the
@@ -104,12 +110,33 @@ from ._fit import (
     CONFIG as CONFIG,
     CURVES as CURVES,
     METRICS as METRICS,
+    TENSORBOARD as TENSORBOARD,
+    checkpoint_steps as checkpoint_steps,
     fit as fit,
 )
+from ._orbax import CHECKPOINTS as CHECKPOINTS, TrainingCheckpoints as TrainingCheckpoints
 from ._parallel import DataParallel as DataParallel
+from ._recipe import (
+    EmaState as EmaState,
+    MixSample as MixSample,
+    Mixup as Mixup,
+    box_mask as box_mask,
+    confusion_matrix as confusion_matrix,
+    cutmix_box as cutmix_box,
+    ema_model as ema_model,
+    ema_params as ema_params,
+    has_ema as has_ema,
+    mix_targets as mix_targets,
+    per_class_accuracy as per_class_accuracy,
+    smooth_labels as smooth_labels,
+    soft_cross_entropy as soft_cross_entropy,
+    top_k_accuracy as top_k_accuracy,
+    top_k_correct as top_k_correct,
+)
 from ._steps import (
     DEFAULT_NORMALIZATION as DEFAULT_NORMALIZATION,
     Batch as Batch,
+    Evaluation as Evaluation,
     Normalization as Normalization,
     apply_model as apply_model,
     batches as batches,
@@ -117,6 +144,7 @@ from ._steps import (
     eval_step as eval_step,
     evaluate as evaluate,
     evaluate_batches as evaluate_batches,
+    evaluate_details as evaluate_details,
     init_optimizer as init_optimizer,
     learning_rate_schedule as learning_rate_schedule,
     loss_fn as loss_fn,
@@ -131,15 +159,24 @@ __all__ = [
     "LABELS",
     "Callback",
     "DataParallel",
+    "EmaState",
+    "Evaluation",
     "FitInfo",
     "FitResult",
+    "Mixup",
     "StepInfo",
     "TrainConfig",
+    "TrainingCheckpoints",
     "apply_model",
     "batches",
+    "checkpoint_steps",
+    "confusion_matrix",
     "count_params",
+    "ema_model",
+    "ema_params",
     "eval_step",
     "evaluate",
+    "evaluate_details",
     "fit",
     "freeze_updates",
     "frozen_mask",
@@ -152,7 +189,11 @@ __all__ = [
     "make_optimizer",
     "num_blocks",
     "param_labels",
+    "per_class_accuracy",
     "scale_updates",
+    "smooth_labels",
+    "soft_cross_entropy",
+    "top_k_accuracy",
     "train_step",
     "weight_decay_mask",
 ]

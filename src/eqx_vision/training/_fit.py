@@ -28,11 +28,13 @@ from ..finetune import (
 from ..layers import remat
 from ..precision import Precision
 from ._config import Callback, FitInfo, FitResult, StepInfo, TrainConfig, _EpochFunction
+from ._orbax import CHECKPOINTS, TrainingCheckpoints, abstract_like, key_data
 from ._parallel import DataParallel
+from ._recipe import ema_model
 from ._steps import (
     Normalization,
     count_params,
-    evaluate_batches,
+    evaluate_details,
     init_optimizer,
     learning_rate_schedule,
     make_optimizer,
@@ -44,19 +46,20 @@ CONFIG = "config.json"
 CHECKPOINT = "last.safetensors"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+TENSORBOARD = "tensorboard"
 # The batch size of the evaluation after each epoch (or the training batch, if larger).
 _EVAL_BATCH_SIZE = 256
 
 
 def _fit_step(model, state, opt_state, images, labels, key, *, optimizer, parallel, precision,
-              normalization=None):  # fmt: skip
+              normalization=None, label_smoothing=0.0, mixup=None):  # fmt: skip
     """`train_step`, and whether its update was made of finite numbers: the gradients'
     (checked by `optax.apply_if_finite`, whose skipped steps also keep the old model state)
     or, without it, the loss's."""
     new_model, new_state, opt_state, loss = train_step(
         model, state, opt_state, images, labels, key,
         optimizer=optimizer, parallel=parallel, precision=precision,
-        normalization=normalization,
+        normalization=normalization, label_smoothing=label_smoothing, mixup=mixup,
     )  # fmt: skip
     if isinstance(opt_state, optax.ApplyIfFiniteState):
         finite = opt_state.last_finite
@@ -108,23 +111,38 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _read_metrics(path: str, last_epoch: int) -> list[dict[str, Any]]:
-    """The records of `metrics.jsonl` up to `last_epoch` (a killed run may have written
-    one more than its checkpoint holds); lines that are not such a record are left out."""
+def _read_metrics(path: str, last_epoch: int, last_step: int) -> list[dict[str, Any]]:
+    """The records of `metrics.jsonl` up to the checkpoint of `last_step`, at the end of
+    epoch `last_epoch` or within the epoch after it (a killed run may have written records
+    past its last checkpoint): the epoch records and, with `log_every`, the step records;
+    lines that are neither are left out."""
     records = []
     if os.path.isfile(path):
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 with contextlib.suppress(json.JSONDecodeError):
                     record = json.loads(line)
-                    if (
+                    if not (
                         isinstance(record, dict)
                         and _is_count(record.get("epoch"))
-                        and 1 <= record["epoch"] <= last_epoch
-                        and all(_is_number(record.get(k)) for k in _PLOTTED)
+                        and _is_count(record.get("step"))
+                        and record["step"] <= last_step
+                        and _is_number(record.get("train_loss"))
                     ):
+                        continue
+                    if _is_epoch_record(record):
+                        if 1 <= record["epoch"] <= last_epoch and all(
+                            _is_number(record.get(k)) for k in _PLOTTED
+                        ):
+                            records.append(record)
+                    elif record["epoch"] <= last_epoch + 1:
                         records.append(record)
     return records
+
+
+def _is_epoch_record(record: Mapping[str, Any]) -> bool:
+    """An epoch's record (with the test metrics), not a step record of `log_every`."""
+    return "test_accuracy" in record
 
 
 # The entries of a metrics record that `fit` reads back (for its result and the curves).
@@ -184,6 +202,15 @@ class _Run:
     consecutive_skipped: int = 0  # steps skipped in a row, up to the last one read
     skipped: int = 0  # steps skipped in the whole run
     epoch_skipped: int = 0  # steps skipped in the current epoch
+    lines: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics.jsonl
+    checkpoints: TrainingCheckpoints | None = None
+    checkpoint_every: int | None = None  # steps between mid-epoch checkpoints
+    log_every: int | None = None  # steps between step records of the metrics
+    position: int = 0  # the steps of the current epoch done at the start
+    epoch_losses: list[float] = dataclasses.field(default_factory=list)  # restored with it
+    window: list[float] = dataclasses.field(default_factory=list)  # losses since the last log
+    window_start: float = 0.0
+    tensorboard: Any = None
 
 
 # The temporary files `checkpoint.atomic_write` leaves beside a run's files when the
@@ -226,7 +253,7 @@ def _check_out(out: str, resume: bool, run_json: dict[str, Any], config: TrainCo
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"{out} exists and is not a folder")
     config_path = os.path.join(out, CONFIG)
-    has_checkpoint = os.path.isfile(os.path.join(out, CHECKPOINT))
+    has_checkpoint = os.path.isfile(os.path.join(out, CHECKPOINT)) or bool(checkpoint_steps(out))
     has_config = os.path.isfile(config_path)
     saved = _read_run_json(config_path) if has_config else None
     if resume:
@@ -293,7 +320,7 @@ def _open_out(run: _Run, resumed: bool, run_json: dict[str, Any]) -> None:
         if _OWN_TEMPORARY.fullmatch(name):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(run.out, name))
-    metrics = "".join(json.dumps(r) + "\n" for r in run.records)
+    metrics = "".join(json.dumps(r) + "\n" for r in run.lines)
     if not resumed:
         _atomic_text(os.path.join(run.out, CONFIG), json.dumps(run_json, indent=2) + "\n")
     _atomic_text(os.path.join(run.out, METRICS), metrics)
@@ -310,41 +337,108 @@ def _checkpoint_count(training: dict[str, Any], key: str, path: str) -> int:
     return value
 
 
+def checkpoint_steps(out: str | os.PathLike) -> list[int]:
+    """The steps of the complete training checkpoints of the run folder `out`, in order
+    (a step's folder gets its number only once it is whole)."""
+    folder = os.path.join(out, CHECKPOINTS)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def _place(run: _Run, model: PyTree, state: eqx.nn.State, opt_state: PyTree):
+    """The arrays placed as the run trains them: one device, or the mesh's shardings."""
+    if run.parallel is None:
+        return model, state, opt_state
+    model, opt_state = run.parallel.shard_params((model, opt_state))
+    return model, run.parallel.replicate(state), opt_state
+
+
+def _placed_like(run: _Run, tree: PyTree) -> PyTree:
+    """`tree` abstract, each array with the sharding `_place` gives it (read off the
+    compiled placement, so any rule of the mesh is followed)."""
+    params, static = eqx.partition(tree, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    if run.parallel is None:
+        model, state, opt_state = abstract_like(tree)
+        return (model, state), opt_state
+
+    def place(params):
+        model, state, opt_state = eqx.combine(params, static)
+        return eqx.filter(_place(run, model, state, opt_state), eqx.is_array)
+
+    shardings = jax.jit(place).lower(params).compile().output_shardings
+    model, state, opt_state = abstract_like(tree, shardings)
+    return (model, state), opt_state
+
+
+def _restore_orbax(run: _Run, like: PyTree, step: int):
+    """The arrays and the loop's position from the training checkpoint of `step`."""
+    assert run.checkpoints is not None and run.out is not None
+    (like_model, like_state), like_opt_state = _placed_like(run, like)
+    restored = run.checkpoints.restore(step, (like_model, like_state), like_opt_state)
+    meta, where = restored.meta, f"{run.checkpoints.directory}/{step}"
+    for key in ("step", "epoch", "position", "skipped", "consecutive_skipped", "epoch_skipped"):
+        if not _is_count(meta.get(key)):
+            from ..checkpoint import CheckpointFormatError
+
+            raise CheckpointFormatError(
+                f"{where}: the metadata's {key!r} must be a non-negative integer; "
+                f"got {meta.get(key)!r}"
+            )
+    run.step, run.position = meta["step"], meta["position"]
+    run.skipped, run.consecutive_skipped = meta["skipped"], meta["consecutive_skipped"]
+    run.epoch_skipped = meta["epoch_skipped"]
+    run.epoch_losses = [float(x) for x in meta.get("epoch_losses", [])]
+    run.window = [float(x) for x in meta.get("log_window", [])]
+    run.train_key = jr.wrap_key_data(jnp.asarray(meta["rng"], dtype=jnp.uint32))
+    return restored.tree, meta["epoch"]
+
+
 def _start(run: _Run, model: PyTree, state: eqx.nn.State, resume: bool):
     """The model, state and optimizer state to start from: the given ones, or those of
-    the checkpoint in `run.out`, whose metrics are then kept up to its epoch. Reads, never
-    writes."""
+    the newest checkpoint in `run.out` (a training checkpoint of `checkpoints/`, or
+    `last.safetensors` of a run saved before them), whose metrics are then kept up to its
+    step. Reads, never writes."""
     from .. import checkpoint
 
     start_epoch = 0
     if resume:
         assert run.out is not None
         path = os.path.join(run.out, CHECKPOINT)
+        if run.config.remat is not None:
+            model = remat(model, run.config.remat)
         like_model, like_state = eqx.filter_eval_shape(lambda m, s: (m, s), model, state)
-        ckpt = checkpoint.load(
-            path,
-            like_model,
-            like_state,
-            like_opt_state=init_optimizer(run.optimizer, like_model),
-            model_name=run.model_config.get("model"),
-        )
-        assert ckpt.state is not None and ckpt.opt_state is not None
-        model, state, opt_state = ckpt.model, ckpt.state, ckpt.opt_state
-        start_epoch = _checkpoint_count(ckpt.training, "epoch", path)
-        run.step = _checkpoint_count(ckpt.training, "step", path)
-        if ckpt.rng is not None:
-            run.train_key = jr.wrap_key_data(ckpt.rng)
-        run.records = _read_metrics(os.path.join(run.out, METRICS), start_epoch)
+        like_opt_state = init_optimizer(run.optimizer, like_model)
+        steps = checkpoint_steps(run.out)
+        if steps:
+            tree, start_epoch = _restore_orbax(run, (like_model, like_state, like_opt_state),
+                                               steps[-1])  # fmt: skip
+            (model, state), opt_state = tree
+        else:
+            ckpt = checkpoint.load(
+                path,
+                like_model,
+                like_state,
+                like_opt_state=like_opt_state,
+                model_name=run.model_config.get("model"),
+            )
+            assert ckpt.state is not None and ckpt.opt_state is not None
+            model, state, opt_state = ckpt.model, ckpt.state, ckpt.opt_state
+            start_epoch = _checkpoint_count(ckpt.training, "epoch", path)
+            run.step = _checkpoint_count(ckpt.training, "step", path)
+            if ckpt.rng is not None:
+                run.train_key = jr.wrap_key_data(ckpt.rng)
+            if isinstance(opt_state, optax.ApplyIfFiniteState):
+                run.consecutive_skipped = int(opt_state.notfinite_count)
+                run.skipped = int(opt_state.total_notfinite)
+        run.lines = _read_metrics(os.path.join(run.out, METRICS), start_epoch, run.step)
+        run.records = [r for r in run.lines if _is_epoch_record(r)]
     else:
         opt_state = init_optimizer(run.optimizer, model)
-    if isinstance(opt_state, optax.ApplyIfFiniteState):
-        run.consecutive_skipped = int(opt_state.notfinite_count)
-        run.skipped = int(opt_state.total_notfinite)
     if run.config.remat is not None:
         # An ordinary field of the stacks: the optimizer state does not depend on it.
         model = remat(model, run.config.remat)
-    if run.parallel is not None:
-        model, state, opt_state = run.parallel.replicate((model, state, opt_state))
+    model, state, opt_state = _place(run, model, state, opt_state)
     return model, state, opt_state, start_epoch
 
 
@@ -383,6 +477,60 @@ def _read_step(run: _Run, pending: tuple[Array, Array], step: int, epoch: int,
             f"{_stopped(run, epoch)} (try a lower learning rate)"
         )
     losses.append(loss)
+    run.window.append(loss)
+    if run.log_every and step % run.log_every == 0:
+        now = time.perf_counter()
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": float(np.mean(run.window)),
+            "learning_rate": float(np.asarray(run.schedule(step - run.skipped))),
+            "images_per_second": round(
+                len(run.window) * run.config.batch_size / max(now - run.window_start, 1e-9), 1
+            ),
+        }
+        run.window, run.window_start = [], now
+        _append_line(run, record)
+
+
+def _append_line(run: _Run, record: dict[str, Any]) -> None:
+    """Append a record to the run's metrics (`metrics.jsonl`, and TensorBoard if asked):
+    an epoch's, or a step's with `log_every`."""
+    run.lines.append(record)
+    if run.out is None or not run.writer:
+        return
+    with open(os.path.join(run.out, METRICS), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    if run.tensorboard is not None:
+        scope = "epoch" if _is_epoch_record(record) else "step"
+        for name, value in record.items():
+            if name not in ("epoch", "step") and _is_number(value):
+                run.tensorboard.add_scalar(f"{scope}/{name}", value, record["step"])
+        run.tensorboard.flush()
+
+
+def _save_training(run: _Run, model, state, opt_state, *, epoch: int, position: int,
+                   losses: list[float], accuracy: float | None = None) -> None:  # fmt: skip
+    """Start saving the training checkpoint of the current step: `epoch` epochs done and
+    `position` steps of the next (every process calls it; each writes its arrays)."""
+    if run.checkpoints is None:
+        return
+    meta = {
+        "step": run.step,
+        "epoch": epoch,
+        "position": position,
+        "epoch_losses": list(losses),
+        "log_window": list(run.window),
+        "skipped": run.skipped,
+        "consecutive_skipped": run.consecutive_skipped,
+        "epoch_skipped": run.epoch_skipped,
+        "rng": key_data(run.train_key),
+        "model_config": run.model_config,
+        "training": run.checkpoint_meta,
+    }
+    if accuracy is not None:
+        meta["test_accuracy"] = accuracy
+    run.checkpoints.save(run.step, (model, state), opt_state, meta, accuracy=accuracy)
 
 
 def _train_epoch(run: _Run, epoch: int, model, state, opt_state):
@@ -390,11 +538,15 @@ def _train_epoch(run: _Run, epoch: int, model, state, opt_state):
     and its seconds (the compilation of the first step left out), or `losses=None` if a
     callback stopped."""
     ds, batch_size, parallel = run.data, run.config.batch_size, run.parallel
-    epoch_start = time.perf_counter()
-    losses: list[float] = []
-    run.epoch_skipped = 0
+    epoch_start = run.window_start = time.perf_counter()
+    # A run resumed within this epoch carries on from its checkpoint's position.
+    position, run.position = run.position, 0
+    losses: list[float] = run.epoch_losses if position else []
+    run.epoch_losses = []
+    if not position:
+        run.epoch_skipped = 0
     pending = None
-    for batch in ds.train_batches(epoch, batch_size, seed=run.config.seed):
+    for batch in ds.train_batches(epoch, batch_size, seed=run.config.seed, start=position):
         if run.stop:
             return model, state, opt_state, None, 0.0
         step_start = time.perf_counter()
@@ -402,7 +554,8 @@ def _train_epoch(run: _Run, epoch: int, model, state, opt_state):
         model, state, opt_state, loss, finite = _donating_fit_step(
             model, state, opt_state, x, y, jr.fold_in(run.train_key, run.step),
             optimizer=run.optimizer, parallel=parallel, precision=run.config.precision,
-            normalization=run.normalization,
+            normalization=run.normalization, label_smoothing=run.config.label_smoothing,
+            mixup=run.config.mixing(),
         )  # fmt: skip
         run.step += 1
         compiled = None
@@ -413,6 +566,14 @@ def _train_epoch(run: _Run, epoch: int, model, state, opt_state):
         if pending is not None:  # read the previous step: keeps one step in flight
             _read_step(run, pending, run.step - 1, epoch, losses)
         pending = (loss, finite)
+        done = run.step - (epoch - 1) * run.steps_per_epoch
+        every = run.checkpoint_every
+        if every and run.step % every == 0 and done < run.steps_per_epoch:
+            _read_step(run, pending, run.step, epoch, losses)  # the checkpoint's losses
+            pending = None
+            _check_finite(run, epoch, model, state, opt_state)
+            _save_training(run, model, state, opt_state, epoch=epoch - 1, position=done,
+                           losses=losses)  # fmt: skip
         elapsed = max(time.perf_counter() - epoch_start, 1e-9)
         info = StepInfo(epoch, run.step, losses[-1] if losses else None,
                         len(losses) * batch_size / elapsed, compiled)  # fmt: skip
@@ -423,19 +584,27 @@ def _train_epoch(run: _Run, epoch: int, model, state, opt_state):
     return model, state, opt_state, losses, time.perf_counter() - epoch_start
 
 
+def _check_finite(run: _Run, epoch: int, model, state, opt_state) -> None:
+    """Raise if an array of the model, its state or the optimizer state is not finite
+    (e.g. after a last step whose loss was finite but its update was not), before it is
+    saved."""
+    bad = _first_non_finite(model, state, opt_state)
+    if bad is not None:
+        raise FloatingPointError(
+            f"{bad} holds a NaN or an infinity after step {run.step} (epoch {epoch}): "
+            f"{_stopped(run, epoch)} (try a lower learning rate)"
+        )
+
+
 def _end_epoch(run: _Run, epoch: int, model, state, opt_state, losses, seconds) -> None:
     """Check that every array is finite, evaluate, then append the epoch's metrics and
     save the checkpoint and curves."""
     from .. import checkpoint
 
     config = run.config
-    bad = _first_non_finite(model, state, opt_state)
-    if bad is not None:  # e.g. a last step whose loss was finite but its update was not
-        raise FloatingPointError(
-            f"{bad} holds a NaN or an infinity after step {run.step} (epoch {epoch}): "
-            f"{_stopped(run, epoch)} (try a lower learning rate)"
-        )
-    test_loss, test_acc = _evaluate_run(run, model, state)
+    _check_finite(run, epoch, model, state, opt_state)
+    tested = _evaluate_run(run, model, state, opt_state)
+    test_loss, test_acc = tested["test_loss"], tested["test_accuracy"]
     images = len(losses) * config.batch_size
     run.train_seconds += seconds
     run.images_seen += images
@@ -443,8 +612,7 @@ def _end_epoch(run: _Run, epoch: int, model, state, opt_state, losses, seconds) 
         "epoch": epoch,
         "step": run.step,
         "train_loss": float(np.mean(losses)) if losses else math.nan,
-        "test_loss": test_loss,
-        "test_accuracy": test_acc,
+        **tested,  # test_loss, test_accuracy, test_top5 (and which weights, with an EMA)
         # The optimizer's own count (and its schedule) skips the skipped steps.
         "learning_rate": float(np.asarray(run.schedule(run.step - run.skipped))),
         "epoch_seconds": round(seconds, 3),
@@ -452,11 +620,16 @@ def _end_epoch(run: _Run, epoch: int, model, state, opt_state, losses, seconds) 
         "skipped_steps": run.epoch_skipped,
     }
     run.records.append(record)
+    # The metrics line first: a run killed before the checkpoints below are written
+    # resumes from an earlier step and drops this line.
+    _append_line(run, record)
+    _save_training(run, model, state, opt_state, epoch=epoch, position=0, losses=[],
+                   accuracy=test_acc)  # fmt: skip
+    if run.out is not None:
+        # Arrays sharded over several processes' devices (FSDP) are gathered by all of
+        # them first, for process 0 to write the export whole.
+        model, state, opt_state = _addressable(model, state, opt_state)
     if run.out is not None and run.writer:
-        # The metrics line first: a run killed before the checkpoint below is replaced
-        # resumes from the previous epoch and drops this line.
-        with open(os.path.join(run.out, METRICS), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
         meta = {"step": run.step, "epoch": epoch, **run.checkpoint_meta,
                 "test_accuracy": test_acc, "test_loss": test_loss}  # fmt: skip
         checkpoint.save(
@@ -467,15 +640,43 @@ def _end_epoch(run: _Run, epoch: int, model, state, opt_state, losses, seconds) 
     run.stop = bool(run.callback.on_epoch_end(dict(record))) or run.stop
 
 
-def _evaluate_run(run: _Run, model: PyTree, state: eqx.nn.State) -> tuple[float, float]:
-    """The loss and accuracy on the test split of the run's data."""
+def _addressable(*trees: PyTree) -> tuple[PyTree, ...]:
+    """`trees` unchanged when this process holds every array whole (one process, or
+    replicated arrays), else their arrays gathered whole into every process (a collective
+    every process calls)."""
+    leaves = jax.tree.leaves(eqx.filter(trees, eqx.is_array))
+    if all(getattr(x, "is_fully_addressable", True) or x.is_fully_replicated for x in leaves):
+        return trees
+    from jax.experimental import multihost_utils
+
+    arrays, static = eqx.partition(trees, eqx.is_array)
+    return eqx.combine(multihost_utils.process_allgather(arrays, tiled=True), static)
+
+
+def _evaluate_run(run: _Run, model: PyTree, state: eqx.nn.State,
+                  opt_state: PyTree = None) -> dict[str, Any]:  # fmt: skip
+    """The metrics on the test split of the run's data: `test_loss`, `test_accuracy` and
+    `test_top5`. With `ema_decay`, `eval_weights` says whose: with `eval_ema` the moving
+    average's in `opt_state` (`"ema"`), the trained weights' then as `raw_test_*`."""
     num_devices = 1 if run.parallel is None else run.parallel.num_devices
     batch_size = max(run.config.batch_size, _EVAL_BATCH_SIZE)
     batch_size = max(num_devices, batch_size - batch_size % num_devices)
-    return evaluate_batches(
-        model, state, run.data.test_batches(batch_size), parallel=run.parallel,
-        precision=run.config.precision, normalization=run.normalization,
-    )  # fmt: skip
+
+    def test(weights: PyTree) -> dict[str, Any]:
+        result = evaluate_details(
+            weights, state, run.data.test_batches(batch_size), parallel=run.parallel,
+            precision=run.config.precision, normalization=run.normalization, confusion=False,
+        )  # fmt: skip
+        return {"test_loss": result.loss, "test_accuracy": result.accuracy,
+                "test_top5": result.top_k_accuracy}  # fmt: skip
+
+    tested = test(model)
+    if run.config.ema_decay is None:
+        return tested
+    if not run.config.eval_ema or opt_state is None:
+        return {**tested, "eval_weights": "model"}
+    raw = {f"raw_{name}": value for name, value in tested.items()}
+    return {**test(ema_model(model, opt_state)), "eval_weights": "ema", **raw}
 
 
 def _is_abstract(tree: PyTree) -> bool:
@@ -494,12 +695,18 @@ def fit(
     callback: Callback | Callable[[dict[str, Any]], bool | None] | None = None,
     model_config: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 2,
+    log_every: int | None = None,
+    tensorboard: bool = False,
 ) -> FitResult:
     """Train a model: epochs of [`train_step`][eqx_vision.training.train_step], each
     followed by an evaluation on the test split, with checkpoints, metrics and resume.
 
     The optimizer is [`make_optimizer`][eqx_vision.training.make_optimizer] (AdamW, warm-up
-    and cosine decay over the whole run); each epoch's batches come from
+    and cosine decay over the whole run, counted in optimizer updates, one per
+    `config.accumulate` steps; the recipe of `config`: see
+    [`TrainConfig`][eqx_vision.training.TrainConfig]); each epoch's batches come from
     [`batches`][eqx_vision.training.batches] (shuffled by the seed and the epoch) and each
     step's dropout key from the seed and the step number, so a resumed run ends exactly as
     an uninterrupted one. The step is compiled once with `eqx.filter_jit(train_step,
@@ -524,15 +731,22 @@ def fit(
       settings, `model_config` and `metadata`), `last.safetensors` (model, state,
       optimizer state, step and key, written atomically after every epoch; see
       [`eqx_vision.checkpoint`][eqx_vision.checkpoint]), `metrics.jsonl` (one line per
-      epoch) and `curves.png` (if matplotlib is installed). Everything is checked before
+      epoch) and `curves.png` (if matplotlib is installed), and the training checkpoints
+      `checkpoints/<step>/` (see
+      [`TrainingCheckpoints`][eqx_vision.training.TrainingCheckpoints]: orbax, written in
+      the background by every process for its arrays, at every epoch's end and every
+      `checkpoint_every` steps). Everything is checked before
       anything is written, and the folder is locked while the run lasts (a second run in
       it is an error). A folder that already holds a run is an error unless `resume`, but
       for one that stopped before its first checkpoint (a `config.json` and no
       `last.safetensors`): the same call (the same `config.json`) starts it again from the
       beginning.
-    - `resume`: continue the run in `out` from its checkpoint (with the same `config`;
-      `remat` and `parallel` may differ); a run that stopped before its first checkpoint
-      starts again from the beginning (then `model` must be a real one).
+    - `resume`: continue the run in `out` from its newest checkpoint (a training
+      checkpoint, within an epoch if it was saved there, or the `last.safetensors` of a
+      run written before them), with the same `config` (`remat` and `parallel` may
+      differ; the arrays are read into the shardings of `parallel`); a run that stopped
+      before its first checkpoint starts again from the beginning (then `model` must be a
+      real one).
     - `parallel`: a [`DataParallel`][eqx_vision.training.DataParallel] to train over
       several devices; one device when `None`. Across several processes (after
       `jax.distributed.initialize`) it is required, each process reads its rows of every
@@ -546,6 +760,16 @@ def fit(
       each checkpoint's `training` metadata beside the `train_config` and the `data`
       (the data's source and class names, which `eqx-vision evaluate` and `predict`
       read; a `"data"` entry here replaces it).
+    - `checkpoint_every`: also save the training state every this many steps within an
+      epoch (a killed run then loses at most these steps); at epochs' ends only when
+      `None`.
+    - `keep_checkpoints`: how many of the newest training checkpoints to keep, besides the
+      one of the best epoch.
+    - `log_every`: also append a record to `metrics.jsonl` every this many steps (`epoch`,
+      `step`, the mean `train_loss` since the last one, `learning_rate`,
+      `images_per_second`); epochs' records only when `None`.
+    - `tensorboard`: also write every record as TensorBoard scalars into
+      `<out>/tensorboard` (needs the tensorboardX package).
 
     **Returns:** a [`FitResult`][eqx_vision.training.FitResult]: the trained model, state
     and optimizer state, the metrics of every epoch and the best test accuracy.
@@ -567,6 +791,15 @@ def fit(
         )
     if resume and out is None:
         raise ValueError("resume needs `out`, the folder of the run to continue.")
+    for name, value, low in (("checkpoint_every", checkpoint_every, 1),
+                             ("keep_checkpoints", keep_checkpoints, 1),
+                             ("log_every", log_every, 1)):  # fmt: skip
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < low
+        ):
+            raise ValueError(f"{name} must be an int >= {low}; got {value!r}.")
+    if not isinstance(tensorboard, bool):
+        raise ValueError(f"tensorboard must be a bool; got {tensorboard!r}.")
     if jax.process_count() > 1 and parallel is None:
         raise ValueError(
             f"this is one of {jax.process_count()} processes: give `parallel` "
@@ -575,10 +808,21 @@ def fit(
         )
     steps_per_epoch = num_train // config.batch_size
     total_steps = config.epochs * steps_per_epoch
+    # The schedule counts optimizer updates: one per `accumulate` steps (batches).
+    accumulate = config.accumulate
+    total_updates = total_steps // accumulate
+    if total_updates < 1:
+        raise ValueError(
+            f"accumulate {accumulate} is more than the run's {total_steps} steps "
+            f"({config.epochs} epoch(s) of {steps_per_epoch}): no optimizer update would be made."
+        )
     # A warm-up longer than the run is the whole run (and never an overflow).
-    warmup_steps = min(round(min(config.warmup_epochs, config.epochs) * steps_per_epoch),
-                       total_steps)  # fmt: skip
-    schedule_args = dict(warmup_steps=warmup_steps, total_steps=total_steps)
+    warmup_steps = min(
+        round(min(config.warmup_epochs, config.epochs) * steps_per_epoch / accumulate),
+        total_updates,
+    )
+    schedule_args = dict(warmup_steps=warmup_steps, total_steps=total_updates)
+    schedule = learning_rate_schedule(config.learning_rate, **schedule_args)
     out = None if out is None else os.fspath(out)
     data_info = {"source": data.source, "class_names": list(data.class_names),
                  "num_train": num_train, "num_test": num_test}  # fmt: skip
@@ -596,10 +840,16 @@ def fit(
             config.learning_rate,
             weight_decay=config.weight_decay,
             skip_non_finite=config.skip_non_finite,
+            clip_norm=config.clip_norm,
+            accumulate=accumulate,
+            ema_decay=config.ema_decay,
             **_finetune_options(config, model),
             **schedule_args,
         ),  # fmt: skip
-        schedule=learning_rate_schedule(config.learning_rate, **schedule_args),
+        # Of the steps done (less the skipped ones), as the optimizer counts its updates.
+        schedule=schedule
+        if accumulate == 1
+        else lambda step: schedule(jnp.asarray(step) // accumulate),
         parallel=parallel,
         callback=hooks,
         out=out,
@@ -609,6 +859,8 @@ def fit(
         steps_per_epoch=steps_per_epoch,
         normalization=getattr(data, "normalization", None),
         writer=jax.process_index() == 0,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
     )
     run_json = {"model_config": run.model_config, **meta}
     lock = None
@@ -624,12 +876,18 @@ def fit(
                     f"{out} has no checkpoint to resume from: give a built model (not an "
                     "abstract one) to start the run from the beginning."
                 )
+        if resumed and out is not None and checkpoint_steps(out):
+            run.checkpoints = TrainingCheckpoints(out, keep=keep_checkpoints)
         model, state, opt_state, start_epoch = _start(run, model, state, resumed)
         if out is not None and run.writer:
             os.makedirs(out, exist_ok=True)
             if lock is None:
                 lock = _lock(out)
             _open_out(run, resumed, run_json)
+            if tensorboard:
+                run.tensorboard = _tensorboard_writer(out, run.step)
+        if out is not None and run.checkpoints is None:
+            run.checkpoints = TrainingCheckpoints(out, keep=keep_checkpoints)
         run.callback.on_fit_start(FitInfo(
             config.epochs, steps_per_epoch, start_epoch, run.step, config.batch_size,
             num_train, num_test, count_params(model), num_devices,
@@ -648,10 +906,29 @@ def fit(
                 stopped, epoch = True, epoch - 1
                 break
             _end_epoch(run, epoch, model, state, opt_state, losses, seconds)
+        if run.checkpoints is not None:
+            run.checkpoints.wait()
         return _result(run, model, state, opt_state, epoch, stopped)
     finally:
+        if run.checkpoints is not None:
+            run.checkpoints.close()  # the started saves finish first
+        if run.tensorboard is not None:
+            run.tensorboard.close()
         if lock is not None:
             os.close(lock)
+
+
+def _tensorboard_writer(out: str, step: int) -> Any:
+    """A TensorBoard writer into `<out>/tensorboard`, whose events after `step` (those of
+    a killed run past its checkpoint) are dropped."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ImportError(
+            "tensorboard=True needs the tensorboardX package: pip install "
+            "'eqx_vision[tensorboard]' (or tensorboardX)"
+        ) from None
+    return SummaryWriter(os.path.join(out, TENSORBOARD), purge_step=step + 1 if step else None)
 
 
 def _finetune_options(config: TrainConfig, model: PyTree) -> dict[str, Any]:
@@ -680,7 +957,8 @@ def _result(run: _Run, model, state, opt_state, epoch: int, stopped: bool) -> Fi
         test_loss = test_acc = best_acc = math.nan
         best_epoch = 0
     else:  # a resumed run that had already finished, without its metrics
-        test_loss, test_acc = _evaluate_run(run, model, state)
+        tested = _evaluate_run(run, model, state, opt_state)
+        test_loss, test_acc = tested["test_loss"], tested["test_accuracy"]
         best_acc, best_epoch = test_acc, epoch
     return FitResult(
         model, state, opt_state, list(run.records), epoch, run.step, test_loss, test_acc,

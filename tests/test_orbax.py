@@ -166,3 +166,41 @@ def test_bad_options(digits, tmp_path, options, message):
     config, ds = digits
     with pytest.raises(ValueError, match=message):
         run(config, ds, str(tmp_path / "bad"), **options)
+
+
+def _change_image_size(out: str) -> dict:
+    path = os.path.join(out, "config.json")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    saved["model_config"]["image_size"] = [16, 16]
+    saved["model_config"]["kwargs"]["image_size"] = 16
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(saved, f)
+    return saved["model_config"]
+
+
+def test_resuming_another_configuration_is_a_clear_error(digits, uninterrupted, tmp_path,
+                                                         small_npz):  # fmt: skip
+    """A run folder whose training checkpoints do not fit the model (here a config.json
+    changed by hand to another image size): an error naming the array, before any array
+    is read; one line from the command line."""
+    import shutil
+
+    out = str(tmp_path / "changed")
+    shutil.copytree(uninterrupted[0], out)
+    config = presets.ModelConfig.from_json(_change_image_size(out))
+    with pytest.raises(checkpoint.CheckpointFormatError, match=r"pos_embedding is float32"):
+        run(config, digits[1], out, resume=True)
+
+    cli_run = str(tmp_path / "cli")
+    argv = ["train", "--model", "vit-tiny", "--image-size", "8", "--batch-size", "16",
+            "--data", small_npz, "--epochs", "1", "--no-progress", "--out", cli_run]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    _change_image_size(cli_run)
+    stderr = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+        code = main(["train", "--resume", "--out", cli_run, "--no-progress"])
+    lines = stderr.getvalue().strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "a checkpoint of another configuration" in lines[0], lines

@@ -85,7 +85,13 @@ class TrainingCheckpoints:
         # Opened at the first use, so that the folder appears with the first checkpoint.
         if self._opened is None:
             self._opened = self._ocp.CheckpointManager(
-                self.directory, options=self._options, item_names=("model", "optimizer", "meta")
+                self.directory,
+                options=self._options,
+                item_handlers={
+                    "model": self._ocp.StandardCheckpointHandler(),
+                    "optimizer": self._ocp.StandardCheckpointHandler(),
+                    "meta": self._ocp.JsonCheckpointHandler(),
+                },
             )
         return self._opened
 
@@ -136,10 +142,18 @@ class TrainingCheckpoints:
             }
             for name, (params, _) in parts.items()
         }
+        self._check(step, targets)
         args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore())
-        )
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore())
+            )
+        except (OSError, ValueError) as e:  # damaged files
+            from ..checkpoint import CheckpointFormatError
+
+            raise CheckpointFormatError(
+                f"{self.directory}/{step}: cannot be read ({str(e).splitlines()[0]})"
+            ) from None
         trees = []
         for name, (params, static) in parts.items():
             arrays, target = restored[name], targets[name]
@@ -157,6 +171,39 @@ class TrainingCheckpoints:
         if not isinstance(meta, dict):
             raise ValueError(f"the checkpoint of step {step} has no metadata object")
         return Restored(trees[0] if opt_state is None else tuple(trees), meta, step)
+
+    def _check(self, step: int, targets: dict[str, dict[str, jax.ShapeDtypeStruct]]) -> None:
+        """Raise `CheckpointFormatError` unless the checkpoint of `step` holds exactly the
+        arrays of `targets`, of their shapes and dtypes (before reading any)."""
+        from ..checkpoint import CheckpointFormatError
+
+        where = f"{self.directory}/{step}"
+        try:
+            saved = self._manager.item_metadata(step)
+        except (OSError, ValueError) as e:
+            raise CheckpointFormatError(f"{where}: cannot read its metadata ({e})") from None
+        for name, target in targets.items():
+            arrays = saved[name] if name in saved.keys() else None
+            if arrays is None:
+                raise CheckpointFormatError(f"{where} holds no {name} arrays")
+            missing = [k for k in target if k not in arrays]
+            extra = [k for k in arrays if k not in target]
+            if missing or extra:
+                shown = missing[:1] and f"lacks {missing[0]}" or f"has {extra[0]} besides"
+                raise CheckpointFormatError(
+                    f"{where}: its {name} is not of this model's structure ({len(arrays)} "
+                    f"arrays saved, {len(target)} expected; it {shown})"
+                )
+            for key, want in target.items():
+                got = arrays[key]
+                if tuple(got.shape) != tuple(want.shape) or jax.numpy.dtype(
+                    got.dtype
+                ) != jax.numpy.dtype(want.dtype):
+                    raise CheckpointFormatError(
+                        f"{where}: {key} is {got.dtype}{list(got.shape)}; the model's is "
+                        f"{want.dtype}{list(want.shape)} (a checkpoint of another "
+                        "configuration)"
+                    )
 
     def metadata(self, step: int) -> dict[str, Any]:
         """The loop's metadata of the checkpoint of `step` (no arrays are read)."""

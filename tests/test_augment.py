@@ -333,8 +333,7 @@ def timm_auto_augment():
     import importlib.util
 
     spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("timm is not installed")
+    assert spec is not None and spec.submodule_search_locations, "timm 1.0.31 is needed"
     path = os.path.join(list(spec.submodule_search_locations)[0], "data", "auto_augment.py")
     module_spec = importlib.util.spec_from_file_location("timm_auto_augment", path)
     assert module_spec is not None and module_spec.loader is not None
@@ -628,7 +627,6 @@ def test_init_from_timm_takes_its_data_configuration_unless_flags_say(folder, tm
                                                                       monkeypatch):  # fmt: skip
     """--init timm/<name> (here a tiny ViT under timm's name, standing in for the download):
     the model's mean, std, crop fraction and interpolation, each overridden by a flag."""
-    pytest.importorskip("huggingface_hub")
     import jax
 
     from eqx_vision import ViT, interop, training

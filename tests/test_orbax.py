@@ -145,7 +145,6 @@ def test_export_writes_what_evaluate_reads(digits, uninterrupted, tmp_path):
 
 
 def test_tensorboard_log(digits, tmp_path):
-    pytest.importorskip("tensorboardX")
     config, ds = digits
     out = str(tmp_path / "tb")
     run(config, ds, out, log_every=4, callback=StopAt(9), tensorboard=True)

@@ -187,7 +187,7 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _layer_decay(text: str) -> float:
+def _fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -195,6 +195,9 @@ def _layer_decay(text: str) -> float:
     if not 0 < value <= 1:  # NaN fails too
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1]; got {text!r}")
     return value
+
+
+_layer_decay = _crop_pct = _fraction
 
 
 def _unit_number(text: str, closed: bool) -> float:
@@ -249,16 +252,6 @@ def _mean(text: str) -> list[float]:
 
 def _std(text: str) -> list[float]:
     return _channel_values(text, positive=True)
-
-
-def _crop_pct(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1]; got {text!r}") from None
-    if not 0 < value <= 1:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1]; got {text!r}")
-    return value
 
 
 def _randaugment(text: str) -> str:
